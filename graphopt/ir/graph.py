@@ -1,0 +1,143 @@
+"""Helpers over the IR (a torch.fx GraphModule): constants, node descriptions, metadata."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+
+def fetch_attr(gm: fx.GraphModule, target: str):
+    """The tensor (or module) a get_attr target names."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    """The tensor behind a get_attr node, or None if `node` is not a constant tensor."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = fetch_attr(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def add_constant(gm: fx.GraphModule, hint: str, value: torch.Tensor) -> str:
+    """Register `value` as a buffer on `gm` under a fresh name derived from `hint`."""
+    base = re.sub(r"[^0-9A-Za-z_]", "_", hint) or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, value.detach().contiguous())
+    return name
+
+
+def remove_unused_attributes(gm: fx.GraphModule) -> int:
+    """Delete parameters/buffers that no get_attr node reads; returns how many went."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    removed = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used:
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = fetch_attr(gm, owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            del owner._parameters[leaf]
+            removed += 1
+        elif leaf in owner._buffers:
+            del owner._buffers[leaf]
+            removed += 1
+    return removed
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost module the node came from ('' if unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.removeprefix("model.") if path.startswith("model.") else path
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def source_line(node: fx.Node) -> str:
+    """'file.py:123 (code)' of the innermost frame outside torch itself, or ''."""
+    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    torch_dir = os.path.dirname(torch.__file__)
+    user = [f for f in frames if not f[0].startswith(torch_dir)] or frames
+    if not user:
+        return ""
+    path, line, _, code = user[-1]
+    return f"{os.path.basename(path)}:{line} ({code.strip()})"
+
+
+def describe(node: fx.Node) -> str:
+    """One-line identification of a node for error messages and logs."""
+    parts = [f"node '{node.name}' ({op_name(node)})"]
+    if module_path(node):
+        parts.append(f"in {module_path(node)}")
+    if source_line(node):
+        parts.append(f"at {source_line(node)}")
+    return " ".join(parts)
+
+
+def op_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", node.target)) if not hasattr(node.target, "_schema") \
+            else str(node.target)
+    return f"{node.op}:{node.target}"
+
+
+def infer_meta(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Set node.meta['val'] for a node a pass created, by running its op on fake tensors."""
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+
+    def fake(arg):
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                value = fetch_attr(gm, arg.target)
+                return fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value.to("meta")
+            return arg.meta["val"]
+        return arg
+
+    args = fx.node.map_aggregate(node.args, fake)
+    kwargs = fx.node.map_aggregate(node.kwargs, fake)
+    if fake_mode is None:
+        node.meta["val"] = node.target(*args, **kwargs)
+        return
+    with fake_mode:
+        node.meta["val"] = node.target(*args, **kwargs)
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """Changes whenever the graph or any of its constant tensors (identity or shape) changes."""
+    h = hashlib.sha256(gm.graph.python_code("self").src.encode())
+    for name, t in sorted(list(gm.named_parameters()) + list(gm.named_buffers()), key=lambda kv: kv[0]):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.data_ptr()}:{t._version}".encode())
+    return h.hexdigest()
+
+
+def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            key = op_name(n)
+            counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def parameter_bytes(gm: fx.GraphModule) -> int:
+    seen, total = set(), 0
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total

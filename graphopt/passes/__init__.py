@@ -1,0 +1,15 @@
+"""Passes (one per file), the pass contract, the manager, instruments and presets."""
+from .base import EXACT, NoOptions, Pass, PassContext, PassResult, Tolerance
+from .constant_folding import ConstantFolding
+from .dead_code import DeadCodeElimination
+from .horizontal_fusion import HorizontalFusion
+from .instruments import DumpInstrument, Instrument, PrintOnChangeInstrument, VerifyInstrument
+from .manager import PassManager, PassRecord, PipelineResult
+from .presets import PRESETS, preset
+
+__all__ = [
+    "EXACT", "NoOptions", "Pass", "PassContext", "PassResult", "Tolerance", "ConstantFolding",
+    "DeadCodeElimination", "HorizontalFusion", "DumpInstrument", "Instrument",
+    "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
+    "PRESETS", "preset",
+]
