@@ -30,6 +30,7 @@ class CapturedModel:
     graph_module: fx.GraphModule
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    example_inputs: tuple[torch.Tensor, ...] = ()
     source: str = ""
     dynamic_dims: dict[int, dict[int, str]] = field(default_factory=dict)
 
@@ -100,7 +101,7 @@ def _normalise_inputs(model, example_inputs):
     return _input_names(model, len(example_inputs)), example_inputs, None
 
 
-def _dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]]):
+def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]]):
     if not dynamic_dims:
         return None
     made: dict[str, Any] = {}
@@ -149,7 +150,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             out_names = _output_names(raw)
             flat = [leaf for leaf in pytree.tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
-            program = torch.export.export(wrapper, args, dynamic_shapes=_dynamic_shapes(args, dynamic_dims))
+            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims))
             program = program.run_decompositions({})
     except CaptureError:
         raise
@@ -168,4 +169,4 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
         shape = tuple(int(s) if isinstance(s, int) or (hasattr(s, "node") and s.node.is_constant()) else str(s)
                       for s in (val.shape if val is not None else eager.shape))
         outputs.append(TensorSpec(name, shape, dtype_name(eager)))
-    return CapturedModel(gm, inputs, outputs, source, dynamic_dims)
+    return CapturedModel(gm, inputs, outputs, tuple(args), source, dynamic_dims)

@@ -1,0 +1,108 @@
+"""compile() and CompiledModel: capture -> passes -> backend, with a pass log."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .backends import get_backend
+from .backends.base import Executable
+from .ir.capture import CapturedModel, capture
+from .ir.graph import op_histogram, parameter_bytes
+from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
+from .passes.instruments import Instrument
+from .specs import check_inputs
+
+
+class CompiledModel:
+    """A compiled model: call it like the original (positional tensors), save it as an artifact."""
+
+    def __init__(self, captured: CapturedModel, executable: Executable, records: list[PassRecord],
+                 stats: dict[str, Any]):
+        self.captured = captured
+        self.executable = executable
+        self.records = records
+        self.stats = stats
+
+    @property
+    def backend(self) -> str:
+        return self.executable.backend
+
+    @property
+    def inputs(self):
+        return self.captured.inputs
+
+    @property
+    def outputs(self):
+        return self.captured.outputs
+
+    @property
+    def graph_module(self):
+        return self.captured.graph_module
+
+    def __call__(self, *args: torch.Tensor):
+        check_inputs(self.captured.inputs, args)
+        outs = self.executable.run(args)
+        return outs[0] if len(outs) == 1 else outs
+
+    def save(self, directory: str) -> str:
+        from .artifact import save
+        return save(self, directory)
+
+    def summary(self) -> str:
+        lines = [f"backend: {self.backend}", "passes:"]
+        for r in self.records:
+            lines.append(f"  {r.name:24s} {'changed' if r.modified else 'no change':9s} "
+                         f"{r.nodes_before:5d} -> {r.nodes_after:5d} nodes  {r.seconds:6.2f}s  "
+                         + "; ".join(r.changes[:3]) + (" ..." if len(r.changes) > 3 else ""))
+        return "\n".join(lines)
+
+
+def _resolve_passes(passes: str | Sequence[Pass] | None) -> list[Pass]:
+    if passes is None:
+        return []
+    if isinstance(passes, str):
+        return preset(passes)
+    return list(passes)
+
+
+def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Sequence[Pass] | None = "default",
+            backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
+            verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
+            progress: bool = True) -> CompiledModel:
+    """Capture `model`, run `passes` (a preset name or a list of Pass instances), lower to `backend`.
+
+    `verify=True` runs the graph before and after each pass on `example_inputs` and fails
+    with the pass's name if outputs move beyond its declared tolerance.
+    """
+    backend_impl = get_backend(backend, **dict(backend_options or {}))
+    pass_list = _resolve_passes(passes)
+    stages = tqdm(total=3, desc="capture", unit="stage", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    captured = capture(model, example_inputs, dynamic_dims)
+    nodes_captured, bytes_captured = len(captured.graph_module.graph.nodes), parameter_bytes(captured.graph_module)
+    stages.update()
+    stages.set_description(f"passes ({len(pass_list)})")
+    t1 = time.perf_counter()
+    all_instruments = ([VerifyInstrument(captured.example_inputs)] if verify else []) + list(instruments)
+    result = PassManager(pass_list, all_instruments, progress=progress).run(
+        captured.graph_module, PassContext(captured.example_inputs))
+    captured.graph_module = result.graph_module
+    stages.update()
+    stages.set_description(f"lower ({backend})")
+    t2 = time.perf_counter()
+    executable = backend_impl.compile(captured, progress=progress)
+    stages.update()
+    stages.close()
+    t3 = time.perf_counter()
+    stats = {
+        "source": captured.source,
+        "nodes_captured": nodes_captured, "nodes_optimized": len(result.graph_module.graph.nodes),
+        "parameter_bytes_captured": bytes_captured, "parameter_bytes_optimized": parameter_bytes(result.graph_module),
+        "ops_optimized": op_histogram(result.graph_module),
+        "seconds": {"capture": t1 - t0, "passes": t2 - t1, "lower": t3 - t2},
+        "verified": verify,
+    }
+    return CompiledModel(captured, executable, result.records, stats)

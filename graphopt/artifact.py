@@ -1,0 +1,154 @@
+"""Artifacts: a self-describing directory (lowered model files + manifest.json).
+
+Loading needs only numpy and the backend's runtime (onnxruntime): this module imports
+neither torch nor pickle, and checks every file's size and sha256 before using it.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from typing import Any
+
+from .errors import ArtifactError
+from .specs import TensorSpec
+
+FORMAT = "graphopt-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("graphopt", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save(compiled, directory: str) -> str:
+    """Write `compiled` to `directory` atomically (temporary sibling, then rename)."""
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+    try:
+        backend_info = compiled.executable.save_files(staging)
+        files = {name: {"bytes": os.path.getsize(os.path.join(staging, name)),
+                        "sha256": _sha256(os.path.join(staging, name))}
+                 for name in sorted(os.listdir(staging))}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "backend": compiled.backend,
+            "backend_options": backend_info,
+            "inputs": [s.to_json() for s in compiled.inputs],
+            "outputs": [s.to_json() for s in compiled.outputs],
+            "passes": [r.to_json() for r in compiled.records],
+            "stats": compiled.stats,
+            "versions": _versions(),
+            "files": files,
+        }
+        with open(os.path.join(staging, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2)
+        if os.path.exists(directory):
+            old = directory + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+        raise ArtifactError(f"artifact {directory}: no such directory")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"artifact {directory}: {MANIFEST} is missing (not a graphopt artifact?)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"artifact {directory}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"artifact {directory}: {MANIFEST} is not a graphopt manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"artifact {directory}: format version {manifest.get('format_version')} "
+                            f"is not supported (this graphopt reads {FORMAT_VERSION})")
+    for key in ("backend", "inputs", "outputs", "files"):
+        if key not in manifest:
+            raise ArtifactError(f"artifact {directory}: {MANIFEST} lacks '{key}'")
+    return manifest
+
+
+def verify_files(directory: str, manifest: dict[str, Any]) -> None:
+    for name, info in manifest["files"].items():
+        path = os.path.join(directory, name)
+        if os.path.basename(name) != name:
+            raise ArtifactError(f"artifact {directory}: file name '{name}' escapes the directory")
+        if not os.path.isfile(path):
+            raise ArtifactError(f"artifact {directory}: {name} is missing")
+        size = os.path.getsize(path)
+        if size != info["bytes"]:
+            raise ArtifactError(f"artifact {directory}: {name} is truncated or altered "
+                                f"({size} bytes, manifest says {info['bytes']})")
+        if _sha256(path) != info["sha256"]:
+            raise ArtifactError(f"artifact {directory}: {name} is corrupted (sha256 mismatch)")
+
+
+class LoadedModel:
+    """An artifact ready to run. Call it with numpy arrays (or torch tensors, if torch is
+    installed); it returns the same kind."""
+
+    def __init__(self, directory: str, manifest: dict[str, Any], runner):
+        self.directory = directory
+        self.manifest = manifest
+        self.runner = runner
+        self.inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+
+    def __call__(self, *args):
+        outs = self.runner.run(args)
+        if args and hasattr(args[0], "detach"):
+            import torch
+            outs = [torch.from_numpy(o) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def load(directory: str, threads: int | None = None) -> LoadedModel:
+    """Load an artifact directory written by CompiledModel.save()."""
+    directory = os.path.abspath(directory)
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
+    outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+    backend = manifest["backend"]
+    if backend == "onnxruntime":
+        from .runtime import OrtRunner
+        options = manifest.get("backend_options") or {}
+        runner = OrtRunner(os.path.join(directory, options.get("model", "model.onnx")), inputs, outputs,
+                           threads or options.get("threads"), options.get("optimization_level", "all"))
+        return LoadedModel(directory, manifest, runner)
+    raise ArtifactError(f"artifact {directory}: backend '{backend}' cannot be loaded by this graphopt")

@@ -1,0 +1,97 @@
+"""ONNX Runtime backend: IR -> torch.export -> torch.onnx (dynamo exporter, with our own
+translations for graphopt ops) -> an InferenceSession with ORT's optimizations on."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import warnings
+
+import torch
+
+from ..errors import BackendError, UnsupportedOpError
+from ..ir.capture import CapturedModel, dynamic_shapes
+from ..runtime import OrtRunner
+from .base import Backend, Executable
+
+MODEL_FILE = "model.onnx"
+
+# graphopt-specific ops (torch.library) -> onnxscript functions; filled by the passes that
+# introduce such ops, so every op a pass inserts lowers through one rule here.
+CUSTOM_TRANSLATIONS: dict = {}
+
+
+class OrtExecutable(Executable):
+    backend = "onnxruntime"
+
+    def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, optimization_level: str):
+        self.workdir = workdir
+        self.threads = threads
+        self.optimization_level = optimization_level
+        self.runner = OrtRunner(os.path.join(workdir, MODEL_FILE), captured.inputs, captured.outputs,
+                                threads, optimization_level)
+
+    def run(self, args):
+        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
+
+    def save_files(self, directory):
+        for name in sorted(os.listdir(self.workdir)):
+            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+        return {"model": MODEL_FILE, "threads": self.threads, "optimization_level": self.optimization_level}
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, threads: int | None = None, optimization_level: str = "all", opset: int | None = None):
+        self.threads = threads
+        self.optimization_level = optimization_level
+        self.opset = opset
+
+    def compile(self, captured, progress=False):
+        workdir = tempfile.mkdtemp(prefix="graphopt-ort-")
+        try:
+            export_onnx(captured, os.path.join(workdir, MODEL_FILE), self.opset)
+            return OrtExecutable(workdir, captured, self.threads, self.optimization_level)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+
+def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) -> None:
+    """Write the IR as ONNX with weights in one external data file beside it."""
+    gm = captured.graph_module
+    kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
+                  input_names=[s.name for s in captured.inputs],
+                  output_names=[s.name for s in captured.outputs],
+                  custom_translation_table=CUSTOM_TRANSLATIONS or None)
+    if opset:
+        kwargs["opset_version"] = opset
+    if captured.dynamic_dims:
+        kwargs["dynamic_shapes"] = dynamic_shapes(captured.example_inputs, captured.dynamic_dims)
+    quiet = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
+            program.save(path, external_data=True)
+    except Exception as exc:
+        message = str(exc)
+        unsupported = _unsupported_op(message)
+        if unsupported:
+            raise UnsupportedOpError(f"onnxruntime backend: no ONNX translation for {unsupported}; "
+                                     "register one in graphopt.backends.onnxruntime.CUSTOM_TRANSLATIONS") from exc
+        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
+        raise BackendError(f"ONNX export failed: {first}") from exc
+
+
+def _unsupported_op(message: str) -> str | None:
+    for line in message.splitlines():
+        if "No decompositions registered" in line or "is not supported" in line or "Unsupported FX nodes" in line:
+            return line.strip()
+    return None

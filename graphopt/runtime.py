@@ -1,0 +1,50 @@
+"""Torch-free execution of lowered models: what a loaded artifact needs (numpy + onnxruntime)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import BackendError
+from .specs import TensorSpec, check_inputs
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().contiguous().numpy()
+    return np.ascontiguousarray(value)
+
+
+class OrtRunner:
+    """An onnxruntime InferenceSession with input checking against the captured specs."""
+
+    def __init__(self, model_path: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
+                 threads: int | None = None, optimization_level: str = "all"):
+        import onnxruntime as ort
+        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization_level not in levels:
+            raise BackendError(f"unknown onnxruntime optimization level '{optimization_level}'; "
+                               f"use one of {', '.join(levels)}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = levels[optimization_level]
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"onnxruntime could not load {model_path}: {first}") from exc
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        if len(self.input_names) != len(self.inputs):
+            raise BackendError(f"{model_path} has {len(self.input_names)} inputs, the specs name {len(self.inputs)}")
+
+    def run(self, values: Sequence[Any]) -> list[np.ndarray]:
+        check_inputs(self.inputs, values)
+        feed = {name: to_numpy(v) for name, v in zip(self.input_names, values)}
+        return self.session.run(None, feed)
