@@ -1,0 +1,184 @@
+"""Command line: `graphopt compile | inspect | bench | models`.
+
+    graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
+    graphopt inspect dist/smollm2
+    graphopt bench dist/smollm2
+`inspect` and `bench` need only numpy and onnxruntime.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+from .errors import GraphoptError
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _example_inputs(bundle, seq_len: int):
+    if bundle.tokenizer is None:
+        return bundle.example_inputs() if bundle.name in ("resnet", "densenet") else bundle.example_inputs(seq_len=seq_len)
+    try:
+        from .corpus import read_text
+        return bundle.example_inputs(seq_len=seq_len, text=read_text("evaluation.txt", 20000))
+    except GraphoptError:
+        return bundle.example_inputs(seq_len=seq_len)
+
+
+def cmd_compile(args) -> None:
+    import torch
+
+    import graphopt
+    from .ir.capture import sequence_dims
+    from .passes import DumpInstrument, PrintOnChangeInstrument
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    print(f"loading {args.model} ...", file=sys.stderr)
+    bundle = graphopt.models.load(args.model)
+    inputs = _example_inputs(bundle, args.seq_len)
+    model = bundle.model
+    instruments = [PrintOnChangeInstrument()]
+    if args.dump_dir:
+        instruments.append(DumpInstrument(args.dump_dir))
+    cm = graphopt.compile(model, inputs, passes=args.passes, backend=args.backend,
+                          dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
+                          verify=not args.no_verify, instruments=instruments,
+                          backend_options={"threads": args.threads} if args.backend == "onnxruntime" else None)
+    with torch.no_grad():
+        eager_out = model(*inputs)
+        eager_out = eager_out.logits if hasattr(eager_out, "logits") else \
+            (eager_out[0] if isinstance(eager_out, (tuple, list)) else getattr(eager_out, "last_hidden_state", eager_out))
+        eager_ms = _median_ms(lambda: model(*inputs), args.repeats)
+    out = cm(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    compiled_ms = _median_ms(lambda: cm(*inputs), args.repeats)
+    diff = float((out - eager_out).abs().max())
+    scale = float(eager_out.abs().max())
+    s = cm.stats
+    print(cm.summary())
+    print(f"\n{args.model}: inputs {', '.join(i.describe() for i in cm.inputs)}")
+    print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
+    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print(f"  latency (median of {args.repeats})  torch eager {eager_ms:.1f} ms -> graphopt {args.backend} "
+          f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
+    print(f"  max |diff| vs eager {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
+    print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    if args.out:
+        path = cm.save(args.out)
+        print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def cmd_inspect(args) -> None:
+    from .artifact import read_manifest, verify_files
+    m = read_manifest(args.artifact)
+    verify_files(args.artifact, m)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return
+    print(f"artifact   {os.path.abspath(args.artifact)}  (checksums OK)")
+    print(f"backend    {m['backend']}  {m.get('backend_options', {})}")
+    print(f"created    {m.get('created')}  source model: {m.get('stats', {}).get('source', '?')}")
+    for kind in ("inputs", "outputs"):
+        for spec in m[kind]:
+            print(f"{kind[:-1]:10s} {spec['name']}: {spec['dtype']}{spec['shape']}")
+    print("files")
+    for name, info in m["files"].items():
+        print(f"  {name:24s} {info['bytes'] / 1e6:10.2f} MB  sha256 {info['sha256'][:12]}")
+    print("passes")
+    for r in m.get("passes", []):
+        diff = "" if r.get("max_output_diff") is None else f"  max|Δout| {r['max_output_diff']:.1e}"
+        print(f"  {r['index']:02d} {r['name']:24s} {'changed' if r['modified'] else 'no change':9s} "
+              f"{r['nodes_before']} -> {r['nodes_after']} nodes  {r['seconds']:.2f}s{diff}")
+        for change in r.get("changes", [])[: args.max_lines]:
+            print(f"       + {change}")
+        for note in r.get("notes", [])[: args.max_lines]:
+            print(f"       ? {note}")
+    stats = m.get("stats", {})
+    if stats:
+        print(f"graph      {stats.get('nodes_captured')} -> {stats.get('nodes_optimized')} nodes; constants "
+              f"{stats.get('parameter_bytes_captured', 0) / 1e6:.1f} -> {stats.get('parameter_bytes_optimized', 0) / 1e6:.1f} MB")
+    print("versions   " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
+
+
+def cmd_bench(args) -> None:
+    import numpy as np
+
+    from .artifact import load
+    rt = load(args.artifact, threads=args.threads)
+    rng = np.random.default_rng(0)
+    feed = []
+    for spec in rt.inputs:
+        shape = [d if isinstance(d, int) else args.dynamic_size for d in spec.shape]
+        if spec.dtype.startswith("int"):
+            feed.append(rng.integers(0, 100, size=shape).astype(spec.dtype))
+        else:
+            feed.append(rng.standard_normal(shape).astype(spec.dtype))
+    ms = _median_ms(lambda: rt(*feed), args.repeats)
+    print(f"{args.artifact}: median {ms:.2f} ms over {args.repeats} runs "
+          f"(inputs {', '.join(f'{s.name}{list(a.shape)}' for s, a in zip(rt.inputs, feed))})")
+
+
+def cmd_models(args) -> None:
+    from .models import available
+    print("\n".join(available()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="graphopt", description="Compile neural networks into smaller, faster artifacts.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model, print what it gained, save an artifact")
+    c.add_argument("--model", default="smollm2", help="a name from `graphopt models`")
+    c.add_argument("--backend", default="onnxruntime")
+    c.add_argument("--passes", default="default", help="preset name: none, default")
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--dynamic-seq", action="store_true", help="make the sequence length dynamic")
+    c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--no-verify", action="store_true", help="skip output verification after each pass")
+    c.add_argument("--dump-dir", help="write the graph before/after each changing pass here")
+    c.add_argument("--out", help="artifact directory to write")
+    c.set_defaults(func=cmd_compile)
+    i = sub.add_parser("inspect", help="show an artifact's manifest: passes, sizes, specs, versions")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--max-lines", type=int, default=8)
+    i.set_defaults(func=cmd_inspect)
+    b = sub.add_parser("bench", help="time an artifact on random inputs")
+    b.add_argument("artifact")
+    b.add_argument("--repeats", type=int, default=10)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--dynamic-size", type=int, default=128)
+    b.set_defaults(func=cmd_bench)
+    m = sub.add_parser("models", help="list model names")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except GraphoptError as exc:
+        print(f"graphopt: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
