@@ -101,7 +101,8 @@ def _normalise_inputs(model, example_inputs):
     return _input_names(model, len(example_inputs)), example_inputs, None
 
 
-def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]]):
+def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]], varargs: bool = False):
+    """torch.export dynamic_shapes for positional `args` (`varargs`: for a forward(*args))."""
     if not dynamic_dims:
         return None
     made: dict[str, Any] = {}
@@ -114,7 +115,7 @@ def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]]):
                 made[name] = torch.export.Dim(name, min=2, max=max(4096, int(arg.shape[dim]) * 8))
             spec[dim] = made[name]
         shapes.append(spec or None)
-    return tuple(shapes)
+    return (tuple(shapes),) if varargs else tuple(shapes)
 
 
 def sequence_dims(args: Sequence[torch.Tensor], dim: int = 1, name: str = "seq") -> dict[int, dict[int, str]]:
@@ -150,7 +151,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             out_names = _output_names(raw)
             flat = [leaf for leaf in pytree.tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
-            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims))
+            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
             program = program.run_decompositions({})
     except CaptureError:
         raise

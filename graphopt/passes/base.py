@@ -86,7 +86,7 @@ class Pass:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not cls.name:
+        if "name" not in cls.__dict__:
             cls.name = cls.__name__
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
