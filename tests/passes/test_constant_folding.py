@@ -37,7 +37,7 @@ def test_folds_input_independent_subgraphs():
     assert aten.ones_like.default not in targets
     assert aten.expand.default in targets, "the 16384x growth must not be stored as a constant"
     largest = max(b.numel() for b in gm.buffers())
-    assert largest <= 8
+    assert largest <= 16   # ones_like(x) for x of shape [2, 8]
 
 
 def test_no_op_is_reported_honestly():
