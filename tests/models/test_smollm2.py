@@ -1,0 +1,39 @@
+"""The real default model, end to end (slow: loads 135M weights, exports ~540 MB of ONNX)."""
+import pytest
+import torch
+
+import graphopt
+from graphopt.corpus import read_text
+
+from ..conftest import assert_close_to_scale
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    bundle = graphopt.models.load("smollm2")
+    (ids,) = bundle.example_inputs(seq_len=128, text=read_text("evaluation.txt", 20000))
+    with torch.no_grad():
+        logits = bundle.model(input_ids=ids).logits
+    return bundle, ids, logits
+
+
+def test_real_weights_and_tokenizer(smollm2):
+    bundle, ids, logits = smollm2
+    assert sum(p.numel() for p in bundle.model.parameters()) == 134_515_008
+    assert bundle.model.config.num_hidden_layers == 30
+    top = logits[0, :-1].argmax(-1)
+    assert (top == ids[0, 1:]).float().mean() > 0.3, "a real LM predicts much of English text"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_default_preset_matches_eager(smollm2, backend, tmp_path):
+    bundle, ids, logits = smollm2
+    cm = graphopt.compile(bundle.model, (ids,), passes="default", backend=backend, progress=False)
+    assert_close_to_scale(cm(ids), logits, 1e-4)
+    changes = [c for r in cm.records for c in r.changes]
+    assert sum("q_proj + " in c for c in changes) == 30 and sum("gate_proj + " in c for c in changes) == 30
+    if backend == "onnxruntime":
+        rt = graphopt.load(cm.save(str(tmp_path / "smollm2")))
+        torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
