@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,9 @@ from ..runtime import OrtRunner
 from .base import Backend, Executable
 
 MODEL_FILE = "model.onnx"
+
+# torch.onnx warns at every export that torchvision (which we never use) is missing.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # graphopt-specific ops (torch.library) -> onnxscript functions; filled by the passes that
 # introduce such ops, so every op a pass inserts lowers through one rule here.
