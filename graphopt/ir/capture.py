@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from ..errors import CaptureError
+from ..errors import CaptureError, GraphoptError
 from ..specs import TensorSpec, dtype_name
 
 
@@ -153,7 +153,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
             flat = [leaf for leaf in pytree.tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
             program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
             program = program.run_decompositions({})
-    except CaptureError:
+    except GraphoptError:
         raise
     except Exception as exc:  # torch.export raises many types; keep one line plus the cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

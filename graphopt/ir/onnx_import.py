@@ -1,0 +1,356 @@
+"""ONNX import: an .onnx file -> a torch module that torch.export captures into the same IR.
+
+Each ONNX node is run by a torch function. Values known at trace time (initializers of
+integer type, Constant nodes, Shape of a static tensor, and anything computed only from
+those) stay numpy arrays, so shape arithmetic folds away and Reshape/Slice/Expand get
+static arguments. An op outside the table raises UnsupportedOpError naming node and op.
+Static shapes only: the example inputs fix every dimension.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CaptureError, UnsupportedOpError
+
+
+def _attrs(node) -> dict[str, Any]:
+    from onnx import helper, numpy_helper
+    out = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if a.type == a.TENSOR:
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, bytes):
+            value = value.decode()
+        out[a.name] = value
+    return out
+
+
+def _torch_dtype(onnx_type: int) -> torch.dtype:
+    from onnx import helper
+    return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
+
+
+class _Static:
+    """Helpers that demand trace-time constants for shape-like inputs."""
+
+    def __init__(self, node_desc: str, num_outputs: int):
+        self.node_desc = node_desc
+        self.num_outputs = num_outputs
+        self.static_arrays: dict[int, np.ndarray] = {}
+
+    def ints(self, value, what: str) -> list[int]:
+        if value is None:
+            return []
+        value = self.static_arrays.get(id(value), value)
+        if isinstance(value, torch.Tensor):
+            raise UnsupportedOpError(f"{self.node_desc}: input '{what}' must be a constant known at import "
+                                     "time (data-dependent shapes are not supported)")
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+def _reduce(fn):
+    def op(s, a, x, axes=None):
+        axes = s.ints(axes, "axes") if axes is not None else a.get("axes")
+        keep = bool(a.get("keepdims", 1))
+        if not axes:
+            if a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, dim=axes, keepdim=keep)
+    return op
+
+
+def _slice(s, a, x, starts, ends, axes=None, steps=None):
+    starts, ends = s.ints(starts, "starts"), s.ints(ends, "ends")
+    axes = s.ints(axes, "axes") or list(range(len(starts)))
+    steps = s.ints(steps, "steps") or [1] * len(starts)
+    index = [slice(None)] * x.dim()
+    for st, en, ax, sp in zip(starts, ends, axes, steps):
+        if sp < 0:
+            raise UnsupportedOpError(f"{s.node_desc}: negative Slice steps are not supported")
+        dim = x.shape[ax]
+        st = max(0, min(dim, st + dim if st < 0 else st))
+        en = max(0, min(dim, en + dim if en < 0 else en))
+        index[ax] = slice(st, en, sp)
+    return x[tuple(index)]
+
+
+def _reshape(s, a, x, shape):
+    dims = s.ints(shape, "shape")
+    if not a.get("allowzero", 0):
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
+def _split(s, a, x, split=None):
+    axis = a.get("axis", 0)
+    sizes = s.ints(split, "split") if split is not None else a.get("split")
+    if not sizes:
+        n = a.get("num_outputs") or s.num_outputs
+        sizes = [-(-x.shape[axis] // n)] * n
+        sizes[-1] = x.shape[axis] - sum(sizes[:-1])
+    return tuple(torch.split(x, list(sizes), dim=axis))
+
+
+def _gemm(s, a, x, w, c=None):
+    x = x.t() if a.get("transA", 0) else x
+    w = w.t() if a.get("transB", 0) else w
+    y = a.get("alpha", 1.0) * (x @ w)
+    return y if c is None else y + a.get("beta", 1.0) * c
+
+
+def _conv(s, a, x, w, b=None):
+    nd = w.dim() - 2
+    pads = a.get("pads", [0] * 2 * nd)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpError(f"{s.node_desc}: Conv auto_pad={a['auto_pad']} is not supported")
+    if pads[:nd] != pads[nd:]:
+        x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+        pads = [0] * 2 * nd
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    return conv(x, w, b, a.get("strides", [1] * nd), pads[:nd], a.get("dilations", [1] * nd), a.get("group", 1))
+
+
+def _pool(kind):
+    def op(s, a, x):
+        nd = x.dim() - 2
+        kernel, strides = a["kernel_shape"], a.get("strides", [1] * nd)
+        pads = a.get("pads", [0] * 2 * nd)
+        if pads[:nd] != pads[nd:]:
+            raise UnsupportedOpError(f"{s.node_desc}: asymmetric pooling pads are not supported")
+        ceil = bool(a.get("ceil_mode", 0))
+        if kind == "max":
+            return getattr(F, f"max_pool{nd}d")(x, kernel, strides, pads[:nd], a.get("dilations", [1] * nd), ceil)
+        return getattr(F, f"avg_pool{nd}d")(x, kernel, strides, pads[:nd], ceil,
+                                            bool(a.get("count_include_pad", 0)))
+    return op
+
+
+def _layer_norm(s, a, x, scale, bias=None):
+    axis = a.get("axis", -1) % x.dim()
+    return F.layer_norm(x, x.shape[axis:], scale, bias, a.get("epsilon", 1e-5))
+
+
+def _rms_norm(s, a, x, scale, *rest):
+    axis = a.get("axis", -1) % x.dim()
+    dims = list(range(axis, x.dim()))
+    y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + a.get("epsilon", 1e-5))
+    return y * scale
+
+
+def _cast(s, a, x):
+    return x.to(_torch_dtype(a["to"]))
+
+
+def _range(s, a, start, limit, delta):
+    def scalar(v, what):
+        v = s.static_arrays.get(id(v), v)
+        if isinstance(v, torch.Tensor):
+            raise UnsupportedOpError(f"{s.node_desc}: Range '{what}' must be constant")
+        return np.asarray(v).item()
+    return torch.arange(scalar(start, "start"), scalar(limit, "limit"), scalar(delta, "delta"),
+                        dtype=torch.from_numpy(np.asarray(s.static_arrays.get(id(start), 0))).dtype)
+
+
+def _constant_of_shape(s, a, shape):
+    value = a.get("value", np.zeros(1, np.float32))
+    return torch.full(s.ints(shape, "shape"), value.reshape(-1)[0].item(),
+                      dtype=torch.from_numpy(np.asarray(value)).dtype)
+
+
+def _softmax(fn):
+    return lambda s, a, x: fn(x, dim=a.get("axis", -1))
+
+
+def _squeeze(s, a, x, axes=None):
+    axes = s.ints(axes, "axes") if axes is not None else a.get("axes")
+    return x.squeeze(tuple(axes)) if axes else x.squeeze()
+
+
+def _unsqueeze(s, a, x, axes=None):
+    axes = s.ints(axes, "axes") if axes is not None else a["axes"]
+    for ax in sorted(ax % (x.dim() + len(axes)) for ax in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def _clip(s, a, x, lo=None, hi=None):
+    lo = a.get("min") if lo is None else lo
+    hi = a.get("max") if hi is None else hi
+    return torch.clamp(x, lo, hi)
+
+
+def _trilu(s, a, x, k=None):
+    k = s.ints(k, "k")[0] if k is not None else 0
+    return torch.triu(x, k) if a.get("upper", 1) else torch.tril(x, k)
+
+
+def _batch_norm(s, a, x, scale, bias, mean, var):
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
+
+
+def _gelu(s, a, x):
+    return F.gelu(x, approximate=a.get("approximate", "none"))
+
+
+OPS: dict[str, Callable] = {
+    "Add": lambda s, a, x, y: x + y, "Sub": lambda s, a, x, y: x - y, "Mul": lambda s, a, x, y: x * y,
+    "Div": lambda s, a, x, y: torch.div(x, y, rounding_mode="trunc") if not x.is_floating_point() else x / y,
+    "Pow": lambda s, a, x, y: torch.pow(x, y), "Sqrt": lambda s, a, x: torch.sqrt(x),
+    "Reciprocal": lambda s, a, x: torch.reciprocal(x), "Neg": lambda s, a, x: -x,
+    "Abs": lambda s, a, x: torch.abs(x), "Exp": lambda s, a, x: torch.exp(x), "Log": lambda s, a, x: torch.log(x),
+    "Erf": lambda s, a, x: torch.erf(x), "Tanh": lambda s, a, x: torch.tanh(x), "Sin": lambda s, a, x: torch.sin(x),
+    "Cos": lambda s, a, x: torch.cos(x), "Sigmoid": lambda s, a, x: torch.sigmoid(x),
+    "Relu": lambda s, a, x: torch.relu(x), "LeakyRelu": lambda s, a, x: F.leaky_relu(x, a.get("alpha", 0.01)),
+    "Gelu": _gelu, "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    "MatMul": lambda s, a, x, y: torch.matmul(x, y), "Gemm": _gemm, "Conv": _conv,
+    "BatchNormalization": _batch_norm, "MaxPool": _pool("max"), "AveragePool": _pool("avg"),
+    "GlobalAveragePool": lambda s, a, x: x.mean(tuple(range(2, x.dim())), keepdim=True),
+    "Flatten": lambda s, a, x: x.reshape(int(np.prod(x.shape[: a.get("axis", 1)])), -1),
+    "Reshape": _reshape, "Transpose": lambda s, a, x: x.permute(a.get("perm", list(range(x.dim()))[::-1])),
+    "Concat": lambda s, a, *xs: torch.cat(xs, dim=a["axis"]), "Split": _split, "Slice": _slice,
+    "Gather": lambda s, a, x, i: torch.index_select(x, a.get("axis", 0) % x.dim(), i.reshape(-1)).reshape(
+        x.shape[: a.get("axis", 0) % x.dim()] + i.shape + x.shape[a.get("axis", 0) % x.dim() + 1:]),
+    "GatherElements": lambda s, a, x, i: torch.gather(x, a.get("axis", 0), i),
+    "GatherND": lambda s, a, x, i: _gather_nd(s, a, x, i),
+    "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+    "Shape": lambda s, a, x: torch.tensor(list(x.shape)[a.get("start", 0): a.get("end")], dtype=torch.int64),
+    "Cast": _cast, "CastLike": lambda s, a, x, y: x.to(y.dtype), "Identity": lambda s, a, x: x,
+    "Dropout": lambda s, a, x, *_: x, "Where": lambda s, a, c, x, y: torch.where(c, x, y),
+    "Equal": lambda s, a, x, y: x == y, "Less": lambda s, a, x, y: x < y, "Greater": lambda s, a, x, y: x > y,
+    "LessOrEqual": lambda s, a, x, y: x <= y, "GreaterOrEqual": lambda s, a, x, y: x >= y,
+    "Not": lambda s, a, x: ~x, "And": lambda s, a, x, y: x & y, "Or": lambda s, a, x, y: x | y,
+    "IsNaN": lambda s, a, x: torch.isnan(x), "Max": lambda s, a, *xs: _fold(torch.maximum, xs),
+    "Min": lambda s, a, *xs: _fold(torch.minimum, xs), "Clip": _clip, "Trilu": _trilu,
+    "Expand": lambda s, a, x, shape: x * torch.ones(s.ints(shape, "shape"), dtype=x.dtype)
+    if x.dtype != torch.bool else x.expand(torch.broadcast_shapes(x.shape, tuple(s.ints(shape, "shape")))),
+    "Range": _range, "ConstantOfShape": _constant_of_shape,
+    "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim, keepdim)),
+    "ReduceMin": _reduce(lambda x, dim, keepdim: torch.amin(x, dim, keepdim)),
+    "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "SimplifiedLayerNormalization": _rms_norm,
+}
+
+
+def _gather_nd(s, a, x, indices):
+    if a.get("batch_dims", 0):
+        raise UnsupportedOpError(f"{s.node_desc}: GatherND with batch_dims is not supported")
+    depth = indices.shape[-1]
+    index = tuple(indices[..., k] for k in range(depth))
+    return x[index]
+
+
+def _fold(fn, xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out
+
+
+class OnnxModule(torch.nn.Module):
+    """Runs an ONNX graph with torch ops; see the module docstring."""
+
+    def __init__(self, model, source: str = "model.onnx"):
+        super().__init__()
+        from onnx import numpy_helper
+        graph = model.graph
+        self.source = source
+        self.static: dict[str, np.ndarray] = {}
+        self.buffer_of: dict[str, str] = {}
+        for init in graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.dtype.kind in "iub" and array.size <= 64:
+                self.static[init.name] = array
+            else:
+                name = re.sub(r"\W", "_", init.name)
+                while hasattr(self, name):
+                    name += "_"
+                self.register_buffer(name, torch.from_numpy(array.copy()))
+                self.buffer_of[init.name] = name
+        init_names = {i.name for i in graph.initializer}
+        self.input_names = [i.name for i in graph.input if i.name not in init_names]
+        self.output_names = [o.name for o in graph.output]
+        self.nodes = []
+        for index, node in enumerate(graph.node):
+            desc = f"ONNX node '{node.name or f'#{index}'}' (op {node.op_type}, domain '{node.domain}')"
+            if node.op_type == "Constant":
+                self.static[node.output[0]] = self._constant(node)
+                continue
+            if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in OPS:
+                raise UnsupportedOpError(f"{desc} in {source} is not supported by graphopt's ONNX importer")
+            self.nodes.append((desc, node.op_type, list(node.input), list(node.output), _attrs(node)))
+
+    @staticmethod
+    def _constant(node) -> np.ndarray:
+        attrs = _attrs(node)
+        for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+            if key in attrs:
+                value = attrs[key]
+                return np.asarray(value, dtype=np.float32 if "float" in key else (np.int64 if "int" in key else None))
+        raise UnsupportedOpError(f"Constant node '{node.name}' uses an unsupported attribute")
+
+    def forward(self, *args: torch.Tensor):
+        """Run the graph. The first (eager) call also caches every value that does not depend
+        on the inputs' values in `self.static`; traced calls then skip those nodes."""
+        env: dict[str, Any] = dict(self.static)
+        env.update({k: getattr(self, v) for k, v in self.buffer_of.items()})
+        env.update(zip(self.input_names, args))
+        for desc, op_type, inputs, outputs, attrs in self.nodes:
+            if all(not name or name in self.static for name in outputs):
+                continue
+            values = [env[name] if name else None for name in inputs]
+            helper = _Static(desc, len(outputs))
+            all_static = all(v is None or isinstance(v, np.ndarray) for v in values)
+            tensors = []
+            for v in values:
+                t = torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v
+                if isinstance(v, np.ndarray):
+                    helper.static_arrays[id(t)] = v
+                tensors.append(t)
+            try:
+                result = OPS[op_type](helper, attrs, *tensors)
+            except UnsupportedOpError:
+                raise
+            except Exception as exc:
+                raise CaptureError(f"{desc} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+            results = result if isinstance(result, tuple) else (result,)
+            for name, value in zip(outputs, results):
+                if not name:
+                    continue
+                if all_static or op_type == "Shape":
+                    value = value.detach().numpy().copy()
+                    self.static[name] = value
+                env[name] = value
+        return tuple(torch.from_numpy(np.array(env[n])) if isinstance(env[n], np.ndarray) else env[n]
+                     for n in self.output_names)
+
+
+def import_onnx(path: str | os.PathLike, example_inputs):
+    """Load an .onnx file as an OnnxModule; returns (module, example inputs as a tuple)."""
+    import onnx
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CaptureError(f"ONNX file {path} not found")
+    try:
+        model = onnx.load(path)
+    except Exception as exc:
+        raise CaptureError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
+    module = OnnxModule(model, os.path.basename(path))
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        example_inputs = tuple(example_inputs[n] for n in module.input_names)
+    example_inputs = tuple(example_inputs)
+    if len(example_inputs) != len(module.input_names):
+        raise CaptureError(f"{path} takes {len(module.input_names)} inputs ({', '.join(module.input_names)}), "
+                           f"got {len(example_inputs)} example inputs")
+    with torch.no_grad():
+        module(*example_inputs)  # eager pass: caches the input-independent (shape) values
+    return module, example_inputs
