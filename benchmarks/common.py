@@ -2,20 +2,7 @@
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from typing import Callable
-
-
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from graphopt.timing import median_seconds  # noqa: F401  (re-exported for the scripts)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -10,21 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 from .errors import GraphoptError
 
 
 def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    from .timing import median_seconds
+    return median_seconds(fn, repeats, warmup=1) * 1e3
 
 
 def _example_inputs(bundle, seq_len: int):
