@@ -1,5 +1,5 @@
 """128-token SmolLM2 prefill latency: torch eager, torch.compile, ONNX Runtime on the plain
-torch.onnx export, and graphopt (onnxruntime) with the "none" and "default" presets.
+torch.onnx export, and graphopt (onnxruntime) with the "none", "default" and "fuse" presets.
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--json out.json]
 
@@ -66,7 +66,7 @@ def main() -> None:
         add("onnxruntime (plain export)", lambda: torch.from_numpy(runner.run([ids])[0]), time.perf_counter() - start)
         del runner
 
-    for preset in ("none", "default"):
+    for preset in ("none", "default", "fuse"):
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)

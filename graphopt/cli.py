@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model, print what it gained, save an artifact")
     c.add_argument("--model", default="smollm2", help="a name from `graphopt models`")
     c.add_argument("--backend", default="onnxruntime")
-    c.add_argument("--passes", default="default", help="preset name: none, default")
+    c.add_argument("--passes", default="default", help="preset name: none, default, fuse")
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--dynamic-seq", action="store_true", help="make the sequence length dynamic")
     c.add_argument("--threads", type=int, default=None)

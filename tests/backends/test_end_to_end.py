@@ -12,10 +12,11 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "resnet", "densenet"]
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_default_preset_matches_eager(name, backend):
+@pytest.mark.parametrize("preset", ["default", "fuse"])
+def test_presets_match_eager(name, backend, preset):
     bundle = graphopt.models.load(name)
     inputs = small_inputs(bundle)
-    cm = graphopt.compile(bundle.model, inputs, passes="default", backend=backend, progress=False)
+    cm = graphopt.compile(bundle.model, inputs, passes=preset, backend=backend, progress=False)
     outs = cm(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     for got, want in zip(outs, eager_outputs(bundle.model, inputs), strict=True):
