@@ -22,6 +22,10 @@ MODEL_FILE = "model.onnx"
 # torch.onnx warns at every export that torchvision (which we never use) is missing.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
+# Opset 23 has Attention (GQA, causal) and RMSNormalization, which ONNX Runtime runs as
+# single kernels; on SmolLM2 this measured 2-5% faster than the exporter's default opset 18.
+DEFAULT_OPSET = 23
+
 # graphopt-specific ops (torch.library) -> onnxscript functions; filled by the passes that
 # introduce such ops, so every op a pass inserts lowers through one rule here.
 CUSTOM_TRANSLATIONS: dict = {}
@@ -52,7 +56,7 @@ class OrtExecutable(Executable):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, threads: int | None = None, optimization_level: str = "all", opset: int | None = None):
+    def __init__(self, threads: int | None = None, optimization_level: str = "all", opset: int | None = DEFAULT_OPSET):
         self.threads = threads
         self.optimization_level = optimization_level
         self.opset = opset
