@@ -2,12 +2,32 @@
 from __future__ import annotations
 
 import json
-from graphopt.timing import median_seconds  # noqa: F401  (re-exported for the scripts)
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per candidate, timing them round-robin so that a burst of load on a
+    shared machine hits every candidate alike instead of whichever ran during it."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
     def fmt(v):
         if isinstance(v, float):
+            if v != 0 and abs(v) < 1e-2:
+                return f"{v:.1e}"
             return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
         return "" if v is None else str(v)
     widths = {c: max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in columns}

@@ -3,8 +3,9 @@ torch.onnx export, and graphopt (onnxruntime) with the "none", "default" and "fu
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--json out.json]
 
-All peers run in this process, on the same tokens, with the same thread count; compare the
-ratios, not the absolute times (shared machines are noisy).
+All peers run in this process on the same tokens with the same thread count, and are timed
+round-robin (one call of each per round) so that load on a shared machine hits all alike;
+compare the ratios, not the absolute times.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_seconds, print_table, write_json  # noqa: E402
+from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
@@ -39,48 +40,54 @@ def main() -> None:
     (ids,) = bundle.example_inputs(seq_len=args.seq_len, text=read_text("evaluation.txt", 20000))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    rows = []
+    candidates, setup, diffs = {}, {}, {}
 
-    def add(name, fn, setup_seconds=None):
-        out = fn()
+    def add(name, fn, started=None):
+        with torch.no_grad():
+            out = fn()
         out = out.logits if hasattr(out, "logits") else out
-        diff = float((torch.as_tensor(out) - reference).abs().max())
-        seconds = median_seconds(fn, args.repeats)
-        rows.append({"name": name, "median_ms": seconds * 1e3, "setup_s": setup_seconds, "max_abs_diff": diff})
-        print(f"  {name}: {seconds * 1e3:.1f} ms", file=sys.stderr)
+        setup[name] = None if started is None else time.perf_counter() - started
+        diffs[name] = float((torch.as_tensor(out) - reference).abs().max())
+        candidates[name] = fn
+        print(f"  ready: {name}", file=sys.stderr)
 
-    with torch.no_grad():
-        add("torch eager", lambda: model(input_ids=ids))
-        if not args.skip_torch_compile:
-            compiled = torch.compile(model)
-            start = time.perf_counter()
-            compiled(input_ids=ids)
-            add("torch.compile", lambda: compiled(input_ids=ids), time.perf_counter() - start)
+    def eager():
+        with torch.no_grad():
+            return model(input_ids=ids)
+    add("torch eager", eager)
+    if not args.skip_torch_compile:
+        compiled = torch.compile(model)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        program = torch.onnx.export(model, (ids,), dynamo=True, input_names=["input_ids"], verbose=False)
-        path = os.path.join(tmp, "plain.onnx")
-        program.save(path, external_data=True)
-        runner = OrtRunner(path, [graphopt.TensorSpec("input_ids", tuple(ids.shape), "int64")], [], args.threads)
-        add("onnxruntime (plain export)", lambda: torch.from_numpy(runner.run([ids])[0]), time.perf_counter() - start)
-        del runner
+        def run_compiled():
+            with torch.no_grad():
+                return compiled(input_ids=ids)
+        add("torch.compile", run_compiled, time.perf_counter())
+
+    tmp = tempfile.TemporaryDirectory()
+    start = time.perf_counter()
+    program = torch.onnx.export(model, (ids,), dynamo=True, input_names=["input_ids"], verbose=False)
+    path = os.path.join(tmp.name, "plain.onnx")
+    program.save(path, external_data=True)
+    runner = OrtRunner(path, [graphopt.TensorSpec("input_ids", tuple(ids.shape), "int64")], [], args.threads)
+    add("onnxruntime (plain export)", lambda: torch.from_numpy(runner.run([ids])[0]), start)
 
     for preset in ("none", "default", "fuse"):
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)
-        add(f"graphopt onnxruntime ({preset})", lambda: cm(ids), time.perf_counter() - start)
-        del cm
+        add(f"graphopt onnxruntime ({preset})", lambda cm=cm: cm(ids), start)
 
-    eager = rows[0]["median_ms"]
-    plain = next(r["median_ms"] for r in rows if r["name"].startswith("onnxruntime"))
-    for r in rows:
-        r["speedup_vs_eager"] = eager / r["median_ms"]
-        r["speedup_vs_ort_plain"] = plain / r["median_ms"]
-    print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, median of {args.repeats}")
+    medians = interleaved_medians(candidates, args.repeats)
+    eager_ms = medians["torch eager"] * 1e3
+    plain_ms = medians["onnxruntime (plain export)"] * 1e3
+    rows = [{"name": name, "median_ms": s * 1e3, "speedup_vs_eager": eager_ms / (s * 1e3),
+             "speedup_vs_ort_plain": plain_ms / (s * 1e3), "setup_s": setup[name], "max_abs_diff": diffs[name]}
+            for name, s in medians.items()]
+    print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "
+          f"median of {args.repeats} interleaved rounds")
     print_table(rows, ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff"])
     write_json(rows, args.json)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ MODEL_FILE = "model.onnx"
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # Opset 23 has Attention (GQA, causal) and RMSNormalization, which ONNX Runtime runs as
-# single kernels; on SmolLM2 this measured 2-5% faster than the exporter's default opset 18.
+# single kernels: ~1,900 -> ~1,100 ONNX nodes on SmolLM2. Latency measured equal to opset 18
+# in an interleaved A/B (236.1 vs 238.2 ms, 15 rounds): the prefill is MatMul-bound.
 DEFAULT_OPSET = 23
 
 # graphopt-specific ops (torch.library) -> onnxscript functions; filled by the passes that
