@@ -1,8 +1,9 @@
-"""Command line: `graphopt compile | inspect | bench | models`.
+"""Command line: `graphopt compile | inspect | bench | eval | models`.
 
     graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
     graphopt inspect dist/smollm2
     graphopt bench dist/smollm2
+    graphopt eval --model smollm2 --artifact dist/smollm2
 `inspect` and `bench` need only numpy and onnxruntime.
 """
 from __future__ import annotations
@@ -127,6 +128,36 @@ def cmd_bench(args) -> None:
           f"(inputs {', '.join(f'{s.name}{list(a.shape)}' for s, a in zip(rt.inputs, feed))})")
 
 
+def cmd_eval(args) -> None:
+    import graphopt
+    from .analysis.quality import divergence, perplexity, token_windows
+    from .corpus import corpus_file
+
+    bundle = graphopt.models.load(args.model)
+    if bundle.tokenizer is None:
+        raise GraphoptError(f"model '{args.model}' has no tokenizer; eval needs a language model")
+    seq_len = args.seq_len
+    candidate = None
+    if args.artifact:
+        candidate = graphopt.load(args.artifact)
+        fixed = candidate.inputs[0].shape[-1]
+        if isinstance(fixed, int) and fixed != seq_len:
+            print(f"using the artifact's sequence length {fixed}", file=sys.stderr)
+            seq_len = fixed
+    path = args.text or corpus_file("evaluation.txt")
+    with open(path, encoding="utf-8") as f:
+        windows = token_windows(bundle.tokenizer, f.read(), seq_len, args.max_tokens)
+    base = perplexity(bundle.model, windows)
+    print(f"{args.model} eager: perplexity {base.perplexity:.3f} on {base.tokens} tokens "
+          f"({base.windows} windows of {seq_len}) of {path}")
+    if candidate is not None:
+        result = perplexity(candidate, windows)
+        div = divergence(bundle.model, candidate, windows)
+        print(f"{args.artifact}: perplexity {result.perplexity:.3f} "
+              f"({100 * (result.perplexity / base.perplexity - 1):+.3f}%), KL {div.kl:.2e}, JS {div.js:.2e}, "
+              f"top-1 agreement {100 * div.top1_agreement:.2f}%")
+
+
 def cmd_models(args) -> None:
     from .models import available
     print("\n".join(available()))
@@ -158,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--dynamic-size", type=int, default=128)
     b.set_defaults(func=cmd_bench)
+    e = sub.add_parser("eval", help="perplexity on a text file; with --artifact, its cost vs the eager model")
+    e.add_argument("--model", default="smollm2")
+    e.add_argument("--artifact", help="a compiled artifact of the same model to compare")
+    e.add_argument("--text", help="text file (default: ../shared/corpus/evaluation.txt)")
+    e.add_argument("--seq-len", type=int, default=128)
+    e.add_argument("--max-tokens", type=int, default=4096)
+    e.set_defaults(func=cmd_eval)
     m = sub.add_parser("models", help="list model names")
     m.set_defaults(func=cmd_models)
     return ap

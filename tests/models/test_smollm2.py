@@ -39,3 +39,20 @@ def test_presets_match_eager(smollm2, backend, preset, tmp_path):
     if backend == "onnxruntime":
         rt = graphopt.load(cm.save(str(tmp_path / "smollm2")))
         torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
+
+
+def test_perplexity_on_evaluation_text_and_cli_eval(smollm2, tmp_path, capsys):
+    from graphopt.analysis.quality import divergence, perplexity, token_windows
+    from graphopt.cli import main
+    bundle, ids, _ = smollm2
+    windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), 128, max_tokens=2048)
+    cm = graphopt.compile(bundle.model, (windows[0],), progress=False)
+    eager = perplexity(bundle.model, windows, progress=False)
+    compiled = perplexity(cm, windows, progress=False)
+    assert 5 < eager.perplexity < 200, "a real LM (random weights: ~49152)"
+    assert compiled.perplexity == pytest.approx(eager.perplexity, rel=1e-4)
+    assert divergence(bundle.model, cm, windows[:2], progress=False).js < 1e-8
+    path = cm.save(str(tmp_path / "art"))
+    assert main(["eval", "--artifact", path, "--max-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2 eager: perplexity" in out and "top-1 agreement" in out

@@ -1,0 +1,1 @@
+"""Read-only analyses of models and graphs: quality (perplexity, divergence), ..."""
