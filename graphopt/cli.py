@@ -22,8 +22,10 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def _example_inputs(bundle, seq_len: int):
+    if not bundle.is_sequence_model:
+        return bundle.example_inputs()
     if bundle.tokenizer is None:
-        return bundle.example_inputs() if bundle.name in ("resnet", "densenet") else bundle.example_inputs(seq_len=seq_len)
+        return bundle.example_inputs(seq_len=seq_len)
     try:
         from .corpus import read_text
         return bundle.example_inputs(seq_len=seq_len, text=read_text("evaluation.txt", 20000))
@@ -35,7 +37,7 @@ def cmd_compile(args) -> None:
     import torch
 
     import graphopt
-    from .ir.capture import sequence_dims
+    from .ir.capture import flat_tensors, sequence_dims
     from .passes import DumpInstrument, PrintOnChangeInstrument
 
     torch.set_num_threads(args.threads or os.cpu_count())
@@ -51,9 +53,7 @@ def cmd_compile(args) -> None:
                           verify=not args.no_verify, instruments=instruments,
                           backend_options={"threads": args.threads} if args.backend == "onnxruntime" else None)
     with torch.no_grad():
-        eager_out = model(*inputs)
-        eager_out = eager_out.logits if hasattr(eager_out, "logits") else \
-            (eager_out[0] if isinstance(eager_out, (tuple, list)) else getattr(eager_out, "last_hidden_state", eager_out))
+        eager_out = flat_tensors(model(*inputs))[0]
         eager_ms = _median_ms(lambda: model(*inputs), args.repeats)
     out = cm(*inputs)
     out = out[0] if isinstance(out, tuple) else out

@@ -23,14 +23,13 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-4) -> float:
 
 def eager_outputs(model, inputs):
     """The model's tensor outputs, flattened in the order capture uses."""
-    from torch.utils import _pytree as pytree
+    from graphopt.ir.capture import flat_tensors
     with torch.no_grad():
-        out = model(*inputs)
-    return [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+        return flat_tensors(model(*inputs))
 
 
 def small_inputs(bundle):
-    if bundle.tokenizer is None and bundle.name in ("resnet", "densenet"):
+    if not bundle.is_sequence_model:
         return bundle.example_inputs()
     return bundle.example_inputs(seq_len=16)
 

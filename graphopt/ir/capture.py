@@ -39,6 +39,11 @@ class CapturedModel:
             return tuple(self.graph_module(*args))
 
 
+def flat_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensor leaves of a model's output (tuple, dict, ModelOutput, ...), in capture order."""
+    return [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
+
+
 class _FlatIO(torch.nn.Module):
     """Calls the user's model with positional or keyword inputs and flattens its outputs."""
 
@@ -52,8 +57,7 @@ class _FlatIO(torch.nn.Module):
             out = self.model(**dict(zip(self.keyword_names, args)))
         else:
             out = self.model(*args)
-        leaves = [leaf for leaf in pytree.tree_leaves(out) if isinstance(leaf, torch.Tensor)]
-        return tuple(leaves)
+        return tuple(flat_tensors(out))
 
 
 def _output_names(out: Any) -> list[str]:
@@ -150,7 +154,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
         with _no_kv_cache(model), torch.no_grad():
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             out_names = _output_names(raw)
-            flat = [leaf for leaf in pytree.tree_leaves(raw) if isinstance(leaf, torch.Tensor)]
+            flat = flat_tensors(raw)
             program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
             program = program.run_decompositions({})
     except GraphoptError:

@@ -109,9 +109,6 @@ class Optional(Pattern):
         return self.pattern.match_into(value, gm, bindings)
 
 
-_ABSENT = None
-
-
 class Op(Pattern):
     """Matches a call_function node whose target is one of `targets` and whose positional
     args match `args` (missing trailing args count as None, for Optional)."""
@@ -132,7 +129,7 @@ class Op(Pattern):
         if len(value.args) > len(self.args):
             return f"{describe(value)} has {len(value.args)} args, the pattern expects at most {len(self.args)}"
         for i, sub in enumerate(self.args):
-            arg = value.args[i] if i < len(value.args) else _ABSENT
+            arg = value.args[i] if i < len(value.args) else None
             reason = sub.match_into(arg, gm, bindings)
             if reason is not None:
                 return f"arg {i}: {reason}"

@@ -23,6 +23,7 @@ class ModelBundle:
     tokenizer: Any
     make_inputs: Callable[..., tuple[torch.Tensor, ...]]
     description: str = ""
+    is_sequence_model: bool = True   # False: example_inputs takes batch/size, not seq_len
 
     def example_inputs(self, **kwargs) -> tuple[torch.Tensor, ...]:
         return self.make_inputs(**kwargs)

@@ -94,4 +94,5 @@ def load(name: str, seed: int = 0):
 
     def make(batch: int = 1, size: int = 32, seed: int = 0):
         return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)),)
-    return ModelBundle(name, model, None, make, f"{type(model).__name__} with random weights")
+    return ModelBundle(name, model, None, make, f"{type(model).__name__} with random weights",
+                       is_sequence_model=False)
