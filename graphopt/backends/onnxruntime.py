@@ -16,6 +16,7 @@ from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel, dynamic_shapes
 from ..runtime import OrtRunner
 from .base import Backend, Executable
+from .onnx_translations import TRANSLATIONS
 
 MODEL_FILE = "model.onnx"
 
@@ -27,9 +28,9 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 # in an interleaved A/B (236.1 vs 238.2 ms, 15 rounds): the prefill is MatMul-bound.
 DEFAULT_OPSET = 23
 
-# graphopt-specific ops (torch.library) -> onnxscript functions; filled by the passes that
-# introduce such ops, so every op a pass inserts lowers through one rule here.
-CUSTOM_TRANSLATIONS: dict = {}
+# graphopt's own ops (torch.library) -> onnxscript functions: every op a pass inserts lowers
+# through one rule here. Users may add entries for their own ops.
+CUSTOM_TRANSLATIONS: dict = dict(TRANSLATIONS)
 
 
 class OrtExecutable(Executable):
@@ -78,7 +79,7 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
     kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
                   input_names=[s.name for s in captured.inputs],
                   output_names=[s.name for s in captured.outputs],
-                  custom_translation_table=CUSTOM_TRANSLATIONS or None)
+                  custom_translation_table=CUSTOM_TRANSLATIONS)
     if opset:
         kwargs["opset_version"] = opset
     if captured.dynamic_dims:

@@ -1,0 +1,169 @@
+"""Calibration runner: runs the IR on calibration batches and collects per-node statistics.
+
+Read-only. For every linear layer (aten.linear / matmul / mm with a constant 2-D weight) it
+records per-input-channel max |x| and mean x^2, per-output-channel max |y|, and where the
+largest |y| occurred (token, channel) with the input channel that peaked at that token:
+what super-weight detection and activation quantization need. For every residual add
+(an add whose operands have the same shape and one of them is written by a linear layer)
+it records the mean cosine between the residual stream before and after it: what layer
+skipping and layer importance need.
+
+    stats = calibrate(gm, batches)          # batches: list of input tuples
+    stats.linears["layers.3.mlp.down_proj"].input_absmax
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..ir.graph import constant_value, module_path
+
+aten = torch.ops.aten
+MATMULS = (aten.linear.default, aten.matmul.default, aten.mm.default)
+
+
+def linear_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, bool] | None:
+    """(weight as [out, in], whether it is stored transposed) if `node` multiplies its first
+    argument by a constant 2-D matrix, else None."""
+    if node.op != "call_function" or node.target not in MATMULS or len(node.args) < 2:
+        return None
+    w = constant_value(gm, node.args[1])
+    if w is None or w.dim() != 2 or not w.is_floating_point():
+        return None
+    if node.target is aten.linear.default:
+        return w, False
+    return w.t(), True
+
+
+def layer_name(node: fx.Node) -> str:
+    return module_path(node) or node.name
+
+
+def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(residual input, sublayer output) if `add` is a residual add, else None.
+
+    The sublayer output is the operand produced by a linear layer (possibly through a
+    dropout-free chain of one view/clone); the other operand is the stream."""
+    if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
+        return None
+    a, b = add.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
+        return None
+    for stream, sub in ((a, b), (b, a)):
+        if linear_weight(gm, sub) is not None:
+            return stream, sub
+    return None
+
+
+@dataclass
+class LinearStats:
+    name: str
+    node: str
+    in_features: int
+    out_features: int
+    input_absmax: torch.Tensor = None          # [K]
+    input_sq_sum: torch.Tensor = None          # [K]
+    output_absmax: torch.Tensor = None         # [N]
+    tokens: int = 0
+    peak: float = 0.0                          # largest |y| seen
+    peak_token: int = -1                       # flat token index (within its batch) of the peak
+    peak_batch: int = -1
+    peak_channel: int = -1                     # output channel of the peak
+    peak_input_channel: int = -1               # argmax |x| at the peak token
+    peak_input_value: float = 0.0
+
+    @property
+    def input_mean_sq(self) -> torch.Tensor:
+        return self.input_sq_sum / max(self.tokens, 1)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        y = y.detach().reshape(-1, y.shape[-1]).float()
+        ax, ay = x.abs(), y.abs()
+        in_max, out_max = ax.amax(0), ay.amax(0)
+        if self.input_absmax is None:
+            self.input_absmax, self.input_sq_sum, self.output_absmax = in_max, (x * x).sum(0), out_max
+        else:
+            self.input_absmax = torch.maximum(self.input_absmax, in_max)
+            self.input_sq_sum += (x * x).sum(0)
+            self.output_absmax = torch.maximum(self.output_absmax, out_max)
+        self.tokens += x.shape[0]
+        flat = int(ay.argmax())
+        token, channel = divmod(flat, ay.shape[1])
+        if float(ay[token, channel]) > self.peak:
+            self.peak, self.peak_token, self.peak_batch, self.peak_channel = float(ay[token, channel]), token, batch, channel
+            self.peak_input_channel = int(ax[token].argmax())
+            self.peak_input_value = float(x[token, self.peak_input_channel])
+
+
+@dataclass
+class ResidualStats:
+    name: str                     # layer name of the sublayer's output linear
+    node: str                     # the add node
+    cos_sum: float = 0.0
+    tokens: int = 0
+
+    @property
+    def cosine(self) -> float:
+        return self.cos_sum / max(self.tokens, 1)
+
+
+@dataclass
+class CalibrationStats:
+    linears: dict[str, LinearStats] = field(default_factory=dict)       # by layer name
+    residuals: dict[str, ResidualStats] = field(default_factory=dict)   # by layer name of the writer
+    batches: int = 0
+
+
+class _Observer(fx.Interpreter):
+    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict):
+        super().__init__(gm)
+        self.stats, self.linear_nodes, self.residual_nodes = stats, linear_nodes, residual_nodes
+        self.batch = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.linear_nodes:
+            self.linear_nodes[n].update(self.env[n.args[0]], out, self.batch)
+        elif n in self.residual_nodes:
+            stream_node, record = self.residual_nodes[n]
+            before = self.env[stream_node].detach().reshape(-1, out.shape[-1]).float()
+            after = out.detach().reshape(-1, out.shape[-1]).float()
+            record.cos_sum += float(F.cosine_similarity(before, after, dim=-1).sum())
+            record.tokens += before.shape[0]
+        return out
+
+
+def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = True,
+              desc: str = "calibrate") -> CalibrationStats:
+    stats = CalibrationStats()
+    linear_nodes, residual_nodes = {}, {}
+    for node in gm.graph.nodes:
+        lw = linear_weight(gm, node)
+        if lw is not None:
+            name = layer_name(node)
+            if name in stats.linears:          # one module called twice: keep names unique
+                name = f"{name}#{node.name}"
+            stats.linears[name] = linear_nodes[node] = LinearStats(name, node.name, lw[0].shape[1], lw[0].shape[0])
+        rw = residual_writer(gm, node)
+        if rw is not None:
+            stream, sub = rw
+            name = layer_name(sub)
+            stats.residuals[name] = ResidualStats(name, node.name)
+            residual_nodes[node] = (stream, stats.residuals[name])
+    observer = _Observer(gm, stats, linear_nodes, residual_nodes)
+    batches = list(batches)
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
+            observer.batch = i
+            observer.run(*batch)
+    stats.batches = len(batches)
+    return stats

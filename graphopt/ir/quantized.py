@@ -1,0 +1,192 @@
+"""Block-quantized weights and the graphopt op that multiplies by them.
+
+Layout (the one ONNX Runtime's com.microsoft MatMulNBits reads, so no repacking at export):
+a weight W [N, K] is cut into row-aligned blocks of `block_size` along K (the last block
+padded), each block gets a float scale and an unsigned zero point, and
+    W[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[n, k // block_size]
+with q in [0, 2**bits). `packed` is uint8 [N, n_blocks, block_size * bits // 8], low nibble
+first for 4 bits; `scales` is float32 [N * n_blocks]; `zero_points` is uint8, two per byte
+(low nibble first, rows padded to whole bytes) for 4 bits, one per byte for 8 bits.
+Per-channel quantization is one block per row: block_size = the next power of two >= K.
+
+`torch.ops.graphopt.matmul_nbits(x, packed, scales, zero_points, bits, block_size, k,
+accuracy_level)` computes x @ W.T in fp32 (the reference semantics). `accuracy_level` is
+only a lowering hint: ONNX Runtime's level 4 quantizes x to int8 per block inside the kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))   # 1.0 .. 0.5, for clip="mse"
+
+
+def per_channel_block_size(k: int) -> int:
+    """The block size that makes one block per row (MatMulNBits wants a power of two >= 16)."""
+    return max(16, 1 << (k - 1).bit_length())
+
+
+@dataclass
+class QuantizedWeight:
+    packed: torch.Tensor        # uint8 [N, n_blocks, block_size * bits // 8]
+    scales: torch.Tensor        # float32 [N * n_blocks]
+    zero_points: torch.Tensor   # uint8, packed as described in the module docstring
+    bits: int
+    block_size: int
+    k: int
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+    @property
+    def n_blocks(self) -> int:
+        return self.packed.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zero_points))
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.packed, self.scales, self.zero_points, self.bits, self.block_size, self.k)
+
+
+def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values < 16 along the last dim (even length) -> half as many bytes, low nibble first."""
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """packed [..., blob] uint8 -> codes [..., block_size] uint8."""
+    return _unpack_nibbles(packed) if bits == 4 else packed
+
+
+def unpack_zero_points(zero_points: torch.Tensor, bits: int, n: int, n_blocks: int) -> torch.Tensor:
+    """Packed zero points -> uint8 [N, n_blocks]."""
+    if bits == 8:
+        return zero_points.reshape(n, n_blocks)
+    return _unpack_nibbles(zero_points.reshape(n, -1))[:, :n_blocks]
+
+
+def dequantize(packed, scales, zero_points, bits: int, block_size: int, k: int) -> torch.Tensor:
+    n, n_blocks = packed.shape[0], packed.shape[1]
+    codes = unpack_codes(packed, bits).float()                                   # [N, nb, bs]
+    zp = unpack_zero_points(zero_points, bits, n, n_blocks).float().unsqueeze(-1)
+    w = (codes - zp) * scales.reshape(n, n_blocks, 1)
+    return w.reshape(n, n_blocks * block_size)[:, :k]
+
+
+def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N, K] -> [N, n_blocks, block_size]; the padding repeats each row's last value, so it
+    never widens a block's range."""
+    n, k = w.shape
+    pad = (-k) % block_size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    return w.reshape(n, -1, block_size)
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """Asymmetric grid covering [lo, hi] (widened to contain 0, so the zero point fits)."""
+    qmax = (1 << bits) - 1
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = (hi - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.round(-lo / scale).clamp(0, qmax)
+    return scale, zero_point
+
+
+def _codes(blocks, scale, zero_point, bits):
+    return torch.round(blocks / scale + zero_point).clamp(0, (1 << bits) - 1)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: str = "none",
+                    zscore: float = 4.0, channel_weights: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of w [N, K] in row-aligned blocks.
+
+    clip: "none" (grid spans each block's min..max); "mse" (per block, shrink the range by
+    the factor in CLIP_SHRINKS that minimises the block's squared reconstruction error,
+    weighted per input channel by `channel_weights`, e.g. E[x_k^2] from calibration);
+    "zscore" (clamp weights beyond `zscore` standard deviations of their row before
+    choosing the grid).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n, k = w.shape
+    block_size = block_size or per_channel_block_size(k)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    w = w.detach().float()
+    if clip == "zscore":
+        mean, std = w.mean(dim=1, keepdim=True), w.std(dim=1, keepdim=True)
+        w = torch.clamp(w, mean - zscore * std, mean + zscore * std)
+    elif clip not in ("none", "mse"):
+        raise ValueError(f"clip must be 'none', 'mse' or 'zscore', got {clip!r}")
+    blocks = _blocks(w, block_size)
+    lo, hi = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+    scale, zero_point = _grid(lo, hi, bits)
+    if clip == "mse":
+        importance = torch.ones(k) if channel_weights is None else channel_weights.detach().float().clamp(min=0)
+        importance = torch.cat([importance, importance.new_zeros((-k) % block_size)]).reshape(1, -1, block_size)
+        best_err = None
+        for shrink in CLIP_SHRINKS:
+            s, z = _grid(lo * shrink, hi * shrink, bits)
+            err = (((_codes(blocks, s, z, bits) - z) * s - blocks) ** 2 * importance).sum(-1, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
+    codes = _codes(blocks, scale, zero_point, bits).to(torch.uint8)
+    zp = zero_point.squeeze(-1).to(torch.uint8)                                     # [N, nb]
+    if bits == 4:
+        packed = _pack_nibbles(codes)
+        if zp.shape[1] % 2:
+            zp = torch.cat([zp, torch.zeros(n, 1, dtype=torch.uint8)], 1)
+        zp = _pack_nibbles(zp)
+    else:
+        packed = codes
+    return QuantizedWeight(packed.contiguous(), scale.reshape(-1).contiguous(), zp.reshape(-1).contiguous(),
+                           bits, block_size, k)
+
+
+@torch.library.custom_op("graphopt::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 bits: int, block_size: int, k: int, accuracy_level: int) -> torch.Tensor:
+    w = dequantize(packed, scales, zero_points, bits, block_size, k)
+    return torch.matmul(x, w.t().to(x.dtype))
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x, packed, scales, zero_points, bits, block_size, k, accuracy_level):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+MATMUL_NBITS = torch.ops.graphopt.matmul_nbits.default
+
+
+@torch.library.custom_op("graphopt::embedding_nbits", mutates_args=())
+def embedding_nbits(indices: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                    bits: int, block_size: int, k: int) -> torch.Tensor:
+    """Rows `indices` of the block-quantized table, dequantized: embedding(indices, W)."""
+    n, n_blocks = packed.shape[0], packed.shape[1]
+    flat = indices.reshape(-1)
+    codes = unpack_codes(packed.index_select(0, flat), bits).float()
+    zp = unpack_zero_points(zero_points, bits, n, n_blocks).index_select(0, flat).float().unsqueeze(-1)
+    rows = (codes - zp) * scales.reshape(n, n_blocks).index_select(0, flat).unsqueeze(-1)
+    return rows.reshape(*indices.shape, n_blocks * block_size)[..., :k]
+
+
+@embedding_nbits.register_fake
+def _embedding_nbits_fake(indices, packed, scales, zero_points, bits, block_size, k):
+    return scales.new_empty((*indices.shape, k))
+
+
+EMBEDDING_NBITS = torch.ops.graphopt.embedding_nbits.default
