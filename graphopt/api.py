@@ -71,11 +71,13 @@ def _resolve_passes(passes: str | Sequence[Pass] | None) -> list[Pass]:
 def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Sequence[Pass] | None = "default",
             backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
-            progress: bool = True) -> CompiledModel:
+            calibration: Sequence[Any] | None = None, progress: bool = True) -> CompiledModel:
     """Capture `model`, run `passes` (a preset name or a list of Pass instances), lower to `backend`.
 
     `verify=True` runs the graph before and after each pass on `example_inputs` and fails
-    with the pass's name if outputs move beyond its declared tolerance.
+    with the pass's name if outputs move beyond its declared tolerance. `calibration` is a
+    list of input tuples (like example_inputs) for passes that learn from data (GPTQ,
+    activation-weighted clipping).
     """
     backend_impl = get_backend(backend, **dict(backend_options or {}))
     pass_list = _resolve_passes(passes)
@@ -88,7 +90,9 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
     t1 = time.perf_counter()
     all_instruments = ([VerifyInstrument(captured.example_inputs)] if verify else []) + list(instruments)
     result = PassManager(pass_list, all_instruments, progress=progress).run(
-        captured.graph_module, PassContext(captured.example_inputs))
+        captured.graph_module, PassContext(captured.example_inputs,
+                                        calibration=[tuple(b) if isinstance(b, (tuple, list)) else (b,)
+                                                     for b in calibration] if calibration else None))
     captured.graph_module = result.graph_module
     stages.update()
     stages.set_description(f"lower ({backend})")

@@ -24,15 +24,18 @@ from tqdm.auto import tqdm
 from ..ir.graph import constant_value, module_path
 
 aten = torch.ops.aten
-MATMULS = (aten.linear.default, aten.matmul.default, aten.mm.default)
+MATMULS = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
 
 
 def linear_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, bool] | None:
-    """(weight as [out, in], whether it is stored transposed) if `node` multiplies its first
-    argument by a constant 2-D matrix, else None."""
+    """(weight as [out, in], whether it is stored transposed) if `node` multiplies its input
+    by a constant 2-D matrix: linear(x, W), matmul/mm(x, W), addmm(b, x, W) (GPT-2's Conv1D)."""
     if node.op != "call_function" or node.target not in MATMULS or len(node.args) < 2:
         return None
-    w = constant_value(gm, node.args[1])
+    if node.target is aten.addmm.default and (len(node.args) != 3 or node.kwargs):
+        return None                     # beta/alpha other than 1
+    w = constant_value(gm, node.args[2] if node.target is aten.addmm.default else node.args[1])
     if w is None or w.dim() != 2 or not w.is_floating_point():
         return None
     if node.target is aten.linear.default:
@@ -40,15 +43,33 @@ def linear_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, bool
     return w.t(), True
 
 
+def linear_input(node: fx.Node) -> fx.Node:
+    return node.args[1] if node.target is aten.addmm.default else node.args[0]
+
+
+def linear_bias(node: fx.Node):
+    if node.target is aten.addmm.default:
+        return node.args[0]
+    if node.target is aten.linear.default and len(node.args) > 2:
+        return node.args[2]
+    return None
+
+
 def layer_name(node: fx.Node) -> str:
     return module_path(node) or node.name
 
 
-def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(residual input, sublayer output) if `add` is a residual add, else None.
+def _through_views(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
-    The sublayer output is the operand produced by a linear layer (possibly through a
-    dropout-free chain of one view/clone); the other operand is the stream."""
+
+def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(residual input, sublayer output linear) if `add` is a residual add, else None.
+
+    The sublayer output is the operand produced by a linear layer (possibly through views);
+    the other operand is the stream."""
     if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
         return None
     a, b = add.args
@@ -58,8 +79,9 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
         return None
     for stream, sub in ((a, b), (b, a)):
-        if linear_weight(gm, sub) is not None:
-            return stream, sub
+        writer = _through_views(sub)
+        if linear_weight(gm, writer) is not None and linear_weight(gm, _through_views(stream)) is None:
+            return stream, writer
     return None
 
 
@@ -79,6 +101,7 @@ class LinearStats:
     peak_channel: int = -1                     # output channel of the peak
     peak_input_channel: int = -1               # argmax |x| at the peak token
     peak_input_value: float = 0.0
+    hessian: torch.Tensor | None = None        # [K, K] sum of x^T x (shared by layers that read one input)
 
     @property
     def input_mean_sq(self) -> torch.Tensor:
@@ -124,15 +147,21 @@ class CalibrationStats:
 
 
 class _Observer(fx.Interpreter):
-    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict):
+    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict, hessians: bool):
         super().__init__(gm)
         self.stats, self.linear_nodes, self.residual_nodes = stats, linear_nodes, residual_nodes
+        self.hessians: dict[fx.Node, torch.Tensor] | None = {} if hessians else None
         self.batch = 0
+        self.hessian_done: set = set()
 
     def run_node(self, n):
         out = super().run_node(n)
         if n in self.linear_nodes:
-            self.linear_nodes[n].update(self.env[n.args[0]], out, self.batch)
+            x = self.env[linear_input(n)]
+            record = self.linear_nodes[n]
+            record.update(x, out, self.batch)
+            if self.hessians is not None:
+                self._accumulate_hessian(linear_input(n), x, record)
         elif n in self.residual_nodes:
             stream_node, record = self.residual_nodes[n]
             before = self.env[stream_node].detach().reshape(-1, out.shape[-1]).float()
@@ -142,8 +171,20 @@ class _Observer(fx.Interpreter):
         return out
 
 
+    def _accumulate_hessian(self, source: fx.Node, x: torch.Tensor, record: LinearStats) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        if source not in self.hessians:
+            self.hessians[source] = torch.zeros(flat.shape[1], flat.shape[1])
+        if (source, self.batch) not in self.hessian_done:       # once per input, not per reader
+            self.hessians[source].addmm_(flat.t(), flat)
+            self.hessian_done.add((source, self.batch))
+        record.hessian = self.hessians[source]
+
+
 def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = True,
-              desc: str = "calibrate") -> CalibrationStats:
+              desc: str = "calibrate", hessians: bool = False) -> CalibrationStats:
+    """Run `gm` on each batch (a tuple of inputs) and collect the statistics above;
+    `hessians=True` also sums x^T x of every linear layer's input (for GPTQ)."""
     stats = CalibrationStats()
     linear_nodes, residual_nodes = {}, {}
     for node in gm.graph.nodes:
@@ -159,7 +200,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = Tru
             name = layer_name(sub)
             stats.residuals[name] = ResidualStats(name, node.name)
             residual_nodes[node] = (stream, stats.residuals[name])
-    observer = _Observer(gm, stats, linear_nodes, residual_nodes)
+    observer = _Observer(gm, stats, linear_nodes, residual_nodes, hessians)
     batches = list(batches)
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):

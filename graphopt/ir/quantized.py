@@ -7,7 +7,7 @@ padded), each block gets a float scale and an unsigned zero point, and
 with q in [0, 2**bits). `packed` is uint8 [N, n_blocks, block_size * bits // 8], low nibble
 first for 4 bits; `scales` is float32 [N * n_blocks]; `zero_points` is uint8, two per byte
 (low nibble first, rows padded to whole bytes) for 4 bits, one per byte for 8 bits.
-Per-channel quantization is one block per row: block_size = the next power of two >= K.
+Per-channel quantization is one block per row where K allows it (see per_channel_block_size).
 
 `torch.ops.graphopt.matmul_nbits(x, packed, scales, zero_points, bits, block_size, k,
 accuracy_level)` computes x @ W.T in fp32 (the reference semantics). `accuracy_level` is
@@ -22,8 +22,22 @@ import torch
 CLIP_SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))   # 1.0 .. 0.5, for clip="mse"
 
 
+def fitting_block_size(k: int, largest: int) -> int:
+    """The largest power-of-two block <= `largest` that divides k (no padding), at least 16."""
+    size = largest
+    while size > 16 and k % size:
+        size //= 2
+    return size
+
+
 def per_channel_block_size(k: int) -> int:
-    """The block size that makes one block per row (MatMulNBits wants a power of two >= 16)."""
+    """The block for "one scale per output channel". MatMulNBits wants power-of-two blocks
+    >= 16, so a row whose width is not a power of two gets the widest power-of-two block that
+    divides it (576 -> 64, 1536 -> 512) rather than padding (576 -> 1024 would store 78% more
+    bytes); widths with no such divisor >= 16 are padded to the next power of two."""
+    divisor = k & -k
+    if divisor >= 16:
+        return divisor
     return max(16, 1 << (k - 1).bit_length())
 
 
@@ -144,8 +158,14 @@ def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: st
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
-    codes = _codes(blocks, scale, zero_point, bits).to(torch.uint8)
-    zp = zero_point.squeeze(-1).to(torch.uint8)                                     # [N, nb]
+    return _pack(_codes(blocks, scale, zero_point, bits), scale, zero_point, bits, block_size, k)
+
+
+def _pack(codes, scale, zero_point, bits: int, block_size: int, k: int) -> QuantizedWeight:
+    """codes [N, nb, bs], scale and zero_point [N, nb, 1] (floats) -> the packed layout."""
+    n = codes.shape[0]
+    codes = codes.to(torch.uint8)
+    zp = zero_point.reshape(n, -1).to(torch.uint8)
     if bits == 4:
         packed = _pack_nibbles(codes)
         if zp.shape[1] % 2:
@@ -153,8 +173,52 @@ def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: st
         zp = _pack_nibbles(zp)
     else:
         packed = codes
-    return QuantizedWeight(packed.contiguous(), scale.reshape(-1).contiguous(), zp.reshape(-1).contiguous(),
+    return QuantizedWeight(packed.contiguous(), scale.reshape(-1).float().contiguous(), zp.reshape(-1).contiguous(),
                            bits, block_size, k)
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int | None,
+                  damp: float = 0.01, batch: int = 128) -> QuantizedWeight:
+    """GPTQ (Frantar et al., 2022): quantize columns left to right and push each column's
+    rounding error onto the columns not yet quantized, weighted by the inverse Hessian
+    H = X^T X of the layer's calibration inputs. Groups are row-aligned blocks as in RTN;
+    a group's grid is chosen from its (error-updated) weights when the first column of
+    the group is reached."""
+    n, k = w.shape
+    block_size = block_size or per_channel_block_size(k)
+    w = w.detach().double().clone()
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    n_blocks = -(-k // block_size)
+    scale = torch.ones(n, n_blocks, 1, dtype=w.dtype)
+    zero_point = torch.zeros(n, n_blocks, 1, dtype=w.dtype)
+    codes = torch.zeros(n, n_blocks * block_size, dtype=w.dtype)
+    batch = max(batch, block_size) if block_size <= k else k
+    for start in range(0, k, batch):
+        stop = min(start + batch, k)
+        w1, err1, hinv1 = w[:, start:stop].clone(), torch.zeros(n, stop - start, dtype=w.dtype), h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            col = start + i
+            g = col // block_size
+            if col % block_size == 0:
+                group = w1[:, i:i + block_size] if col + block_size <= stop else \
+                    torch.cat([w1[:, i:], w[:, stop:min(col + block_size, k)]], 1)
+                s, z = _grid(group.amin(1, keepdim=True), group.amax(1, keepdim=True), bits)
+                scale[:, g], zero_point[:, g] = s, z
+            s, z = scale[:, g, 0], zero_point[:, g, 0]
+            q = torch.round(w1[:, i] / s + z).clamp(0, (1 << bits) - 1)
+            codes[:, col] = q
+            err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, stop:] -= err1 @ h_inv[start:stop, stop:]
+    if k % block_size:
+        codes[:, k:] = codes[:, k - 1:k]
+    return _pack(codes.reshape(n, n_blocks, block_size), scale, zero_point, bits, block_size, k)
 
 
 @torch.library.custom_op("graphopt::matmul_nbits", mutates_args=())
@@ -190,3 +254,11 @@ def _embedding_nbits_fake(indices, packed, scales, zero_points, bits, block_size
 
 
 EMBEDDING_NBITS = torch.ops.graphopt.embedding_nbits.default
+
+
+def quantized_bytes(n: int, k: int, bits: int, block_size: int | None) -> int:
+    """Bytes of the packed layout for a [n, k] weight (codes + fp32 scales + zero points)."""
+    block_size = block_size or per_channel_block_size(k)
+    n_blocks = -(-k // block_size)
+    zero_point_bytes = n * n_blocks if bits == 8 else n * (-(-n_blocks // 2))
+    return n * n_blocks * block_size * bits // 8 + n * n_blocks * 4 + zero_point_bytes

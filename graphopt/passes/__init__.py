@@ -5,11 +5,13 @@ from .dead_code import DeadCodeElimination
 from .horizontal_fusion import HorizontalFusion
 from .instruments import DumpInstrument, Instrument, PrintOnChangeInstrument, VerifyInstrument
 from .manager import PassManager, PassRecord, PipelineResult
+from .mixed_precision import MixedPrecisionQuantization
 from .presets import PRESETS, preset
+from .weight_quantization import WeightQuantization
 
 __all__ = [
     "EXACT", "NoOptions", "Pass", "PassContext", "PassResult", "Tolerance", "ConstantFolding",
     "DeadCodeElimination", "HorizontalFusion", "DumpInstrument", "Instrument",
     "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
-    "PRESETS", "preset",
+    "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization",
 ]

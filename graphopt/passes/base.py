@@ -49,9 +49,11 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may read besides the graph: example inputs and an analysis cache."""
+    """What passes may read besides the graph: example inputs, calibration batches (each a
+    tuple of inputs like example_inputs) and an analysis cache."""
 
     example_inputs: tuple[torch.Tensor, ...] | None = None
+    calibration: list[tuple] | None = None
     analyses: dict[type, Any] = field(default_factory=dict)
 
     def analysis(self, kind: type, gm: fx.GraphModule):

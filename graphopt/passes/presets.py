@@ -1,10 +1,18 @@
-"""Pipelines as declarative lists of passes. `preset(name)` returns fresh pass instances."""
+"""Pipelines as declarative lists of pass factories. `preset(name)` returns fresh pass instances."""
 from __future__ import annotations
+
+from functools import partial
 
 from ..errors import GraphoptError
 from .constant_folding import ConstantFolding
 from .dead_code import DeadCodeElimination
 from .horizontal_fusion import HorizontalFusion
+from .weight_quantization import WeightQuantization
+
+_INT8 = partial(WeightQuantization, bits=8, group_size=None)
+# int4 g64, range clipping weighted by calibration inputs when compile() gets calibration
+# batches, super weights restored; embeddings and the (tied) LM head int8 per channel.
+_INT4 = partial(WeightQuantization, bits=4, group_size=64, clip="mse", restore_super_weights=True)
 
 # Horizontal fusion is not in "default": measured on SmolLM2 with ONNX Runtime (2 threads),
 # the wider MatMul runs at the same GFLOP/s as the separate ones and the Split after it
@@ -13,10 +21,12 @@ PRESETS = {
     "none": [],
     "default": [ConstantFolding, DeadCodeElimination],
     "fuse": [ConstantFolding, HorizontalFusion, DeadCodeElimination],
+    "int8": [ConstantFolding, _INT8, DeadCodeElimination],
+    "int4": [ConstantFolding, _INT4, DeadCodeElimination],
 }
 
 
 def preset(name: str):
     if name not in PRESETS:
         raise GraphoptError(f"unknown preset '{name}'; available: {', '.join(PRESETS)}")
-    return [cls() for cls in PRESETS[name]]
+    return [factory() for factory in PRESETS[name]]

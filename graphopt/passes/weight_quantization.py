@@ -1,0 +1,226 @@
+"""Weight-only quantization: linear/matmul weights and embedding tables to int4/int8 blocks.
+
+Rewrites (weights found by graph pattern: any linear, matmul or mm whose weight is a
+constant 2-D float matrix, any embedding with a constant table):
+    linear(x, W, b)       ->  add(matmul_nbits(x, Wq), b)
+    matmul(x, W), mm(x, W) -> matmul_nbits(x, quantize(W.T))
+    addmm(b, x, W)        ->  add(matmul_nbits(x, quantize(W.T)), b)     (GPT-2's Conv1D)
+    embedding(W, ids)     ->  embedding_nbits(ids, Wq)      (shares Wq with a tied LM head)
+    with super weights restored:
+    linear(x, W)          ->  matmul_nbits(x, Wq) + index_select(x, -1, cols) @ E
+where E [S, N] holds, for each of the S restored weights, W[row, col] - Wq[row, col] at row.
+
+Round-to-nearest in row-aligned blocks (graphopt.ir.quantized), optional outlier clipping
+("mse" range search per block, weighted by the calibration inputs' E[x^2] when calibration
+batches are given; "zscore" clamping), or GPTQ (error compensation from calibration
+inputs); optional restore of super weights
+(graphopt.analysis.super_weights, found from the example inputs). Per-layer bits and
+group sizes (mixed precision) come from `layer_overrides`: {fnmatch pattern: (bits, group)}.
+Lossy: the verify instrument holds the outputs to `max_output_change` x max|logit|.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_input, linear_weight
+from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
+from ..errors import PreconditionError
+from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
+from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS, QuantizedWeight, gptq_quantize, quantize_weight
+from .base import Pass, PassResult, Tolerance
+
+aten = torch.ops.aten
+
+
+@dataclass
+class WeightQuantizationOptions:
+    bits: int = 4
+    group_size: int | None = 64        # None: one scale per output channel
+    method: str = "rtn"                 # "rtn" | "gptq" (needs calibration batches)
+    clip: str = "none"                  # "none" | "mse" | "zscore" (see quantize_weight); rtn only
+    zscore: float = 4.0
+    restore_super_weights: bool = False
+    spike_ratio: float = DEFAULT_SPIKE_RATIO
+    embeddings: bool = True             # quantize embedding tables too
+    head_bits: int | None = 8           # embeddings, tied heads and output heads: per-channel at these
+                                        # bits (None: same scheme as the other layers)
+    layer_overrides: dict = field(default_factory=dict)   # {pattern: (bits, group_size) or None=fp32}
+    exclude: tuple = ()                 # fnmatch patterns of layers kept in fp32
+    accuracy_level: int = 4             # ONNX Runtime MatMulNBits: 4 = int8 compute (fast on VNNI)
+    max_output_change: float | None = None   # verify budget (x max|output|); default by bits
+
+
+class WeightQuantization(Pass):
+    name = "weight_quantization"
+    Options = WeightQuantizationOptions
+
+    def __init__(self, options=None, **overrides):
+        super().__init__(options, **overrides)
+        o = self.options
+        budget = o.max_output_change if o.max_output_change is not None else (0.1 if o.bits == 8 else 0.6)
+        self.tolerance = Tolerance(rtol=budget)
+        self.needs_example_inputs = o.restore_super_weights
+
+    def requires(self, gm, ctx):
+        if self.options.method not in ("rtn", "gptq"):
+            raise PreconditionError(f"{self.name}: method must be 'rtn' or 'gptq', got {self.options.method!r}")
+        if self.options.method == "gptq" and not ctx.calibration:
+            raise PreconditionError(f"{self.name}: method='gptq' needs calibration batches "
+                                    "(graphopt.compile(..., calibration=[...]))")
+        bits = {self.options.bits} | {v[0] for v in self.options.layer_overrides.values() if v}
+        if not bits <= {4, 8}:
+            raise PreconditionError(f"{self.name}: bits must be 4 or 8, got {sorted(bits)}")
+
+    def scheme(self, layer: str) -> tuple[int, int | None] | None:
+        """(bits, group_size) for a layer, or None to keep it in fp32."""
+        if any(fnmatch.fnmatchcase(layer, p) for p in self.options.exclude):
+            return None
+        for pattern, value in self.options.layer_overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                return tuple(value) if value else None
+        return self.options.bits, self.options.group_size
+
+    def run(self, gm, ctx):
+        o = self.options
+        restore = {}
+        notes = []
+        if o.restore_super_weights:
+            report = find_super_weights(gm, ctx.example_inputs, o.spike_ratio)
+            for sw in report.super_weights:
+                restore.setdefault(sw.node, []).append(sw)
+            notes += [f"super weight kept in fp32: {sw}" for sw in report.super_weights] or \
+                     ["no super weights found at spike ratio %g" % o.spike_ratio]
+        stats = None
+        if ctx.calibration and (o.method == "gptq" or o.clip == "mse"):
+            stats = {s.node: s for s in calibrate(gm, ctx.calibration, hessians=o.method == "gptq",
+                                                   desc="calibrate (weights)").linears.values()}
+        cache: dict[tuple, tuple[QuantizedWeight, tuple[str, str, str]]] = {}
+        changes, skipped = [], []
+        counts = {"linear": 0, "embedding": 0}
+        bytes_before = bytes_after = 0
+        heads = _heads(gm)
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            is_embedding = node.target is aten.embedding.default and o.embeddings
+            lw = None if is_embedding else linear_weight(gm, node)
+            if lw is None and not is_embedding:
+                continue
+            layer = layer_name(node)
+            scheme = self.scheme(layer)
+            if scheme is not None and node in heads and o.head_bits is not None:
+                scheme = (o.head_bits, None)
+            if scheme is None:
+                skipped.append(layer)
+                continue
+            bits, group = scheme
+            if is_embedding:
+                table = constant_value(gm, node.args[0])
+                if table is None or table.dim() != 2 or not table.is_floating_point():
+                    continue
+                weight, transposed = table, False
+            else:
+                weight, transposed = lw
+            sws = restore.get(node.name, []) if not is_embedding else []
+            key = (weight.data_ptr(), transposed, bits, group, tuple((s.row, s.col) for s in sws))
+            if key not in cache:
+                w = weight.detach().float()
+                if sws:
+                    w = w.clone()
+                    for s in sws:
+                        w[s.row, s.col] = 0.0
+                observed = stats.get(node.name) if stats and not is_embedding else None
+                if o.method == "gptq" and observed is not None and node not in heads:
+                    q = gptq_quantize(w, observed.hessian, bits, group)
+                else:
+                    q = quantize_weight(w, bits, group, o.clip, o.zscore,
+                                        channel_weights=observed.input_mean_sq if observed is not None else None)
+                names = tuple(add_constant(gm, f"{layer}_{part}_q{bits}", getattr(q, part))
+                              for part in ("packed", "scales", "zero_points"))
+                cache[key] = (q, names)
+                bytes_before += weight.numel() * weight.element_size()
+                bytes_after += q.nbytes
+            q, names = cache[key]
+            if is_embedding:
+                self._replace_embedding(gm, node, q, names)
+                counts["embedding"] += 1
+            else:
+                self._replace_linear(gm, node, q, names, weight, sws)
+                counts["linear"] += 1
+            changes.append(f"{layer}: {'embedding' if is_embedding else 'linear'} "
+                           f"[{q.n}x{q.k}] -> int{bits} {'per-channel' if group is None else f'g{group}'}"
+                           + (f", {len(sws)} super weight(s) restored" if sws else ""))
+        if changes:
+            gm.graph.eliminate_dead_code()
+            remove_unused_attributes(gm)
+            changes.insert(0, f"{counts['linear']} linear and {counts['embedding']} embedding weights quantized; "
+                              f"{bytes_before / 1e6:.1f} MB fp32 -> {bytes_after / 1e6:.1f} MB")
+        if skipped:
+            notes.append(f"kept in fp32 by exclude/overrides: {', '.join(skipped[:10])}"
+                         + (" ..." if len(skipped) > 10 else ""))
+        return PassResult(gm, bool(changes), changes, notes)
+
+    def _getattrs(self, gm, names):
+        return [gm.graph.get_attr(n) for n in names]
+
+    def _replace_linear(self, gm, node, q: QuantizedWeight, names, weight, super_weights):
+        graph = gm.graph
+        x, bias = linear_input(node), linear_bias(node)
+        with graph.inserting_before(node):
+            packed, scales, zps = self._getattrs(gm, names)
+            out = graph.call_function(MATMUL_NBITS, (x, packed, scales, zps, q.bits, q.block_size, q.k,
+                                                     self.options.accuracy_level))
+            new_nodes = [out]
+            if super_weights:
+                dequantized = q.dequantize()
+                cols = torch.tensor([s.col for s in super_weights], dtype=torch.long)
+                correction = torch.zeros(len(super_weights), q.n, dtype=weight.dtype)
+                for i, s in enumerate(super_weights):
+                    correction[i, s.row] = float(weight[s.row, s.col].detach()) - float(dequantized[s.row, s.col])
+                base = layer_name(node)
+                cols_node = graph.get_attr(add_constant(gm, f"{base}_super_cols", cols))
+                corr_node = graph.get_attr(add_constant(gm, f"{base}_super_delta", correction))
+                picked = graph.call_function(aten.index_select.default, (x, -1, cols_node))
+                delta = graph.call_function(aten.matmul.default, (picked, corr_node))
+                out = graph.call_function(aten.add.Tensor, (out, delta))
+                new_nodes += [picked, delta, out]
+            if bias is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias))
+                new_nodes.append(out)
+        self._finish(gm, node, new_nodes, out)
+
+    def _replace_embedding(self, gm, node, q: QuantizedWeight, names):
+        graph = gm.graph
+        with graph.inserting_before(node):
+            packed, scales, zps = self._getattrs(gm, names)
+            out = graph.call_function(EMBEDDING_NBITS, (node.args[1], packed, scales, zps, q.bits, q.block_size, q.k))
+        self._finish(gm, node, [out], out)
+
+    @staticmethod
+    def _finish(gm: fx.GraphModule, old: fx.Node, new_nodes: list[fx.Node], out: fx.Node) -> None:
+        for n in new_nodes:
+            n.meta.update({k: old.meta[k] for k in ("nn_module_stack", "stack_trace") if k in old.meta})
+            infer_meta(gm, n)
+        old.replace_all_uses_with(out)
+        gm.graph.erase_node(old)
+
+
+def _heads(gm: fx.GraphModule) -> set[fx.Node]:
+    """Embeddings, linears that share an embedding's table (tied LM heads), and linears whose
+    result is a graph output: the layers quantization hurts most (one wrong logit row per token)."""
+    tables = {constant_value(gm, n.args[0]).data_ptr() for n in gm.graph.find_nodes(
+        op="call_function", target=aten.embedding.default) if constant_value(gm, n.args[0]) is not None}
+    outputs = {a for n in gm.graph.find_nodes(op="output") for a in n.all_input_nodes}
+    heads = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding.default:
+            heads.add(node)
+            continue
+        lw = linear_weight(gm, node)
+        if lw is not None and (lw[0].data_ptr() in tables or node in outputs):
+            heads.add(node)
+    return heads
