@@ -33,6 +33,23 @@ def _example_inputs(bundle, seq_len: int):
         return bundle.example_inputs(seq_len=seq_len)
 
 
+def _calibration_batches(bundle, args):
+    """Windows of calibration.txt (or --calibration-text) for passes that learn from data."""
+    if bundle.tokenizer is None or args.calibration_tokens <= 0:
+        return None
+    from .analysis.quality import token_windows
+    from .corpus import read_text
+    if args.calibration_text:
+        with open(args.calibration_text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        try:
+            text = read_text("calibration.txt")
+        except GraphoptError:
+            return None
+    return [(w,) for w in token_windows(bundle.tokenizer, text, args.seq_len, args.calibration_tokens)]
+
+
 def cmd_compile(args) -> None:
     import torch
 
@@ -48,7 +65,8 @@ def cmd_compile(args) -> None:
     instruments = [PrintOnChangeInstrument()]
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
-    cm = graphopt.compile(model, inputs, passes=args.passes, backend=args.backend,
+    calibration = _calibration_batches(bundle, args) if args.passes not in ("none", "default", "fuse") else None
+    cm = graphopt.compile(model, inputs, passes=args.passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
                           backend_options={"threads": args.threads} if args.backend == "onnxruntime" else None)
@@ -158,6 +176,40 @@ def cmd_eval(args) -> None:
               f"top-1 agreement {100 * div.top1_agreement:.2f}%")
 
 
+def cmd_superweights(args) -> None:
+    import graphopt
+    from .analysis.quality import perplexity, token_windows
+    from .analysis.super_weights import ablate, find_super_weights
+    from .corpus import read_text
+    from .ir.capture import capture
+
+    bundle = graphopt.models.load(args.model)
+    inputs = _example_inputs(bundle, args.seq_len)
+    gm = capture(bundle.model, inputs).graph_module
+    report = find_super_weights(gm, inputs, args.spike_ratio)
+    print(f"{args.model}: {len(report.super_weights)} super-weight candidate(s) from one {args.seq_len}-token "
+          f"forward pass (output spike >= {args.spike_ratio:g}x the layer's median channel peak); "
+          f"super-activation channels {report.super_activation_channels}")
+    for sw in report.super_weights:
+        print(f"  {sw}")
+    if not args.ablate or not report.super_weights:
+        return
+    if bundle.tokenizer is None:
+        raise GraphoptError(f"model '{args.model}' has no tokenizer; --ablate measures perplexity")
+    if args.text:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = read_text("evaluation.txt")
+    windows = token_windows(bundle.tokenizer, text, args.seq_len, args.max_tokens)
+    base = perplexity(gm, windows).perplexity
+    print(f"ablation: perplexity on {len(windows)} x {args.seq_len} tokens, all kept: {base:.3f}")
+    for sw in report.super_weights:
+        with ablate(gm, sw):
+            ppl = perplexity(gm, windows).perplexity
+        print(f"  zero {sw.layer}[{sw.row}, {sw.col}]: {ppl:.3f} ({ppl / base:.2f}x)")
+
+
 def cmd_models(args) -> None:
     from .models import available
     print("\n".join(available()))
@@ -169,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model, print what it gained, save an artifact")
     c.add_argument("--model", default="smollm2", help="a name from `graphopt models`")
     c.add_argument("--backend", default="onnxruntime")
-    c.add_argument("--passes", default="default", help="preset name: none, default, fuse")
+    c.add_argument("--passes", default="default", help="preset name: none, default, fuse, int8, int4")
+    c.add_argument("--calibration-text", help="text for calibration (default: ../shared/corpus/calibration.txt)")
+    c.add_argument("--calibration-tokens", type=int, default=2048, help="0 disables calibration")
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--dynamic-seq", action="store_true", help="make the sequence length dynamic")
     c.add_argument("--threads", type=int, default=None)
@@ -196,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=128)
     e.add_argument("--max-tokens", type=int, default=4096)
     e.set_defaults(func=cmd_eval)
+    w = sub.add_parser("superweights", help="find super weights from one forward pass; --ablate proves them")
+    w.add_argument("--model", default="smollm2")
+    w.add_argument("--seq-len", type=int, default=128)
+    w.add_argument("--spike-ratio", type=float, default=50.0)
+    w.add_argument("--ablate", action="store_true", help="perplexity with each one zeroed vs kept")
+    w.add_argument("--text", default=None, help="text file for --ablate (default: evaluation.txt)")
+    w.add_argument("--max-tokens", type=int, default=1024)
+    w.set_defaults(func=cmd_superweights)
+
     m = sub.add_parser("models", help="list model names")
     m.set_defaults(func=cmd_models)
     return ap

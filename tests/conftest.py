@@ -21,6 +21,35 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-4) -> float:
     return err
 
 
+def run_artifact_without_torch(path: str, inputs) -> "np.ndarray":
+    """Load and run the artifact in a subprocess where `import torch` fails; its first output."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    import numpy as np
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i, x in enumerate(inputs):
+            files.append(os.path.join(tmp, f"x{i}.npy"))
+            np.save(files[-1], torch.as_tensor(x).numpy())
+        script = textwrap.dedent(f"""
+            import sys, numpy as np
+            sys.modules["torch"] = None            # any `import torch` now raises ImportError
+            import graphopt
+            rt = graphopt.load({path!r})
+            out = rt(*[np.load(f) for f in {files!r}])
+            out = out[0] if isinstance(out, tuple) else out
+            assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+            np.save(sys.argv[1], out)
+        """)
+        out_file = os.path.join(tmp, "out.npy")
+        subprocess.run([sys.executable, "-c", script, out_file], check=True, capture_output=True, timeout=180)
+        return np.load(out_file)
+
+
 def eager_outputs(model, inputs):
     """The model's tensor outputs, flattened in the order capture uses."""
     from graphopt.ir.capture import flat_tensors

@@ -1,9 +1,6 @@
 """save()/load(): round trip, a torch-free runtime, and clear errors on damaged artifacts."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ import torch
 import graphopt
 from graphopt.errors import ArtifactError, BackendError, InputSpecError
 
-from .conftest import small_inputs
+from .conftest import run_artifact_without_torch, small_inputs
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +37,7 @@ def test_round_trip_gives_the_same_outputs(saved):
 
 def test_load_runs_where_torch_cannot_be_imported(saved):
     cm, inputs, path = saved
-    expected = cm(*inputs).numpy()
-    np.save(os.path.join(os.path.dirname(path), "x.npy"), inputs[0].numpy())
-    script = textwrap.dedent(f"""
-        import sys, numpy as np
-        sys.modules["torch"] = None            # any `import torch` now raises ImportError
-        import graphopt
-        rt = graphopt.load({path!r})
-        out = rt(np.load({os.path.join(os.path.dirname(path), 'x.npy')!r}))
-        assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
-        np.save(sys.argv[1], out)
-    """)
-    out_file = os.path.join(os.path.dirname(path), "out.npy")
-    subprocess.run([sys.executable, "-c", script, out_file], check=True, capture_output=True, timeout=120)
-    np.testing.assert_array_equal(np.load(out_file), expected)
+    np.testing.assert_array_equal(run_artifact_without_torch(path, inputs), cm(*inputs).numpy())
 
 
 def _copy(path, tmp_path):

@@ -69,7 +69,7 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     """(residual input, sublayer output linear) if `add` is a residual add, else None.
 
     The sublayer output is the operand produced by a linear layer (possibly through views);
-    the other operand is the stream."""
+    the other operand is the stream, which must not itself be computed from that linear."""
     if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
         return None
     a, b = add.args
@@ -80,9 +80,25 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
         return None
     for stream, sub in ((a, b), (b, a)):
         writer = _through_views(sub)
-        if linear_weight(gm, writer) is not None and linear_weight(gm, _through_views(stream)) is None:
+        if linear_weight(gm, writer) is not None and linear_weight(gm, _through_views(stream)) is None \
+                and not _depends_on(stream, writer):
             return stream, writer
     return None
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node, limit: int = 64) -> bool:
+    """Whether `ancestor` is among the nearest `limit` producers of `node` (e.g. GELU's
+    x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < limit:
+        current = frontier.pop()
+        if current is ancestor:
+            return True
+        if current in seen:
+            continue
+        seen.add(current)
+        frontier.extend(current.all_input_nodes)
+    return False
 
 
 @dataclass
@@ -102,6 +118,7 @@ class LinearStats:
     peak_input_channel: int = -1               # argmax |x| at the peak token
     peak_input_value: float = 0.0
     hessian: torch.Tensor | None = None        # [K, K] sum of x^T x (shared by layers that read one input)
+    abs_samples: list = field(default_factory=list)   # per batch [2, S]: random |x| samples and their channels
 
     @property
     def input_mean_sq(self) -> torch.Tensor:
@@ -147,8 +164,11 @@ class CalibrationStats:
 
 
 class _Observer(fx.Interpreter):
-    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict, hessians: bool):
+    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict, hessians: bool,
+                 samples: int = 0):
         super().__init__(gm)
+        self.samples = samples
+        self.generator = torch.Generator().manual_seed(0)
         self.stats, self.linear_nodes, self.residual_nodes = stats, linear_nodes, residual_nodes
         self.hessians: dict[fx.Node, torch.Tensor] | None = {} if hessians else None
         self.batch = 0
@@ -160,6 +180,10 @@ class _Observer(fx.Interpreter):
             x = self.env[linear_input(n)]
             record = self.linear_nodes[n]
             record.update(x, out, self.batch)
+            if self.samples:
+                flat = x.detach().reshape(-1).abs().float()
+                pick = torch.randint(0, flat.numel(), (min(self.samples, flat.numel()),), generator=self.generator)
+                record.abs_samples.append(torch.stack([flat[pick], (pick % x.shape[-1]).float()]))
             if self.hessians is not None:
                 self._accumulate_hessian(linear_input(n), x, record)
         elif n in self.residual_nodes:
@@ -182,9 +206,10 @@ class _Observer(fx.Interpreter):
 
 
 def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = True,
-              desc: str = "calibrate", hessians: bool = False) -> CalibrationStats:
+              desc: str = "calibrate", hessians: bool = False, samples: int = 0) -> CalibrationStats:
     """Run `gm` on each batch (a tuple of inputs) and collect the statistics above;
-    `hessians=True` also sums x^T x of every linear layer's input (for GPTQ)."""
+    `hessians=True` also sums x^T x of every linear layer's input (for GPTQ); `samples` keeps
+    that many random |x| values per batch and layer (for percentile observers)."""
     stats = CalibrationStats()
     linear_nodes, residual_nodes = {}, {}
     for node in gm.graph.nodes:
@@ -200,7 +225,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = Tru
             name = layer_name(sub)
             stats.residuals[name] = ResidualStats(name, node.name)
             residual_nodes[node] = (stream, stats.residuals[name])
-    observer = _Observer(gm, stats, linear_nodes, residual_nodes, hessians)
+    observer = _Observer(gm, stats, linear_nodes, residual_nodes, hessians, samples)
     batches = list(batches)
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):

@@ -1,4 +1,5 @@
 """Passes (one per file), the pass contract, the manager, instruments and presets."""
+from .activation_quantization import ActivationQuantization
 from .base import EXACT, NoOptions, Pass, PassContext, PassResult, Tolerance
 from .constant_folding import ConstantFolding
 from .dead_code import DeadCodeElimination
@@ -13,5 +14,5 @@ __all__ = [
     "EXACT", "NoOptions", "Pass", "PassContext", "PassResult", "Tolerance", "ConstantFolding",
     "DeadCodeElimination", "HorizontalFusion", "DumpInstrument", "Instrument",
     "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
-    "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization",
+    "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization", "ActivationQuantization",
 ]

@@ -16,6 +16,9 @@ batches are given; "zscore" clamping), or GPTQ (error compensation from calibrat
 inputs); optional restore of super weights
 (graphopt.analysis.super_weights, found from the example inputs). Per-layer bits and
 group sizes (mixed precision) come from `layer_overrides`: {fnmatch pattern: (bits, group)}.
+ONNX Runtime runs MatMulNBits with int8 activations (accuracy_level 4) except in layers
+whose calibration inputs carry super activations (channel peak >= activation_outlier_ratio x
+the median channel's), which compute in fp32, so the outliers stay out of the int8 scales.
 Lossy: the verify instrument holds the outputs to `max_output_change` x max|logit|.
 """
 from __future__ import annotations
@@ -50,7 +53,10 @@ class WeightQuantizationOptions:
                                         # bits (None: same scheme as the other layers)
     layer_overrides: dict = field(default_factory=dict)   # {pattern: (bits, group_size) or None=fp32}
     exclude: tuple = ()                 # fnmatch patterns of layers kept in fp32
-    accuracy_level: int = 4             # ONNX Runtime MatMulNBits: 4 = int8 compute (fast on VNNI)
+    accuracy_level: int = 4             # ONNX Runtime MatMulNBits: 4 = int8 activations in the kernel
+                                        # (fast on VNNI), 0 = fp32 compute
+    activation_outlier_ratio: float = 100.0  # layers whose input has a channel peak >= this x the
+                                        # median channel peak (super activations) compute in fp32
     max_output_change: float | None = None   # verify budget (x max|output|); default by bits
 
 
@@ -98,6 +104,12 @@ class WeightQuantization(Pass):
         if ctx.calibration and (o.method == "gptq" or o.clip == "mse"):
             stats = {s.node: s for s in calibrate(gm, ctx.calibration, hessians=o.method == "gptq",
                                                    desc="calibrate (weights)").linears.values()}
+        elif o.accuracy_level != 0 and (ctx.calibration or ctx.example_inputs):
+            stats = {s.node: s for s in calibrate(gm, ctx.calibration or [tuple(ctx.example_inputs)],
+                                                   progress=False).linears.values()}
+        fp32_compute = {name for name, s in (stats or {}).items() if o.accuracy_level != 0 and
+                        float(s.input_absmax.max()) >= o.activation_outlier_ratio *
+                        max(float(s.input_absmax.median()), 1e-12)}
         cache: dict[tuple, tuple[QuantizedWeight, tuple[str, str, str]]] = {}
         changes, skipped = [], []
         counts = {"linear": 0, "embedding": 0}
@@ -149,11 +161,13 @@ class WeightQuantization(Pass):
                 self._replace_embedding(gm, node, q, names)
                 counts["embedding"] += 1
             else:
-                self._replace_linear(gm, node, q, names, weight, sws)
+                self._replace_linear(gm, node, q, names, weight, sws,
+                                     0 if node.name in fp32_compute else o.accuracy_level)
                 counts["linear"] += 1
             changes.append(f"{layer}: {'embedding' if is_embedding else 'linear'} "
                            f"[{q.n}x{q.k}] -> int{bits} {'per-channel' if group is None else f'g{group}'}"
-                           + (f", {len(sws)} super weight(s) restored" if sws else ""))
+                           + (f", {len(sws)} super weight(s) restored" if sws else "")
+                           + (", fp32 compute (activation outliers)" if node.name in fp32_compute else ""))
         if changes:
             gm.graph.eliminate_dead_code()
             remove_unused_attributes(gm)
@@ -167,13 +181,13 @@ class WeightQuantization(Pass):
     def _getattrs(self, gm, names):
         return [gm.graph.get_attr(n) for n in names]
 
-    def _replace_linear(self, gm, node, q: QuantizedWeight, names, weight, super_weights):
+    def _replace_linear(self, gm, node, q: QuantizedWeight, names, weight, super_weights, accuracy_level):
         graph = gm.graph
         x, bias = linear_input(node), linear_bias(node)
         with graph.inserting_before(node):
             packed, scales, zps = self._getattrs(gm, names)
             out = graph.call_function(MATMUL_NBITS, (x, packed, scales, zps, q.bits, q.block_size, q.k,
-                                                     self.options.accuracy_level))
+                                                     accuracy_level))
             new_nodes = [out]
             if super_weights:
                 dequantized = q.dequantize()

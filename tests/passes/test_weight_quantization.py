@@ -128,3 +128,28 @@ def test_mixed_precision_stays_within_the_byte_budget():
         assert "budget" in record.notes[0]
         spent, budget = [float(t.split()[0]) for t in record.notes[0].split("; ")[1].split(" of a ")]
         assert spent <= budget
+
+
+def test_w8a8_inserts_qdq_keeps_outlier_channels_and_lowers_to_integer_matmul():
+    from graphopt.passes import ActivationQuantization
+    bundle = graphopt.models.load("llama")
+    inputs = small_inputs(bundle)
+    calibration = [bundle.example_inputs(seq_len=16, seed=s) for s in range(3)]
+    with pytest.raises(PreconditionError, match="calibration"):
+        _quantize("llama", [ActivationQuantization()])
+    gm, record, before, _ = _quantize("llama", [ActivationQuantization(outlier_ratio=2.0, max_outlier_channels=1000)], calibration)
+    qdq = torch.ops.quantized_decomposed
+    assert _count(gm, qdq.quantize_per_tensor.default) == before["linear"] - 1     # all but the LM head
+    assert _count(gm, qdq.dequantize_per_channel.default) == before["linear"] - 1
+    assert any("outlier channel" in c for c in record.changes)                      # ratio 2 finds some
+    passes = [ActivationQuantization(), WeightQuantization(bits=8, group_size=None)]
+    cm = graphopt.compile(bundle.model, inputs, passes=passes, calibration=calibration, progress=False)
+    import onnx
+    import os
+    ops = {n.op_type for n in onnx.load(os.path.join(cm.executable.workdir, "model.onnx"),
+                                        load_external_data=False).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMulNBits"} <= ops
+    out = cm(*inputs)
+    with torch.no_grad():
+        ref = bundle.model(*inputs).logits
+    assert float((out - ref).abs().max() / ref.abs().max()) < 0.1
