@@ -15,6 +15,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --out dist/smollm2
+	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --passes int4 --out dist/smollm2-int4
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
@@ -26,6 +27,7 @@ test-all: test test-slow
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/prefill.py
+	$(PYTHON) benchmarks/quantization.py
 
 clean:
 	rm -rf dist $(STAMP) .pytest_cache

@@ -43,6 +43,8 @@ def schemes() -> dict[str, list]:
             lambda: wq(bits=4, group_size=64, clip="mse", restore_super_weights=True)),
         "int4 g64 GPTQ+super-weight restore": pipeline(
             lambda: wq(bits=4, group_size=64, method="gptq", restore_super_weights=True)),
+        "int4 g64 GPTQ+clip+super-weight restore": pipeline(
+            lambda: wq(bits=4, group_size=64, method="gptq", clip="mse", restore_super_weights=True)),
         "W8A8 static (percentile, outlier channels fp32)": lambda: [
             ConstantFolding(), ActivationQuantization(), wq(bits=8, group_size=None), DeadCodeElimination()],
         "mixed 4/8 (LIM) at int4 g64 bytes": pipeline(

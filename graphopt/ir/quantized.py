@@ -116,6 +116,25 @@ def _grid(lo: torch.Tensor, hi: torch.Tensor, bits: int):
     return scale, zero_point
 
 
+def search_grid(blocks: torch.Tensor, bits: int, importance: torch.Tensor):
+    """Per block, the grid (scale, zero point) among min..max shrunk by each of CLIP_SHRINKS
+    that minimises sum(importance * (dequantized - w)^2); blocks [..., bs], importance
+    broadcastable to blocks."""
+    lo, hi = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
+    scale, zero_point = _grid(lo, hi, bits)
+    best_err = None
+    for shrink in CLIP_SHRINKS:
+        s, z = _grid(lo * shrink, hi * shrink, bits)
+        err = (((_codes(blocks, s, z, bits) - z) * s - blocks) ** 2 * importance).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
+    return scale, zero_point
+
+
 def _codes(blocks, scale, zero_point, bits):
     return torch.round(blocks / scale + zero_point).clamp(0, (1 << bits) - 1)
 
@@ -143,21 +162,12 @@ def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: st
     elif clip not in ("none", "mse"):
         raise ValueError(f"clip must be 'none', 'mse' or 'zscore', got {clip!r}")
     blocks = _blocks(w, block_size)
-    lo, hi = blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True)
-    scale, zero_point = _grid(lo, hi, bits)
     if clip == "mse":
         importance = torch.ones(k) if channel_weights is None else channel_weights.detach().float().clamp(min=0)
         importance = torch.cat([importance, importance.new_zeros((-k) % block_size)]).reshape(1, -1, block_size)
-        best_err = None
-        for shrink in CLIP_SHRINKS:
-            s, z = _grid(lo * shrink, hi * shrink, bits)
-            err = (((_codes(blocks, s, z, bits) - z) * s - blocks) ** 2 * importance).sum(-1, keepdim=True)
-            if best_err is None:
-                best_err = err
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale, zero_point = torch.where(better, s, scale), torch.where(better, z, zero_point)
+        scale, zero_point = search_grid(blocks, bits, importance)
+    else:
+        scale, zero_point = _grid(blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True), bits)
     return _pack(_codes(blocks, scale, zero_point, bits), scale, zero_point, bits, block_size, k)
 
 
@@ -178,12 +188,13 @@ def _pack(codes, scale, zero_point, bits: int, block_size: int, k: int) -> Quant
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int | None,
-                  damp: float = 0.01, batch: int = 128) -> QuantizedWeight:
+                  damp: float = 0.01, batch: int = 128, clip: str = "none") -> QuantizedWeight:
     """GPTQ (Frantar et al., 2022): quantize columns left to right and push each column's
     rounding error onto the columns not yet quantized, weighted by the inverse Hessian
     H = X^T X of the layer's calibration inputs. Groups are row-aligned blocks as in RTN;
     a group's grid is chosen from its (error-updated) weights when the first column of
-    the group is reached."""
+    the group is reached (clip="mse": the range shrink that minimises the group's error
+    weighted by diag(H), as in quantize_weight)."""
     n, k = w.shape
     block_size = block_size or per_channel_block_size(k)
     w = w.detach().double().clone()
@@ -207,7 +218,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block_size:
             if col % block_size == 0:
                 group = w1[:, i:i + block_size] if col + block_size <= stop else \
                     torch.cat([w1[:, i:], w[:, stop:min(col + block_size, k)]], 1)
-                s, z = _grid(group.amin(1, keepdim=True), group.amax(1, keepdim=True), bits)
+                if clip == "mse":
+                    weights = torch.diag(h)[col:col + group.shape[1]].reshape(1, -1)
+                    s, z = search_grid(group, bits, weights)
+                else:
+                    s, z = _grid(group.amin(1, keepdim=True), group.amax(1, keepdim=True), bits)
                 scale[:, g], zero_point[:, g] = s, z
             s, z = scale[:, g, 0], zero_point[:, g, 0]
             q = torch.round(w1[:, i] / s + z).clamp(0, (1 << bits) - 1)

@@ -44,7 +44,7 @@ class WeightQuantizationOptions:
     bits: int = 4
     group_size: int | None = 64        # None: one scale per output channel
     method: str = "rtn"                 # "rtn" | "gptq" (needs calibration batches)
-    clip: str = "none"                  # "none" | "mse" | "zscore" (see quantize_weight); rtn only
+    clip: str = "none"                  # "none" | "mse" | "zscore" (see quantize_weight); gptq: none | mse
     zscore: float = 4.0
     restore_super_weights: bool = False
     spike_ratio: float = DEFAULT_SPIKE_RATIO
@@ -147,7 +147,7 @@ class WeightQuantization(Pass):
                         w[s.row, s.col] = 0.0
                 observed = stats.get(node.name) if stats and not is_embedding else None
                 if o.method == "gptq" and observed is not None and node not in heads:
-                    q = gptq_quantize(w, observed.hessian, bits, group)
+                    q = gptq_quantize(w, observed.hessian, bits, group, clip=o.clip)
                 else:
                     q = quantize_weight(w, bits, group, o.clip, o.zscore,
                                         channel_weights=observed.input_mean_sq if observed is not None else None)

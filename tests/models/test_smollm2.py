@@ -56,3 +56,36 @@ def test_perplexity_on_evaluation_text_and_cli_eval(smollm2, tmp_path, capsys):
     assert main(["eval", "--artifact", path, "--max-tokens", "512"]) == 0
     out = capsys.readouterr().out
     assert "smollm2 eager: perplexity" in out and "top-1 agreement" in out
+
+
+def test_super_weight_found_and_proved_by_ablation(smollm2):
+    from graphopt.analysis.quality import perplexity, token_windows
+    from graphopt.analysis.super_weights import ablate, find_super_weights
+    from graphopt.ir.capture import capture
+    bundle, ids, _ = smollm2
+    gm = capture(bundle.model, (ids,)).graph_module
+    report = find_super_weights(gm, (ids,))
+    found = {(sw.layer.split("layers.")[-1], sw.row, sw.col): sw for sw in report.super_weights}
+    assert ("11.mlp.down_proj", 507, 1229) in found and 507 in report.super_activation_channels
+    windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), 128, max_tokens=512)
+    base = perplexity(gm, windows, progress=False).perplexity
+    with ablate(gm, found[("11.mlp.down_proj", 507, 1229)]):
+        zeroed = perplexity(gm, windows, progress=False).perplexity
+    assert zeroed > 3 * base, (base, zeroed)
+
+
+def test_int4_artifact_is_small_and_close(smollm2, tmp_path):
+    import os
+
+    from graphopt.analysis.quality import perplexity, token_windows
+    bundle, ids, logits = smollm2
+    windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), 128, max_tokens=1024)
+    calibration = [(w,) for w in token_windows(bundle.tokenizer, read_text("calibration.txt"), 128, 512)]
+    cm = graphopt.compile(bundle.model, (ids,), passes="int4", calibration=calibration, progress=False)
+    path = cm.save(str(tmp_path / "int4"))
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert size < 0.35 * 542.8e6, size
+    rt = graphopt.load(path)
+    torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
+    eager = perplexity(bundle.model, windows, progress=False).perplexity
+    assert perplexity(cm, windows, progress=False).perplexity < 1.25 * eager
