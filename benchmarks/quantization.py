@@ -35,7 +35,8 @@ def schemes() -> dict[str, list]:
     wq = WeightQuantization
     return {
         "fp32": pipeline(lambda: None),
-        "int8 weight-only (per channel)": pipeline(lambda: wq(bits=8, group_size=None)),
+        "int8 weight-only (fp32 compute)": pipeline(lambda: wq(bits=8, group_size=None, accuracy_level=0)),
+        "int8 weight-only (int8 compute)": pipeline(lambda: wq(bits=8, group_size=None)),
         "int4 g32 RTN": pipeline(lambda: wq(bits=4, group_size=32)),
         "int4 g64 RTN": pipeline(lambda: wq(bits=4, group_size=64)),
         "int4 g128 RTN": pipeline(lambda: wq(bits=4, group_size=128)),
@@ -49,7 +50,8 @@ def schemes() -> dict[str, list]:
             ConstantFolding(), ActivationQuantization(), wq(bits=8, group_size=None), DeadCodeElimination()],
         "mixed 4/8 (LIM) at int4 g64 bytes": pipeline(
             lambda: MixedPrecisionQuantization(low=(4, 256), high=(8, None), budget_scheme=(4, 64),
-                                               importance="lim", clip="mse", restore_super_weights=True)),
+                                               importance="lim", method="gptq", clip="mse",
+                                               restore_super_weights=True)),
     }
 
 

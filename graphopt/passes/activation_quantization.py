@@ -31,11 +31,11 @@ qd = torch.ops.quantized_decomposed
 class ActivationQuantizationOptions:
     observer: str = "percentile"        # "minmax" | "percentile"
     percentile: float = 99.99
-    outlier_ratio: float = 20.0         # input channels whose peak >= this x median peak stay fp32
+    outlier_ratio: float = 8.0          # input channels whose peak >= this x median peak stay fp32
     max_outlier_channels: int = 32      # more than this: the whole layer stays fp32
     samples_per_batch: int = 65536
     exclude: tuple = ()                 # fnmatch patterns of layers kept in fp32
-    max_output_change: float = 0.3
+    max_output_change: float = 0.6
 
 
 class ActivationQuantization(Pass):

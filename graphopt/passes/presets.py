@@ -9,10 +9,13 @@ from .dead_code import DeadCodeElimination
 from .horizontal_fusion import HorizontalFusion
 from .weight_quantization import WeightQuantization
 
-_INT8 = partial(WeightQuantization, bits=8, group_size=None)
-# int4 g64, range clipping weighted by calibration inputs when compile() gets calibration
-# batches, super weights restored; embeddings and the (tied) LM head int8 per channel.
-_INT4 = partial(WeightQuantization, bits=4, group_size=64, clip="mse", restore_super_weights=True)
+# int8 weight-only, fp32 compute in ONNX Runtime (accuracy_level 0): the int8-activation
+# kernel is faster but cost SmolLM2 +1.35% perplexity (see README).
+_INT8 = partial(WeightQuantization, bits=8, group_size=None, accuracy_level=0)
+# int4 g64 with range clipping and super weights restored: GPTQ when compile() gets
+# calibration batches (SmolLM2: +6.5% perplexity), round-to-nearest otherwise (+15.5%);
+# embeddings and the (tied) LM head int8.
+_INT4 = partial(WeightQuantization, bits=4, group_size=64, method="auto", clip="mse", restore_super_weights=True)
 
 # Horizontal fusion is not in "default": measured on SmolLM2 with ONNX Runtime (2 threads),
 # the wider MatMul runs at the same GFLOP/s as the separate ones and the Split after it

@@ -23,6 +23,7 @@ Lossy: the verify instrument holds the outputs to `max_output_change` x max|logi
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -43,7 +44,8 @@ aten = torch.ops.aten
 class WeightQuantizationOptions:
     bits: int = 4
     group_size: int | None = 64        # None: one scale per output channel
-    method: str = "rtn"                 # "rtn" | "gptq" (needs calibration batches)
+    method: str = "rtn"                 # "rtn" | "gptq" (needs calibration batches) | "auto" (gptq
+                                        # when calibration batches are given, else rtn)
     clip: str = "none"                  # "none" | "mse" | "zscore" (see quantize_weight); gptq: none | mse
     zscore: float = 4.0
     restore_super_weights: bool = False
@@ -72,8 +74,8 @@ class WeightQuantization(Pass):
         self.needs_example_inputs = o.restore_super_weights
 
     def requires(self, gm, ctx):
-        if self.options.method not in ("rtn", "gptq"):
-            raise PreconditionError(f"{self.name}: method must be 'rtn' or 'gptq', got {self.options.method!r}")
+        if self.options.method not in ("rtn", "gptq", "auto"):
+            raise PreconditionError(f"{self.name}: method must be 'rtn', 'gptq' or 'auto', got {self.options.method!r}")
         if self.options.method == "gptq" and not ctx.calibration:
             raise PreconditionError(f"{self.name}: method='gptq' needs calibration batches "
                                     "(graphopt.compile(..., calibration=[...]))")
@@ -94,6 +96,9 @@ class WeightQuantization(Pass):
         o = self.options
         restore = {}
         notes = []
+        if o.method == "auto":
+            o = dataclasses.replace(o, method="gptq" if ctx.calibration else "rtn")
+            notes.append(f"method auto -> {o.method} ({'calibration batches given' if ctx.calibration else 'no calibration batches'})")
         if o.restore_super_weights:
             report = find_super_weights(gm, ctx.example_inputs, o.spike_ratio)
             for sw in report.super_weights:

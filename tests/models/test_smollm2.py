@@ -88,4 +88,4 @@ def test_int4_artifact_is_small_and_close(smollm2, tmp_path):
     rt = graphopt.load(path)
     torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
     eager = perplexity(bundle.model, windows, progress=False).perplexity
-    assert perplexity(cm, windows, progress=False).perplexity < 1.25 * eager
+    assert perplexity(cm, windows, progress=False).perplexity < 1.12 * eager   # GPTQ (auto): +6.5% measured
