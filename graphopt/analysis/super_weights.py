@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
-from .calibration import calibrate, layer_name, linear_weight, residual_writer
+from .calibration import CalibrationStats, calibrate, layer_name, linear_weight, residual_writer
 
 DEFAULT_SPIKE_RATIO = 50.0
 
@@ -64,8 +64,9 @@ class SuperWeightReport:
 
 
 def find_super_weights(gm: fx.GraphModule, example_inputs: tuple, spike_ratio: float = DEFAULT_SPIKE_RATIO,
-                       progress: bool = False) -> SuperWeightReport:
-    stats = calibrate(gm, [tuple(example_inputs)], progress=progress, desc="super weights")
+                       progress: bool = False, stats: CalibrationStats | None = None) -> SuperWeightReport:
+    """`stats`: calibration statistics of `gm` on `example_inputs` if the caller has them."""
+    stats = stats or calibrate(gm, [tuple(example_inputs)], progress=progress, desc="super weights")
     writers = {layer_name(rw[1]) for node in gm.graph.nodes if (rw := residual_writer(gm, node))}
     nodes = {n.name: n for n in gm.graph.nodes}
     report = SuperWeightReport(spike_ratio=spike_ratio)

@@ -21,7 +21,7 @@ from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_in
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
-from .weight_quantization import _heads
+from .weight_quantization import head_layers
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -56,7 +56,7 @@ class ActivationQuantization(Pass):
         o = self.options
         stats = {s.node: s for s in calibrate(gm, ctx.calibration, samples=o.samples_per_batch,
                                                desc="calibrate (activations)").linears.values()}
-        heads = _heads(gm)
+        heads = head_layers(gm)
         changes, kept = [], []
         for node in list(gm.graph.nodes):
             lw = linear_weight(gm, node)

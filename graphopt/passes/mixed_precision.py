@@ -17,7 +17,7 @@ from ..analysis.calibration import layer_name
 from ..analysis.importance import linear_layers, lim_scores, zscore_scores
 from ..errors import PreconditionError
 from ..ir.quantized import fitting_block_size, quantized_bytes
-from .weight_quantization import WeightQuantization, WeightQuantizationOptions, _heads
+from .weight_quantization import WeightQuantization, WeightQuantizationOptions, head_layers
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MixedPrecisionQuantization(WeightQuantization):
 
     def run(self, gm, ctx):
         o = self.options
-        heads = {layer_name(n) for n in _heads(gm)} if o.head_bits is not None else set()
+        heads = {layer_name(n) for n in head_layers(gm)} if o.head_bits is not None else set()
         layers = {name: w for name, w in linear_layers(gm).items()
                   if name not in heads and WeightQuantization.scheme(self, name) is not None}
         scores = lim_scores(gm, ctx.calibration) if o.importance == "lim" else zscore_scores(gm)

@@ -99,19 +99,19 @@ class WeightQuantization(Pass):
         if o.method == "auto":
             o = dataclasses.replace(o, method="gptq" if ctx.calibration else "rtn")
             notes.append(f"method auto -> {o.method} ({'calibration batches given' if ctx.calibration else 'no calibration batches'})")
+        example_stats = None
+        if o.restore_super_weights or (o.accuracy_level != 0 and not ctx.calibration and ctx.example_inputs):
+            example_stats = calibrate(gm, [tuple(ctx.example_inputs)], progress=False)
         if o.restore_super_weights:
-            report = find_super_weights(gm, ctx.example_inputs, o.spike_ratio)
+            report = find_super_weights(gm, ctx.example_inputs, o.spike_ratio, stats=example_stats)
             for sw in report.super_weights:
                 restore.setdefault(sw.node, []).append(sw)
             notes += [f"super weight kept in fp32: {sw}" for sw in report.super_weights] or \
                      ["no super weights found at spike ratio %g" % o.spike_ratio]
-        stats = None
-        if ctx.calibration and (o.method == "gptq" or o.clip == "mse"):
-            stats = {s.node: s for s in calibrate(gm, ctx.calibration, hessians=o.method == "gptq",
-                                                   desc="calibrate (weights)").linears.values()}
-        elif o.accuracy_level != 0 and (ctx.calibration or ctx.example_inputs):
-            stats = {s.node: s for s in calibrate(gm, ctx.calibration or [tuple(ctx.example_inputs)],
-                                                   progress=False).linears.values()}
+        observed = example_stats
+        if ctx.calibration and (o.method == "gptq" or o.clip == "mse" or o.accuracy_level != 0):
+            observed = calibrate(gm, ctx.calibration, hessians=o.method == "gptq", desc="calibrate (weights)")
+        stats = {s.node: s for s in observed.linears.values()} if observed else None
         fp32_compute = {name for name, s in (stats or {}).items() if o.accuracy_level != 0 and
                         float(s.input_absmax.max()) >= o.activation_outlier_ratio *
                         max(float(s.input_absmax.median()), 1e-12)}
@@ -119,7 +119,7 @@ class WeightQuantization(Pass):
         changes, skipped = [], []
         counts = {"linear": 0, "embedding": 0}
         bytes_before = bytes_after = 0
-        heads = _heads(gm)
+        heads = head_layers(gm)
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
                 continue
@@ -228,7 +228,7 @@ class WeightQuantization(Pass):
         gm.graph.erase_node(old)
 
 
-def _heads(gm: fx.GraphModule) -> set[fx.Node]:
+def head_layers(gm: fx.GraphModule) -> set[fx.Node]:
     """Embeddings, linears that share an embedding's table (tied LM heads), and linears whose
     result is a graph output: the layers quantization hurts most (one wrong logit row per token)."""
     tables = {constant_value(gm, n.args[0]).data_ptr() for n in gm.graph.find_nodes(
