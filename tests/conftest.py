@@ -50,6 +50,17 @@ def run_artifact_without_torch(path: str, inputs) -> "np.ndarray":
         return np.load(out_file)
 
 
+def load_example(filename: str):
+    """Import a script from examples/ as a module."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", filename)
+    spec = importlib.util.spec_from_file_location(f"example_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def eager_outputs(model, inputs):
     """The model's tensor outputs, flattened in the order capture uses."""
     from graphopt.ir.capture import flat_tensors

@@ -1,18 +1,12 @@
-import importlib.util
-import os
-
 import torch
 
 import graphopt
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "custom_pass.py")
+from ..conftest import load_example
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("custom_pass", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("custom_pass.py")
 
 
 def test_custom_batch_norm_folding_pass_removes_every_batch_norm():

@@ -1,16 +1,10 @@
-import importlib.util
-import os
-
 import pytest
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "quantize.py")
+from ..conftest import load_example
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("quantize_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("quantize.py")
 
 
 @pytest.mark.parametrize("scheme", ["int4", "gptq", "w8a8", "mixed"])
