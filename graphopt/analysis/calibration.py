@@ -164,12 +164,11 @@ class CalibrationStats:
 
 
 class _Observer(fx.Interpreter):
-    def __init__(self, gm, stats: CalibrationStats, linear_nodes: dict, residual_nodes: dict, hessians: bool,
-                 samples: int = 0):
+    def __init__(self, gm, linear_nodes: dict, residual_nodes: dict, hessians: bool, samples: int = 0):
         super().__init__(gm)
         self.samples = samples
         self.generator = torch.Generator().manual_seed(0)
-        self.stats, self.linear_nodes, self.residual_nodes = stats, linear_nodes, residual_nodes
+        self.linear_nodes, self.residual_nodes = linear_nodes, residual_nodes
         self.hessians: dict[fx.Node, torch.Tensor] | None = {} if hessians else None
         self.batch = 0
         self.hessian_done: set = set()
@@ -225,7 +224,7 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = Tru
             name = layer_name(sub)
             stats.residuals[name] = ResidualStats(name, node.name)
             residual_nodes[node] = (stream, stats.residuals[name])
-    observer = _Observer(gm, stats, linear_nodes, residual_nodes, hessians, samples)
+    observer = _Observer(gm, linear_nodes, residual_nodes, hessians, samples)
     batches = list(batches)
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):

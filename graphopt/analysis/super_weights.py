@@ -52,12 +52,6 @@ class SuperWeightReport:
     super_activation_channels: list[int] = field(default_factory=list)   # hidden channels that spike
     spike_ratio: float = DEFAULT_SPIKE_RATIO
 
-    def by_layer(self) -> dict[str, list[SuperWeight]]:
-        out: dict[str, list[SuperWeight]] = {}
-        for sw in self.super_weights:
-            out.setdefault(sw.layer, []).append(sw)
-        return out
-
     def to_json(self) -> dict:
         return {"spike_ratio": self.spike_ratio, "super_activation_channels": self.super_activation_channels,
                 "super_weights": [sw.to_json() for sw in self.super_weights]}
@@ -96,7 +90,7 @@ def ablate(gm: fx.GraphModule, super_weight: SuperWeight):
 class _Zeroed:
     def __init__(self, gm, sw: SuperWeight):
         node = next(n for n in gm.graph.nodes if n.name == sw.node)
-        w, transposed = linear_weight(gm, node)
+        w, _ = linear_weight(gm, node)
         self.weight, self.index = w, (sw.row, sw.col)
         self.saved = None
 
