@@ -12,7 +12,7 @@ from .backends.base import Executable
 from .ir.capture import CapturedModel, capture
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
-from .passes.instruments import Instrument
+from .passes.instruments import Instrument, QualityInstrument
 from .specs import check_inputs
 
 
@@ -57,6 +57,12 @@ class CompiledModel:
             lines.append(f"  {r.name:24s} {'changed' if r.modified else 'no change':9s} "
                          f"{r.nodes_before:5d} -> {r.nodes_after:5d} nodes  {r.seconds:6.2f}s  "
                          + "; ".join(r.changes[:3]) + (" ..." if len(r.changes) > 3 else ""))
+            if r.quality:
+                q = r.quality
+                line = f"  {'':24s} quality on {q['rows']} calibration rows: JS {q['js']:.2e}, top-1 agreement {q['top1_agreement']:.3f}"
+                if "perplexity_after" in q:
+                    line += f", perplexity {q['perplexity_before']:.3f} -> {q['perplexity_after']:.3f}"
+                lines.append(line)
         return "\n".join(lines)
 
 
@@ -77,7 +83,8 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
     `verify=True` runs the graph before and after each pass on `example_inputs` and fails
     with the pass's name if outputs move beyond its declared tolerance. `calibration` is a
     list of input tuples (like example_inputs) for passes that learn from data (GPTQ,
-    activation-weighted clipping).
+    activation-weighted clipping, layer skipping); with it, every lossy pass's quality cost
+    on the first batches is recorded in its pass record (`quality`) and the manifest.
     """
     backend_impl = get_backend(backend, **dict(backend_options or {}))
     pass_list = _resolve_passes(passes)
@@ -89,6 +96,8 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
     stages.set_description(f"passes ({len(pass_list)})")
     t1 = time.perf_counter()
     all_instruments = ([VerifyInstrument(captured.example_inputs)] if verify else []) + list(instruments)
+    if calibration and not any(isinstance(i, QualityInstrument) for i in all_instruments):
+        all_instruments.append(QualityInstrument())
     result = PassManager(pass_list, all_instruments, progress=progress).run(
         captured.graph_module, PassContext(captured.example_inputs,
                                         calibration=[tuple(b) if isinstance(b, (tuple, list)) else (b,)

@@ -68,6 +68,27 @@ def perplexity(model: Any, windows: list[torch.Tensor], progress: bool = True) -
     return PerplexityResult(math.exp(mean), mean, total_tokens, len(windows))
 
 
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), -1)
+
+
+def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """Mean over rows of the Jensen-Shannon divergence (nats) of two log-probability rows."""
+    log_m = torch.logaddexp(logp, logq) - math.log(2)
+    p, q = logp.exp(), logq.exp()
+    return float(0.5 * ((p * (logp - log_m)).sum(-1) + (q * (logq - log_m)).sum(-1)).mean())
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood of ids[:, 1:] under logits[:, :-1], and the count;
+    (nan, 0) when the output is not next-token logits over the ids' vocabulary."""
+    if ids.is_floating_point() or logits.dim() != 3 or logits.shape[:2] != ids.shape \
+            or int(ids.max()) >= logits.shape[-1]:
+        return math.nan, 0
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    return float(F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum")), flat.shape[0]
+
+
 @dataclass
 class DivergenceResult:
     kl: float     # mean over tokens of KL(reference || model), nats
@@ -93,3 +114,23 @@ def divergence(reference: Any, model: Any, windows: list[torch.Tensor], progress
         agree += float((logp.argmax(-1) == logq.argmax(-1)).sum())
         tokens += ids.shape[1]
     return DivergenceResult(kl_sum / tokens, js_sum / tokens, agree / tokens, tokens)
+
+
+def divergence_of_logits(before: list[torch.Tensor], after: list[torch.Tensor], ids: list[torch.Tensor]) -> dict:
+    """Divergence of `after` from `before` (lists of logits [B, S, V], one per batch) and, when
+    they are next-token logits over `ids`, the perplexity of each; for the pass log."""
+    js = kl = agree = 0.0
+    rows, nll_before, nll_after, tokens = 0, 0.0, 0.0, 0
+    for b, a, x in zip(before, after, ids):
+        logp, logq = log_probs(b), log_probs(a)
+        js += js_divergence(logp, logq) * logp.shape[0]
+        kl += float((logp.exp() * (logp - logq)).sum())
+        agree += float((logp.argmax(-1) == logq.argmax(-1)).sum())
+        rows += logp.shape[0]
+        nb, count = next_token_nll(b, x)
+        na, _ = next_token_nll(a, x)
+        nll_before, nll_after, tokens = nll_before + nb, nll_after + na, tokens + count
+    out = {"batches": len(before), "rows": rows, "js": js / rows, "kl": kl / rows, "top1_agreement": agree / rows}
+    if tokens:
+        out.update(perplexity_before=math.exp(nll_before / tokens), perplexity_after=math.exp(nll_after / tokens))
+    return out

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from ..errors import VerificationError
 from ..ir.graph import describe
+from .base import EXACT
 
 
 class Instrument:
@@ -118,3 +119,40 @@ class PrintOnChangeInstrument(Instrument):
         if result.modified:
             summary = "; ".join(result.changes) or "modified"
             print(f"[graphopt] {pass_.name}: {summary}", file=self.stream)
+
+
+class QualityInstrument(Instrument):
+    """What each lossy pass (tolerance looser than EXACT) cost: on up to `batches`
+    calibration batches, the Jensen-Shannon and KL divergence and top-1 agreement of the
+    graph's first output after the pass against before it, and the perplexity before and
+    after when the first input is token ids and the output next-token logits. Recorded in
+    the pass log (`record.quality`), hence in the artifact's manifest."""
+
+    def __init__(self, batches: int = 4):
+        self.batches = batches
+        self._outputs: list[torch.Tensor] | None = None
+
+    def _run(self, gm, ctx) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [_first(gm(*batch)) for batch in ctx.calibration[: self.batches]]
+
+    def before_pass(self, pass_, gm, ctx, record):
+        if ctx.calibration and pass_.tolerance != EXACT and self._outputs is None:
+            self._outputs = self._run(gm, ctx)
+
+    def after_pass(self, pass_, gm, ctx, result, record):
+        if not ctx.calibration or pass_.tolerance == EXACT:
+            return
+        if not result.modified:
+            return
+        from ..analysis.quality import divergence_of_logits
+        after = self._run(gm, ctx)
+        batches = ctx.calibration[: self.batches]
+        record.quality = divergence_of_logits(self._outputs, after, [b[0] for b in batches])
+        self._outputs = after
+
+
+def _first(out):
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out.float()

@@ -30,6 +30,7 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     options: str = ""
     max_output_diff: float | None = None
+    quality: dict | None = None          # lossy passes with calibration: see QualityInstrument
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -1,0 +1,199 @@
+"""Sublayers of a residual network, found by graph pattern, and fast what-if evaluation of
+removing them.
+
+A sublayer is a residual add `stream + f(stream)` whose `f` ends in a linear layer (see
+`calibration.residual_writer`). It is an attention sublayer when `f` mixes tokens
+(scaled_dot_product_attention, softmax, or a matmul of two activations) and an FFN
+otherwise. An attention sublayer followed by an FFN sublayer is a block. This holds for
+Llama/Qwen2/Mistral (RMSNorm, SwiGLU) and GPT-2 (LayerNorm, Conv1D as addmm, GELU) alike;
+module names are only used to label what was found.
+
+Removing a sublayer makes its add pass the stream through; dead-code elimination then
+drops its nodes and weights.
+
+`SkipEvaluator` runs the graph with any set of sublayers bypassed, re-running only the part
+of the graph after the first changed sublayer (the values before it are kept from a base
+run): what greedy searches over removal sets (FinerCut) need.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..errors import GraphoptError
+from ..ir.graph import remove_unused_attributes
+from .calibration import MATMULS, layer_name, linear_weight, residual_writer
+from .quality import js_divergence, log_probs, next_token_nll
+
+aten = torch.ops.aten
+_TOKEN_MIXERS = {aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int,
+                 aten._scaled_dot_product_flash_attention_for_cpu.default}
+_PAIRWISE = set(MATMULS) | {aten.bmm.default, aten.baddbmm.default}
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual branch. `index` is its position along the residual stream."""
+
+    index: int
+    kind: str            # "attention" or "ffn"
+    name: str            # e.g. "layers.3.self_attn", "h.3.mlp" (module of its output linear)
+    block: int           # blocks pair an attention sublayer with the FFN after it
+    add: str             # node names in the graph
+    stream: str
+    writer: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}[{self.block}]"
+
+
+def _branch_nodes(writer: fx.Node, stream: fx.Node) -> set[fx.Node]:
+    """The nodes computing the branch: ancestors of `writer` up to the stream."""
+    seen, frontier = set(), [writer]
+    while frontier:
+        node = frontier.pop()
+        if node in seen or node is stream or node.op in ("placeholder", "get_attr"):
+            continue
+        seen.add(node)
+        frontier.extend(node.all_input_nodes)
+    return seen
+
+
+def _mixes_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> bool:
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _TOKEN_MIXERS:
+            return True
+        if node.target in _PAIRWISE and linear_weight(gm, node) is None:
+            return True
+    return False
+
+
+def _module_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def find_sublayers(gm: fx.GraphModule) -> list[Sublayer]:
+    """Every residual sublayer of `gm`, in stream order."""
+    found, block, seen_attention = [], -1, False
+    for node in gm.graph.nodes:
+        rw = residual_writer(gm, node)
+        if rw is None:
+            continue
+        stream, writer = rw
+        kind = "attention" if _mixes_tokens(gm, _branch_nodes(writer, stream)) else "ffn"
+        if kind == "attention" or not seen_attention:
+            block += 1
+        seen_attention = kind == "attention"
+        found.append(Sublayer(len(found), kind, _module_of(layer_name(writer)), block,
+                              node.name, stream.name, writer.name))
+    return found
+
+
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise GraphoptError(f"node '{name}' is not in the graph")
+
+
+def remove_sublayers(gm: fx.GraphModule, sublayers: list[Sublayer]) -> int:
+    """Bypass each sublayer's residual add and drop what only it used; returns bytes freed."""
+    before = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    for sub in sublayers:
+        add = node_named(gm, sub.add)
+        add.replace_all_uses_with(node_named(gm, sub.stream))
+        gm.graph.erase_node(add)
+    gm.graph.eliminate_dead_code()
+    remove_unused_attributes(gm)
+    gm.recompile()
+    return before - sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+
+
+@dataclass
+class Score:
+    js: float            # mean JS divergence from the unmodified model, nats
+    nll: float           # mean next-token NLL on the batches (exp = perplexity); nan if not an LM
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+class SkipEvaluator:
+    """Outputs of `gm` on `batches` with sets of sublayers bypassed, compared with the
+    unmodified graph. Batches are input tuples whose first element is token ids [B, S] and
+    whose first output is logits [B, S, V]."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple], sublayers: list[Sublayer]):
+        if not batches:
+            raise GraphoptError("sublayer evaluation needs calibration batches (compile(..., calibration=[...]))")
+        self.gm, self.batches, self.sublayers = gm, list(batches), sublayers
+        self.nodes = list(gm.graph.nodes)
+        self.position = {n: i for i, n in enumerate(self.nodes)}
+        by_name = {n.name: n for n in self.nodes}
+        self.add_node = {s.index: by_name[s.add] for s in sublayers}
+        self.stream_node = {s.index: by_name[s.stream] for s in sublayers}
+        self.output_node = next(n for n in reversed(self.nodes) if n.op == "output")
+        self.reference: list[torch.Tensor] = []
+        self.base_envs: list[dict] | None = None
+        self.base_removed: frozenset[int] = frozenset()
+        for batch in self.batches:
+            env = self._run(batch, frozenset(), {}, 0)
+            self.reference.append(log_probs(self._logits(env)))
+
+    def _logits(self, env: dict) -> torch.Tensor:
+        out = self.output_node.args[0]
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return env[first]
+
+    def _run(self, batch: tuple, removed: frozenset[int], env: dict, start: int) -> dict:
+        skip = {self.add_node[i]: self.stream_node[i] for i in removed}
+        inputs = iter(batch)
+        env = dict(env)
+        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
+        for node in self.nodes[start:]:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                env[node] = next(inputs)
+            elif node in skip:
+                env[node] = env[skip[node]]
+            else:
+                interp.env = env
+                env[node] = interp.run_node(node)
+        return env
+
+    def rebase(self, removed: frozenset[int]) -> None:
+        """Keep all intermediate values of a run with `removed` bypassed, so that scoring
+        `removed | {i}` only re-runs the graph from sublayer i's add onward."""
+        with torch.no_grad():
+            self.base_envs = [self._run(b, frozenset(removed), {}, 0) for b in self.batches]
+        self.base_removed = frozenset(removed)
+
+    def score(self, removed: frozenset[int] | set[int]) -> Score:
+        removed = frozenset(removed)
+        start, envs = 0, None
+        if self.base_envs is not None and self.base_removed <= removed:
+            extra = removed - self.base_removed
+            if extra:
+                start = min(self.position[self.add_node[i]] for i in extra)
+            envs = self.base_envs
+        js = nll = 0.0
+        tokens = 0
+        with torch.no_grad():
+            for b, (batch, ref) in enumerate(zip(self.batches, self.reference)):
+                base = {n: v for n, v in envs[b].items() if self.position[n] < start} if envs else {}
+                env = self._run(batch, removed, base, start if envs else 0)
+                logits = self._logits(env)
+                js += js_divergence(ref, log_probs(logits)) * ref.shape[0]
+                batch_nll, count = next_token_nll(logits, batch[0])
+                nll += batch_nll
+                tokens += count
+        rows = sum(r.shape[0] for r in self.reference)
+        return Score(js / rows, nll / tokens if tokens else math.nan)
