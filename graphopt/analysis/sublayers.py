@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphoptError
-from ..ir.graph import remove_unused_attributes
+from ..ir.graph import eliminate_dead_code, remove_unused_attributes
 from .calibration import MATMULS, layer_name, linear_weight, residual_writer
 from .quality import js_divergence, log_probs, next_token_nll
 
@@ -109,7 +109,7 @@ def remove_sublayers(gm: fx.GraphModule, sublayers: list[Sublayer]) -> int:
         add = node_named(gm, sub.add)
         add.replace_all_uses_with(node_named(gm, sub.stream))
         gm.graph.erase_node(add)
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     remove_unused_attributes(gm)
     gm.recompile()
     return before - sum(t.numel() * t.element_size() for t in gm.state_dict().values())
@@ -176,6 +176,22 @@ class SkipEvaluator:
             self.base_envs = [self._run(b, frozenset(removed), {}, 0) for b in self.batches]
         self.base_removed = frozenset(removed)
 
+    def values(self, removed: frozenset[int] | set[int], nodes: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per batch, the values of `nodes` (names) with `removed` bypassed (after `rebase`)."""
+        removed = frozenset(removed)
+        if self.base_envs is None or not self.base_removed <= removed:
+            self.rebase(frozenset())
+        extra = removed - self.base_removed
+        start = min((self.position[self.add_node[i]] for i in extra), default=len(self.nodes))
+        wanted = [n for n in self.nodes if n.name in set(nodes)]
+        out = []
+        with torch.no_grad():
+            for batch, env in zip(self.batches, self.base_envs):
+                if extra:
+                    env = self._run(batch, removed, {n: v for n, v in env.items() if self.position[n] < start}, start)
+                out.append({n.name: env[n] for n in wanted})
+        return out
+
     def score(self, removed: frozenset[int] | set[int]) -> Score:
         removed = frozenset(removed)
         start, envs = 0, None
@@ -197,3 +213,8 @@ class SkipEvaluator:
                 tokens += count
         rows = sum(r.shape[0] for r in self.reference)
         return Score(js / rows, nll / tokens if tokens else math.nan)
+
+
+def branch_nodes(gm: fx.GraphModule, sub: Sublayer) -> set[fx.Node]:
+    """The nodes that compute `sub`'s branch (from its read of the stream to its output linear)."""
+    return _branch_nodes(node_named(gm, sub.writer), node_named(gm, sub.stream))

@@ -141,3 +141,17 @@ def parameter_bytes(gm: fx.GraphModule) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     return total
+
+
+def _is_impure(node: fx.Node) -> bool:
+    # scaled_dot_product_attention carries the nondeterministic_seeded tag for its dropout;
+    # with dropout_p == 0 (every exported inference graph) it is a pure function.
+    if node.op == "call_function" and node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return dropout != 0.0
+    return node.is_impure()
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> bool:
+    """Remove nodes nobody reads that have no side effect; True if any went."""
+    return gm.graph.eliminate_dead_code(is_impure_node=_is_impure)

@@ -19,7 +19,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 
 from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_input, linear_weight
 from ..errors import PreconditionError
-from ..ir.graph import add_constant, infer_meta, remove_unused_attributes
+from ..ir.graph import add_constant, eliminate_dead_code, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
 from .weight_quantization import head_layers
 
@@ -86,7 +86,7 @@ class ActivationQuantization(Pass):
                            + (f", {outliers.numel()} outlier channel(s) in fp32: {outliers.tolist()[:6]}"
                               if outliers.numel() else ""))
         if changes:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm)
             remove_unused_attributes(gm)
         notes = [f"kept in fp32: {', '.join(kept[:12])}" + (" ..." if len(kept) > 12 else "")] if kept else []
         return PassResult(gm, bool(changes), changes, notes)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..ir.graph import add_constant, fetch_attr, remove_unused_attributes
+from ..ir.graph import add_constant, eliminate_dead_code, fetch_attr, remove_unused_attributes
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -67,7 +67,7 @@ class ConstantFolding(Pass):
             self._materialize(gm, node, values, folded)
         if not folded:
             return PassResult(gm, False)
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         remove_unused_attributes(gm)
         kb = sum(values[n].numel() * values[n].element_size() for n in folded) / 1e3
         return PassResult(gm, True, [f"folded {len(folded)} subgraph outputs into constants ({kb:.1f} KB)"])

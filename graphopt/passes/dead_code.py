@@ -6,7 +6,7 @@ Rewrites:
 """
 from __future__ import annotations
 
-from ..ir.graph import parameter_bytes, remove_unused_attributes
+from ..ir.graph import eliminate_dead_code, parameter_bytes, remove_unused_attributes
 from .base import Pass, PassResult
 
 
@@ -15,7 +15,7 @@ class DeadCodeElimination(Pass):
 
     def run(self, gm, ctx):
         nodes_before, bytes_before = len(gm.graph.nodes), parameter_bytes(gm)
-        graph_changed = gm.graph.eliminate_dead_code()
+        graph_changed = eliminate_dead_code(gm)
         attrs_removed = remove_unused_attributes(gm)
         changes = []
         if graph_changed:

@@ -33,7 +33,7 @@ import torch.fx as fx
 from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_input, linear_weight
 from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
 from ..errors import PreconditionError
-from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
+from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS, QuantizedWeight, gptq_quantize, quantize_weight
 from .base import Pass, PassResult, Tolerance
 
@@ -174,7 +174,7 @@ class WeightQuantization(Pass):
                            + (f", {len(sws)} super weight(s) restored" if sws else "")
                            + (", fp32 compute (activation outliers)" if node.name in fp32_compute else ""))
         if changes:
-            gm.graph.eliminate_dead_code()
+            eliminate_dead_code(gm)
             remove_unused_attributes(gm)
             changes.insert(0, f"{counts['linear']} linear and {counts['embedding']} embedding weights quantized; "
                               f"{bytes_before / 1e6:.1f} MB fp32 -> {bytes_after / 1e6:.1f} MB")

@@ -1,0 +1,68 @@
+import copy
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers, remove_sublayers
+from graphopt.ir.capture import capture
+from graphopt.passes import ConstantFolding
+
+from ..conftest import assert_close_to_scale
+
+
+def _graph(name):
+    bundle = graphopt.models.load(name)
+    inputs = bundle.example_inputs(seq_len=16)
+    gm = capture(bundle.model, inputs).graph_module
+    ConstantFolding()(gm)
+    return gm, bundle, inputs
+
+
+@pytest.mark.parametrize("name,attention,ffn", [
+    ("llama", "self_attn", "mlp"), ("qwen2", "self_attn", "mlp"), ("gpt2", "attn", "mlp"),
+    ("bert", "attention", "output")])
+def test_sublayers_are_found_by_pattern_in_every_family(name, attention, ffn):
+    gm, _, _ = _graph(name)
+    subs = find_sublayers(gm)
+    assert [s.kind for s in subs] == ["attention", "ffn"] * 3
+    assert [s.block for s in subs] == [0, 0, 1, 1, 2, 2]
+    assert [s.index for s in subs] == list(range(6))
+    for s in subs:
+        assert f".{s.block}." in s.name
+        assert (attention if s.kind == "attention" else ffn) in s.name
+
+
+def test_removing_an_ffn_equals_zeroing_its_output_projection():
+    gm, bundle, inputs = _graph("llama")
+    ffn = [s for s in find_sublayers(gm) if s.kind == "ffn"][1]
+    freed = remove_sublayers(gm, [ffn])
+    layer = bundle.model.model.layers[1]
+    own = list(layer.mlp.parameters()) + list(layer.post_attention_layernorm.parameters())   # the norm is the FFN's
+    assert freed == sum(p.numel() * 4 for p in own)
+    assert not any("layers_1_mlp" in name or "layers.1.mlp" in name for name, _ in gm.named_buffers())
+    reference = copy.deepcopy(bundle.model)
+    with torch.no_grad():
+        reference.model.layers[1].mlp.down_proj.weight.zero_()
+        expected = reference(*inputs).logits
+    assert_close_to_scale(gm(*inputs)[0], expected, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_incremental_evaluation_equals_a_full_run(name):
+    gm, bundle, _ = _graph(name)
+    subs = find_sublayers(gm)
+    batches = [bundle.example_inputs(seq_len=16, seed=s) for s in (1, 2)]
+    ev = SkipEvaluator(gm, batches, subs)
+    assert ev.score(set()).js < 1e-6
+    full = ev.score({1, 4})
+    ev.rebase(frozenset({1}))
+    incremental = ev.score({1, 4})
+    assert incremental.js == pytest.approx(full.js, rel=1e-5, abs=1e-9)
+    assert incremental.nll == pytest.approx(full.nll, rel=1e-6)
+    removed = copy.deepcopy(gm)
+    remove_sublayers(removed, [subs[1], subs[4]])
+    nll = sum(torch.nn.functional.cross_entropy(removed(*b)[0][0, :-1], b[0][0, 1:], reduction="sum")
+              for b in batches) / (2 * 15)
+    assert full.nll == pytest.approx(float(nll), rel=1e-5)
+    assert full.js > 0
