@@ -1,4 +1,4 @@
-"""Command line: `graphopt compile | inspect | bench | eval | models`.
+"""Command line: `graphopt compile | inspect | bench | eval | superweights | sublayers | models`.
 
     graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
     graphopt inspect dist/smollm2
@@ -34,9 +34,14 @@ def _example_inputs(bundle, seq_len: int):
 
 
 def _calibration_batches(bundle, args):
-    """Windows of calibration.txt (or --calibration-text) for passes that learn from data."""
-    if bundle.tokenizer is None or args.calibration_tokens <= 0:
+    """Windows of calibration.txt (or --calibration-text) for passes that learn from data;
+    random token ids for test models without a tokenizer."""
+    if args.calibration_tokens <= 0 or not bundle.is_sequence_model:
         return None
+    if bundle.tokenizer is None:
+        print(f"{bundle.name} has no tokenizer: calibrating on random token ids", file=sys.stderr)
+        return [bundle.example_inputs(seq_len=args.seq_len, seed=s)
+                for s in range(1, 1 + max(1, args.calibration_tokens // args.seq_len))]
     from .analysis.quality import token_windows
     from .corpus import read_text
     if args.calibration_text:
@@ -65,8 +70,10 @@ def cmd_compile(args) -> None:
     instruments = [PrintOnChangeInstrument()]
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
-    calibration = _calibration_batches(bundle, args) if args.passes not in ("none", "default", "fuse") else None
-    cm = graphopt.compile(model, inputs, passes=args.passes, backend=args.backend, calibration=calibration,
+    passes = _pass_list(args)
+    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers
+    calibration = None if lossless else _calibration_batches(bundle, args)
+    cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
                           backend_options={"threads": args.threads} if args.backend == "onnxruntime" else None)
@@ -90,6 +97,24 @@ def cmd_compile(args) -> None:
     if args.out:
         path = cm.save(args.out)
         print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+
+
+def _pass_list(args) -> list:
+    """The preset's passes, with layer skipping (and FFN fusion) after constant folding."""
+    from .passes import ConstantFolding, preset
+    from .passes.ffn_fusion import FFNFusion
+    from .passes.layer_skipping import LayerSkipping
+    passes = preset(args.passes)
+    if args.fuse_ffn and not args.skip_sublayers:
+        raise GraphoptError("--fuse-ffn fuses FFNs made consecutive by --skip-sublayers; give both")
+    if args.skip_sublayers:
+        at = 1 if passes and isinstance(passes[0], ConstantFolding) else 0
+        extra = [LayerSkipping(method=args.skip_method, sublayers=args.skip_sublayers,
+                               kinds=tuple(args.skip_kinds.split(",")))]
+        if args.fuse_ffn:
+            extra.append(FFNFusion())
+        passes[at:at] = extra
+    return passes
 
 
 def _dir_bytes(path: str) -> int:
@@ -210,6 +235,41 @@ def cmd_superweights(args) -> None:
         print(f"  zero {sw.layer}[{sw.row}, {sw.col}]: {ppl:.3f} ({ppl / base:.2f}x)")
 
 
+def cmd_sublayers(args) -> None:
+    import graphopt
+    from .analysis.sublayers import SkipEvaluator, ffn_saturation, find_sublayers
+    from .ir.capture import capture
+    from .passes import ConstantFolding
+    from .passes.layer_skipping import rank_removals
+
+    bundle = graphopt.models.load(args.model)
+    inputs = _example_inputs(bundle, args.seq_len)
+    gm = capture(bundle.model, inputs).graph_module
+    ConstantFolding()(gm)
+    subs = find_sublayers(gm)
+    print(f"{args.model}: {len(subs)} residual sublayers "
+          f"({sum(s.kind == 'attention' for s in subs)} attention, {sum(s.kind == 'ffn' for s in subs)} FFN)")
+    if not args.rank:
+        for s in subs:
+            print(f"  {s.index:3d} {s.label:14s} {s.name:32s} add {s.add} <- {s.writer}")
+        return
+    batches = _calibration_batches(bundle, args)
+    if batches is None and args.rank != "tail":
+        raise GraphoptError(f"ranking by {args.rank} needs a tokenizer and calibration text")
+    evaluator = SkipEvaluator(gm, batches, subs) if batches else None
+    if evaluator is not None:
+        print(f"FFN saturation on {len(batches)} x {args.seq_len} calibration tokens (cos(h, h + FFN(h)) per token):")
+        for sat in ffn_saturation(evaluator):
+            shares = "  ".join(f">={t}: {f:6.1%}" for t, f in sat.fraction_above.items())
+            print(f"  {sat.name:32s} mean {sat.mean_cosine:.3f}  {shares}")
+    steps = rank_removals(gm, batches, args.rank, args.count, kinds=tuple(args.kinds.split(",")),
+                          evaluator=evaluator)
+    print(f"removal order ({args.rank}); JS and perplexity of removing it and all above it:")
+    for n, step in enumerate(steps, 1):
+        print(f"  {n:3d} {step.unit[0].label:14s} {'+'.join(step.names):32s} js {step.js:.4f}  "
+              f"perplexity {step.perplexity:.3f}")
+
+
 def cmd_models(args) -> None:
     from .models import available
     print("\n".join(available()))
@@ -222,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default="smollm2", help="a name from `graphopt models`")
     c.add_argument("--backend", default="onnxruntime")
     c.add_argument("--passes", default="default", help="preset name: none, default, fuse, int8, int4")
+    c.add_argument("--skip-sublayers", type=int, default=0, help="remove this many attention/FFN sublayers")
+    c.add_argument("--skip-method", default="finercut", help="tail, bi, finercut, finercut-oneshot")
+    c.add_argument("--skip-kinds", default="attention,ffn", help="which sublayers may go")
+    c.add_argument("--fuse-ffn", action="store_true", help="then fuse runs of consecutive FFNs (FFN Fusion)")
     c.add_argument("--calibration-text", help="text for calibration (default: ../shared/corpus/calibration.txt)")
     c.add_argument("--calibration-tokens", type=int, default=2048, help="0 disables calibration")
     c.add_argument("--seq-len", type=int, default=128)
@@ -258,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--text", default=None, help="text file for --ablate (default: evaluation.txt)")
     w.add_argument("--max-tokens", type=int, default=1024)
     w.set_defaults(func=cmd_superweights)
+
+    s = sub.add_parser("sublayers", help="list residual sublayers; --rank METHOD orders them for removal")
+    s.add_argument("--model", default="smollm2")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--rank", choices=["tail", "bi", "finercut", "finercut-oneshot"])
+    s.add_argument("--count", type=int, default=10)
+    s.add_argument("--kinds", default="attention,ffn")
+    s.add_argument("--calibration-text", help="text to score on (default: ../shared/corpus/calibration.txt)")
+    s.add_argument("--calibration-tokens", type=int, default=512)
+    s.set_defaults(func=cmd_sublayers)
 
     m = sub.add_parser("models", help="list model names")
     m.set_defaults(func=cmd_models)

@@ -23,3 +23,18 @@ def test_errors_are_one_line_with_exit_code_1(tmp_path, capsys):
     assert err.startswith("graphopt: error: artifact") and "\n" not in err
     assert main(["compile", "--model", "nosuchmodel"]) == 1
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+
+
+def test_sublayers_ranking_and_compile_with_skipping(capsys):
+    assert main(["sublayers", "--model", "gpt2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "6 residual sublayers (3 attention, 3 FFN)" in out and "transformer.h.2.mlp" in out
+    assert main(["sublayers", "--model", "qwen2", "--seq-len", "16", "--rank", "finercut-oneshot", "--count", "2",
+                 "--calibration-tokens", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "FFN saturation" in out and "removal order (finercut-oneshot)" in out and "  2 " in out
+    assert main(["compile", "--model", "llama", "--seq-len", "16", "--repeats", "1", "--skip-sublayers", "2",
+                 "--skip-method", "tail", "--calibration-tokens", "32"]) == 0
+    assert "removed ffn[2] model.layers.2.mlp" in capsys.readouterr().out
+    assert main(["compile", "--model", "llama", "--fuse-ffn"]) == 1
+    assert "--fuse-ffn fuses FFNs made consecutive by --skip-sublayers" in capsys.readouterr().err

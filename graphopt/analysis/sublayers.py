@@ -218,3 +218,29 @@ class SkipEvaluator:
 def branch_nodes(gm: fx.GraphModule, sub: Sublayer) -> set[fx.Node]:
     """The nodes that compute `sub`'s branch (from its read of the stream to its output linear)."""
     return _branch_nodes(node_named(gm, sub.writer), node_named(gm, sub.stream))
+
+
+@dataclass
+class Saturation:
+    """Per FFN sublayer: how often a token's residual stream barely turns across it."""
+
+    name: str
+    index: int
+    mean_cosine: float                     # mean over tokens of cos(h, h + FFN(h))
+    fraction_above: dict[float, float]     # threshold -> fraction of tokens with cosine >= it
+
+
+def ffn_saturation(evaluator: SkipEvaluator, thresholds=(0.9, 0.95, 0.99)) -> list[Saturation]:
+    """FFN-SkipLLM's question on the unmodified model: per FFN, the distribution of the
+    per-token cosine between the stream before and after it."""
+    import torch.nn.functional as F
+    ffns = [s for s in evaluator.sublayers if s.kind == "ffn"]
+    envs = evaluator.values(frozenset(), [n for s in ffns for n in (s.stream, s.add)])
+    out = []
+    for s in ffns:
+        cos = torch.cat([F.cosine_similarity(env[s.stream].reshape(-1, env[s.stream].shape[-1]).float(),
+                                             env[s.add].reshape(-1, env[s.add].shape[-1]).float(), dim=-1)
+                         for env in envs])
+        out.append(Saturation(s.name, s.index, float(cos.mean()),
+                              {t: float((cos >= t).float().mean()) for t in thresholds}))
+    return out
