@@ -89,3 +89,22 @@ def test_int4_artifact_is_small_and_close(smollm2, tmp_path):
     torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
     eager = perplexity(bundle.model, windows, progress=False).perplexity
     assert perplexity(cm, windows, progress=False).perplexity < 1.12 * eager   # GPTQ (auto): +6.5% measured
+
+
+def test_sublayers_and_finercut_on_the_real_model(smollm2):
+    from graphopt.analysis.quality import token_windows
+    from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers
+    from graphopt.ir.capture import capture
+    from graphopt.passes.layer_skipping import rank_removals
+    bundle, ids, _ = smollm2
+    gm = capture(bundle.model, (ids,)).graph_module
+    subs = find_sublayers(gm)
+    assert [s.kind for s in subs] == ["attention", "ffn"] * 30
+    assert subs[-1].name == "model.layers.29.mlp" and subs[-1].block == 29
+    batches = [(w,) for w in token_windows(bundle.tokenizer, read_text("calibration.txt"), 128, 256)]
+    ev = SkipEvaluator(gm, batches, subs)
+    base = ev.score(frozenset()).perplexity
+    first_ffn = ev.score(frozenset({1})).perplexity          # layers.0.mlp turns the embedding (cos 0.05)
+    best = rank_removals(gm, batches, "finercut-oneshot", 1, kinds=("attention",), evaluator=ev, progress=False)[0]
+    assert best.unit[0].kind == "attention"
+    assert first_ffn > 3 * base and best.perplexity < 1.1 * base, (base, first_ffn, best.perplexity)
