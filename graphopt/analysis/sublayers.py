@@ -143,9 +143,10 @@ class SkipEvaluator:
         self.reference: list[torch.Tensor] = []
         self.base_envs: list[dict] | None = None
         self.base_removed: frozenset[int] = frozenset()
-        for batch in self.batches:
-            env = self._run(batch, frozenset(), {}, 0)
-            self.reference.append(log_probs(self._logits(env)))
+        with torch.no_grad():
+            for batch in self.batches:
+                env = self._run(batch, frozenset(), {}, 0)
+                self.reference.append(log_probs(self._logits(env)))
 
     def _logits(self, env: dict) -> torch.Tensor:
         out = self.output_node.args[0]
@@ -244,3 +245,73 @@ def ffn_saturation(evaluator: SkipEvaluator, thresholds=(0.9, 0.95, 0.99)) -> li
         out.append(Saturation(s.name, s.index, float(cos.mean()),
                               {t: float((cos >= t).float().mean()) for t in thresholds}))
     return out
+
+
+@dataclass
+class AdaptivePoint:
+    """One threshold of input-adaptive FFN skipping, simulated on the calibration batches."""
+
+    threshold: float
+    skip_ratio: float          # skipped FFN-token evaluations / all FFN-token evaluations (every layer)
+    region_skip_ratio: float   # the same within the eligible region
+    js: float
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def adaptive_ffn_skipping(evaluator: SkipEvaluator, thresholds, region: tuple[int, int] | None = None,
+                          span: int = 1, warmup: int = 25) -> list[AdaptivePoint]:
+    """FFN-SkipLLM, token by token: attention always runs; an FFN in `region` (FFN numbers,
+    [start, end)) whose per-token cos(h, h + FFN(h)) exceeds the threshold makes the next
+    `span` FFNs of the region pass that token through. Positions before `warmup` run in full.
+    Causal attention makes a prefill with these per-token decisions equal to decoding token by
+    token with them, so this is the quality the control-flow version would have."""
+    import torch.nn.functional as F
+    ffns = [s for s in evaluator.sublayers if s.kind == "ffn"]
+    start, end = region if region is not None else (len(ffns) // 4, len(ffns) - len(ffns) // 4)
+    eligible = {evaluator.add_node[s.index]: (k, evaluator.stream_node[s.index]) for k, s in enumerate(ffns)
+                if start <= k < end}
+    points = []
+    for threshold in thresholds:
+        js = nll = 0.0
+        tokens = rows = skipped = region_evals = 0
+        for batch, ref in zip(evaluator.batches, evaluator.reference):
+            env, inputs = {}, iter(batch)
+            interp = fx.Interpreter(evaluator.gm, garbage_collect_values=False)
+            left = None
+            with torch.no_grad():
+                for node in evaluator.nodes:
+                    if node.op == "output":
+                        break
+                    if node.op == "placeholder":
+                        env[node] = next(inputs)
+                        continue
+                    interp.env = env
+                    value = interp.run_node(node)
+                    if node in eligible:
+                        stream = env[eligible[node][1]]
+                        flat_in = stream.reshape(-1, stream.shape[-1])
+                        flat_out = value.reshape(-1, value.shape[-1])
+                        if left is None:
+                            left = torch.zeros(flat_in.shape[0], dtype=torch.long)
+                        skip = left > 0
+                        flat_out = torch.where(skip[:, None], flat_in, flat_out)
+                        value = flat_out.reshape(value.shape)
+                        cos = F.cosine_similarity(flat_in.float(), flat_out.float(), dim=-1)
+                        positions = torch.arange(flat_in.shape[0]) % stream.shape[-2]
+                        trigger = (~skip) & (cos > threshold) & (positions >= warmup)
+                        left = torch.where(skip, left - 1, torch.where(trigger, span, 0))
+                        skipped += int(skip.sum())
+                        region_evals += skip.numel()
+                    env[node] = value
+            logits = evaluator._logits(env)
+            js += js_divergence(ref, log_probs(logits)) * ref.shape[0]
+            batch_nll, count = next_token_nll(logits, batch[0])
+            nll, tokens, rows = nll + batch_nll, tokens + count, rows + ref.shape[0]
+        total_evals = region_evals * len(ffns) / max(end - start, 1)
+        points.append(AdaptivePoint(threshold, skipped / max(total_evals, 1), skipped / max(region_evals, 1),
+                                    js / rows, nll / tokens if tokens else math.nan))
+    return points

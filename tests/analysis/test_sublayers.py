@@ -66,3 +66,15 @@ def test_incremental_evaluation_equals_a_full_run(name):
               for b in batches) / (2 * 15)
     assert full.nll == pytest.approx(float(nll), rel=1e-5)
     assert full.js > 0
+
+
+def test_adaptive_ffn_skipping_bounds():
+    from graphopt.analysis.sublayers import adaptive_ffn_skipping
+    gm, bundle, _ = _graph("llama")
+    ev = SkipEvaluator(gm, [bundle.example_inputs(seq_len=16, seed=s) for s in (1, 2)], find_sublayers(gm))
+    full = ev.score(frozenset())
+    never, always = adaptive_ffn_skipping(ev, [2.0, -2.0], region=(0, 3), span=1, warmup=4)
+    assert never.skip_ratio == 0 and never.js < 1e-9 and never.nll == pytest.approx(full.nll, rel=1e-6)
+    # span 1 over 3 FFNs: monitor, skip, monitor -> one of three for the 12 positions past warmup
+    assert always.region_skip_ratio == pytest.approx(12 / 48)
+    assert always.js > 0
