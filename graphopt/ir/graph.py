@@ -43,9 +43,9 @@ def remove_unused_attributes(gm: fx.GraphModule) -> int:
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     removed = 0
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name in used:
-            continue
         owner_path, _, leaf = name.rpartition(".")
+        if name in used or any(owner_path == u or owner_path.startswith(u + ".") for u in used):
+            continue                    # read directly, or part of a submodule the graph reads (cond branches)
         owner = fetch_attr(gm, owner_path) if owner_path else gm
         if leaf in owner._parameters:
             del owner._parameters[leaf]
