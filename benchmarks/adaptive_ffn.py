@@ -8,7 +8,11 @@ cos(h, h + FFN(h)) exceeds the threshold makes the next `span` FFNs pass that to
 through; the first `warmup` positions of each window run in full. Simulated on the IR with
 per-token decisions in a causal prefill, which is what token-by-token decoding with the same
 decisions computes. Perplexity on evaluation.txt in 128-token windows; JS against the
-unmodified model. Also counts saturated FFNs on the first 4 windows.
+unmodified model. Also counts saturated FFNs on the first 4 windows. Decode-step latency:
+the one-token graph lowered with ONNX `If` around each skippable FFN, timed never and
+always skipping against the plain graph (round-robin); a row's estimate interpolates between
+them at its skip ratio (a one-token forward without KV cache: at 128 cached tokens the
+attention over the cache is < 1% of a step's FLOPs).
 """
 from __future__ import annotations
 
@@ -19,14 +23,36 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, write_json  # noqa: E402
+from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.analysis.sublayers import SkipEvaluator, adaptive_ffn_skipping, ffn_saturation, find_sublayers  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
 from graphopt.ir.capture import capture  # noqa: E402
-from graphopt.passes import ConstantFolding  # noqa: E402
+from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
+from graphopt.passes.adaptive_ffn_skipping import AdaptiveFFNSkipping  # noqa: E402
+
+
+def decode_step_latency(model, region, spans, repeats, threads):
+    """Median seconds of a one-token forward: plain, and with the If graph never / always
+    skipping; and the share of the region's FFNs the If graph can skip, per span."""
+    ids = (torch.tensor([[504]]),)
+    runners, share = {}, {}
+
+    def build(name, passes):
+        cm = graphopt.compile(model, ids, passes=passes, backend="onnxruntime",
+                              backend_options={"threads": threads}, progress=False)
+        runners[name] = lambda: cm(*ids)
+        return cm
+    build("plain", [ConstantFolding(), DeadCodeElimination()])
+    for span in spans:
+        for label, threshold in (("never", 2.0), ("always", -2.0)):
+            cm = build(f"{label} {span}", [ConstantFolding(), AdaptiveFFNSkipping(threshold=threshold, region=region,
+                                                                                 span=span), DeadCodeElimination()])
+        record = next(r for r in cm.records if r.name == "adaptive_ffn_skipping")
+        share[span] = len(record.changes) / (region[1] - region[0])
+    return interleaved_medians(runners, repeats), share
 
 
 def main() -> None:
@@ -38,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=30, help="decode-step timing rounds")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -60,9 +87,22 @@ def main() -> None:
                          "perplexity": p.perplexity, "ppl_vs_full_pct": 100 * (p.perplexity / base.perplexity - 1),
                          "js": p.js})
             print(f"  {rows[-1]['name']}: skip {p.skip_ratio:.1%}, perplexity {p.perplexity:.3f}", file=sys.stderr)
+    medians, share = decode_step_latency(bundle.model, tuple(args.region), args.span, args.repeats, args.threads)
+    print(f"decode step (1 token, onnxruntime): plain {medians['plain'] * 1e3:.2f} ms; "
+          + "; ".join(f"span {k}: If graph never skipping {medians[f'never {k}'] * 1e3:.2f} ms, always skipping "
+                      f"{medians[f'always {k}'] * 1e3:.2f} ms ({share[k]:.0%} of the region's FFNs)" for k in args.span),
+          file=sys.stderr)
+    for row in rows:
+        k = row["span"]
+        never, always = medians[f"never {k}"], medians[f"always {k}"]
+        expected = never + (always - never) * min(row["region_skip_ratio"] / share[k], 1.0)
+        row["decode_speedup_est"] = medians["plain"] / expected
     print(f"\nSmolLM2-135M, FFN region {args.region[0]}..{args.region[1] - 1}, warmup {args.warmup} positions; "
           f"{len(windows)} x {args.seq_len} tokens of evaluation.txt (full model {base.perplexity:.3f})")
-    print_table(rows, ["name", "ffn_skip_ratio", "region_skip_ratio", "perplexity", "ppl_vs_full_pct", "js"])
+    print_table(rows, ["name", "ffn_skip_ratio", "region_skip_ratio", "perplexity", "ppl_vs_full_pct", "js",
+                       "decode_speedup_est"])
+    print("decode_speedup_est: plain one-token latency / the If graph's, interpolated between its never- and "
+          "always-skipping medians at the row's skip ratio")
     write_json(rows, args.json)
 
 
