@@ -13,6 +13,7 @@ unpruned model's median / this one's, so > 1 is faster).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,7 +29,7 @@ from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers  # noqa: E
 from graphopt.corpus import read_text  # noqa: E402
 from graphopt.ir.capture import capture  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
-from graphopt.passes.layer_skipping import LayerSkipping, rank_removals  # noqa: E402
+from graphopt.passes.layer_skipping import LayerSkipping, RemovalStep, rank_removals  # noqa: E402
 
 
 def main() -> None:
@@ -40,6 +41,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--orders", metavar="JSON", help="reuse rankings saved by --save-orders (skips the search)")
+    ap.add_argument("--save-orders", metavar="JSON", help="write the rankings (method -> [names, js])")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,12 +58,22 @@ def main() -> None:
     ConstantFolding()(gm)
     evaluator = SkipEvaluator(gm, scoring, find_sublayers(gm))
     rankings, rank_seconds = {}, {}
+    saved = json.load(open(args.orders)) if args.orders else {}
+    by_name = {sub.name: sub for sub in evaluator.sublayers}
     for method in args.methods:
         start = time.perf_counter()
-        rankings[method] = rank_removals(gm, scoring, method, max(args.budgets), evaluator=evaluator)
-        rank_seconds[method] = time.perf_counter() - start
+        if method in saved:
+            rankings[method] = [RemovalStep((by_name[name],), js=js) for name, js in saved[method]["steps"]]
+            rank_seconds[method] = saved[method]["seconds"]
+        else:
+            rankings[method] = rank_removals(gm, scoring, method, max(args.budgets), evaluator=evaluator)
+            rank_seconds[method] = time.perf_counter() - start
         order = ", ".join(f"{s.unit[0].label}" for s in rankings[method])
         print(f"  {method} ({rank_seconds[method]:.0f}s): {order}", file=sys.stderr)
+    if args.save_orders:
+        with open(args.save_orders, "w") as f:
+            json.dump({m: {"seconds": rank_seconds[m], "steps": [[s.names[0], s.js] for s in steps]}
+                       for m, steps in rankings.items()}, f, indent=1)
 
     rows, runners, compiled = [], {}, {}
     for method in args.methods:

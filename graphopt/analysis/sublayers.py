@@ -105,7 +105,7 @@ def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
 def remove_sublayers(gm: fx.GraphModule, sublayers: list[Sublayer]) -> int:
     """Bypass each sublayer's residual add and drop what only it used; returns bytes freed."""
     before = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
-    for sub in sublayers:
+    for sub in sorted(sublayers, key=lambda s: -s.index):   # later first: a stream may be an earlier add
         add = node_named(gm, sub.add)
         add.replace_all_uses_with(node_named(gm, sub.stream))
         gm.graph.erase_node(add)

@@ -78,3 +78,14 @@ def test_adaptive_ffn_skipping_bounds():
     # span 1 over 3 FFNs: monitor, skip, monitor -> one of three for the 12 positions past warmup
     assert always.region_skip_ratio == pytest.approx(12 / 48)
     assert always.js > 0
+
+
+def test_removing_consecutive_sublayers_in_any_order():
+    gm, bundle, inputs = _graph("llama")
+    subs = find_sublayers(gm)
+    expected_graph = copy.deepcopy(gm)
+    remove_sublayers(expected_graph, [subs[4]])
+    remove_sublayers(expected_graph, [subs[3]])
+    remove_sublayers(gm, [subs[3], subs[4]])          # ffn[1] then attention[2], whose stream is ffn[1]'s add
+    assert [s.label for s in find_sublayers(gm)] == ["attention[0]", "ffn[0]", "attention[1]", "ffn[1]"]
+    assert_close_to_scale(gm(*inputs)[0], expected_graph(*inputs)[0], 1e-6)
