@@ -59,7 +59,7 @@ def layer_name(node: fx.Node) -> str:
     return module_path(node) or node.name
 
 
-def _through_views(node: fx.Node) -> fx.Node:
+def through_views(node: fx.Node) -> fx.Node:
     while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
@@ -79,8 +79,8 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
         return None
     for stream, sub in ((a, b), (b, a)):
-        writer = _through_views(sub)
-        if linear_weight(gm, writer) is not None and linear_weight(gm, _through_views(stream)) is None \
+        writer = through_views(sub)
+        if linear_weight(gm, writer) is not None and linear_weight(gm, through_views(stream)) is None \
                 and not _depends_on(stream, writer):
             return stream, writer
     return None

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..errors import GraphoptError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes
@@ -234,7 +235,6 @@ class Saturation:
 def ffn_saturation(evaluator: SkipEvaluator, thresholds=(0.9, 0.95, 0.99)) -> list[Saturation]:
     """FFN-SkipLLM's question on the unmodified model: per FFN, the distribution of the
     per-token cosine between the stream before and after it."""
-    import torch.nn.functional as F
     ffns = [s for s in evaluator.sublayers if s.kind == "ffn"]
     envs = evaluator.values(frozenset(), [n for s in ffns for n in (s.stream, s.add)])
     out = []
@@ -269,7 +269,6 @@ def adaptive_ffn_skipping(evaluator: SkipEvaluator, thresholds, region: tuple[in
     `span` FFNs of the region pass that token through. Positions before `warmup` run in full.
     Causal attention makes a prefill with these per-token decisions equal to decoding token by
     token with them, so this is the quality the control-flow version would have."""
-    import torch.nn.functional as F
     ffns = [s for s in evaluator.sublayers if s.kind == "ffn"]
     start, end = region if region is not None else (len(ffns) // 4, len(ffns) - len(ffns) // 4)
     eligible = {evaluator.add_node[s.index]: (k, evaluator.stream_node[s.index]) for k, s in enumerate(ffns)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.calibration import _through_views
+from ..analysis.calibration import through_views
 from ..analysis.sublayers import branch_nodes, find_sublayers, node_named
 from ..errors import PreconditionError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes
@@ -29,7 +29,7 @@ aten = torch.ops.aten
 
 
 def _output_operand(add: fx.Node, writer: fx.Node) -> fx.Node:
-    return next(a for a in add.args if isinstance(a, fx.Node) and _through_views(a) is writer)
+    return next(a for a in add.args if isinstance(a, fx.Node) and through_views(a) is writer)
 
 
 def extract_branch(gm: fx.GraphModule, sub) -> tuple[fx.GraphModule, list[fx.Node], fx.Node]:

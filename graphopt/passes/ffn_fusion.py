@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analysis.calibration import _through_views, linear_bias, linear_input, linear_weight
+from ..analysis.calibration import linear_bias, linear_input, linear_weight, through_views
 from ..analysis.quality import next_token_nll
 from ..analysis.sublayers import SkipEvaluator, Sublayer, branch_nodes, find_sublayers, node_named
 from ..errors import GraphoptError, PreconditionError
@@ -79,7 +79,7 @@ def _dissect(gm: fx.GraphModule, sub: Sublayer) -> _FFN:
     sources = {linear_input(n) for n in inputs}
     if len(sources) != 1:
         raise GraphoptError(f"FFN {sub.name}: its input linears read different tensors")
-    norm = _through_views(next(iter(sources)))
+    norm = through_views(next(iter(sources)))
     hidden = stream.meta["val"].shape[-1]
     shift = None
     if norm.target is aten.layer_norm.default:
@@ -220,7 +220,7 @@ def fuse_group(gm: fx.GraphModule, group: list[Sublayer]) -> str:
 
 def _writer_path(m: _FFN) -> fx.Node:
     for a in m.add.args:
-        if isinstance(a, fx.Node) and _through_views(a) is m.writer:
+        if isinstance(a, fx.Node) and through_views(a) is m.writer:
             return a
     raise GraphoptError(f"{describe(m.add)} does not read {m.sub.name}'s output")
 

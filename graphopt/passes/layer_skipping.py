@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..analysis.sublayers import SkipEvaluator, Sublayer, find_sublayers, remove_sublayers
@@ -98,7 +99,6 @@ def rank_removals(gm, batches: list[tuple] | None, method: str, count: int,
 
 
 def _block_influence(ev: SkipEvaluator, unit: tuple[Sublayer, ...]) -> float:
-    import torch.nn.functional as F
     total, rows = 0.0, 0
     for env in ev.base_envs:
         before = env[ev.stream_node[unit[0].index]]
