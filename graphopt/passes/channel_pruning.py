@@ -1,0 +1,416 @@
+"""Channel pruning with channel reordering at export (UPSCALE, Wan et al., ICML 2023).
+
+Rewrites (segments, producers and consumers from `analysis.channels`):
+    consumer(x, W)            ->  consumer(x, W[:, kept])                 every input channel kept
+    consumer(x, W)            ->  consumer(slice(x, a, b), W[:, kept])    kept channels contiguous
+    consumer(x, W)            ->  consumer(index_select(x, kept), W[:, kept])   otherwise (a copy)
+    producer(.., W, b)        ->  producer(.., W[used], b[used])          channels no reader needs
+    per-channel constants     ->  the same channels, in the same order (batch norm, norm gains)
+
+Pruning decides, per consumer, which input channels it keeps (lowest importance dropped).
+A producer drops a channel only when no consumer keeps it and nothing else needs it (a
+norm's statistics, a graph output), so the result equals the model with the dropped
+consumer weight columns zeroed. Two modes:
+    "constrained"    every consumer of a segment drops the same channels: no copies, but
+                     consumers that would keep different channels cannot
+    "unconstrained"  each consumer keeps its own channels; consumers whose kept channels are
+                     not contiguous read them through a gather (a copy)
+With `reorder=True` the channels of every block are laid out (producers' rows, per-channel
+constants and consumers' columns permuted alike) so that most consumers' kept channels are
+contiguous: a gather becomes a slice or disappears. The permutation is exact.
+
+`ChannelPermutation` applies a random permutation to every movable block: an exact pass
+that shows the layout machinery (a Llama residual stream can be permuted since RMSNorm is
+permutation-equivariant).
+"""
+from __future__ import annotations
+
+import fnmatch
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..analysis.channels import ChannelAnalysis, Consumer
+from ..errors import GraphoptError
+from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
+from .base import Pass, PassResult, Tolerance
+
+aten = torch.ops.aten
+
+
+def l1_importance(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """Sum of |w| over everything but the input-channel dim."""
+    return weight.detach().abs().transpose(0, in_dim).reshape(weight.shape[in_dim], -1).sum(1)
+
+
+def l2_importance(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """Euclidean norm over everything but the input-channel dim."""
+    return weight.detach().transpose(0, in_dim).reshape(weight.shape[in_dim], -1).norm(dim=1)
+
+
+IMPORTANCE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"l1": l1_importance, "l2": l2_importance}
+
+
+@dataclass
+class ChannelPlan:
+    """What an export does: kept input channels per consumer (canonical ids) and a rank per
+    channel that orders it inside its block (equal ranks keep the original order)."""
+
+    keep: dict[int, set[int]]          # index into analysis.consumers -> kept channels
+    rank: dict[int, int]
+    slack: float = 0.0                 # see `_widen`
+
+
+@dataclass
+class ExportStats:
+    consumers_full: int = 0
+    consumers_slice: int = 0
+    consumers_gather: int = 0
+    producer_channels_before: int = 0
+    producer_channels_after: int = 0
+    consumer_columns_before: int = 0
+    consumer_columns_after: int = 0
+    constants_rewritten: int = 0
+    zero_columns: int = 0              # columns a consumer reads as zeros to avoid a copy (slack)
+
+    @property
+    def changed(self) -> bool:
+        return self.constants_rewritten + self.consumers_slice + self.consumers_gather > 0
+
+
+# -- the layout rewrite ----------------------------------------------------------------------
+def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan) -> ExportStats:
+    """Rewrite `gm` to `plan`: drop channels nobody keeps, order blocks by rank, give each
+    consumer its kept channels by full read, slice or gather. Returns what it did."""
+    kept = set(analysis.needed)
+    for channels in plan.keep.values():
+        kept |= channels
+    for p in analysis.producers:
+        canon = analysis.canonical(p.channels)
+        if not kept.intersection(canon):
+            kept.add(canon[0])      # a conv/linear cannot have zero outputs; nobody reads this one
+    block_of = {c: b for b, block in enumerate(analysis.blocks()) for c in block}
+
+    def positions(channels: list[int]) -> list[int]:
+        canon = analysis.canonical(channels)
+        first: dict[int, int] = {}
+        for pos, c in enumerate(canon):
+            first.setdefault(block_of[c], pos)
+        alive = [pos for pos, c in enumerate(canon) if c in kept]
+        return sorted(alive, key=lambda pos: (first[block_of[canon[pos]]], plan.rank.get(canon[pos], 0), pos))
+
+    stats = ExportStats()
+    # (node, arg) -> steps (dim, index to select, or None and positions to zero)
+    edits: dict[tuple[fx.Node, int], list[tuple[int, list[int] | None, list[int] | None]]] = {}
+
+    def edit(node: fx.Node, arg: int, dim: int, index: list[int], size: int) -> None:
+        if index != list(range(size)):
+            edits.setdefault((node, arg), []).append((dim, index, None))
+
+    for p in analysis.producers:
+        index = positions(p.channels)
+        stats.producer_channels_before += len(p.channels)
+        stats.producer_channels_after += len(index)
+        edit(p.node, p.node.args.index(p.weight), p.out_dim, index, len(p.channels))
+        if p.bias is not None:
+            edit(p.node, p.node.args.index(p.bias), 0, index, len(p.channels))
+    for prm in analysis.params:
+        edit(prm.node, prm.arg, prm.dim, positions(prm.channels), len(prm.channels))
+    reads = []
+    for i, c in enumerate(analysis.consumers):
+        index = positions(c.channels)
+        canon = analysis.canonical(c.channels)
+        read = [j for j, pos in enumerate(index) if canon[pos] in plan.keep[i]]
+        read, zeros = _widen(read, len(index), plan.slack)
+        stats.consumer_columns_before += len(c.channels)
+        stats.consumer_columns_after += len(read) - len(zeros)
+        stats.zero_columns += len(zeros)
+        edit(c.node, c.node.args.index(c.weight), c.in_dim, [index[j] for j in read], len(c.channels))
+        if zeros:
+            edits.setdefault((c.node, c.node.args.index(c.weight)), []).append((c.in_dim, None, zeros))
+        reads.append((c, read, len(index)))
+
+    graph = gm.graph
+    stats.constants_rewritten = len(edits)
+    for (node, arg), steps in edits.items():
+        value = constant_value(gm, node.args[arg])
+        for dim, index, zeros in steps:
+            if index is not None:
+                value = value.index_select(dim, torch.tensor(index, dtype=torch.long))
+            else:
+                value = value.index_fill(dim, torch.tensor(zeros, dtype=torch.long), 0)
+        name = add_constant(gm, f"{node.args[arg].target}_pruned", value)
+        with graph.inserting_before(node):
+            node.update_arg(arg, graph.get_attr(name))
+    for c, read, width in reads:
+        if len(read) == width:
+            stats.consumers_full += 1
+            continue
+        axis = analysis.layouts[c.input].axis
+        with graph.inserting_before(c.node):
+            if read == list(range(read[0], read[0] + len(read))):
+                stats.consumers_slice += 1
+                narrowed = graph.call_function(aten.slice.Tensor, (c.input, axis, read[0], read[0] + len(read)))
+            else:
+                stats.consumers_gather += 1
+                idx = graph.get_attr(add_constant(gm, f"{c.name}_kept_channels", torch.tensor(read, dtype=torch.long)))
+                narrowed = graph.call_function(aten.index_select.default, (c.input, axis, idx))
+        narrowed.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in c.node.meta})
+        c.node.update_arg(c.node.args.index(c.input), narrowed)
+    for shape_arg in analysis.shape_args:
+        node = shape_arg.node
+        shape = list(node.args[1])
+        shape[shape_arg.index] = len(positions(analysis.layouts[node].channels))
+        node.update_arg(1, shape)
+    for node in graph.nodes:
+        if node.op == "call_function":
+            infer_meta(gm, node)
+    remove_unused_attributes(gm)
+    return stats
+
+
+def _widen(read: list[int], width: int, slack: float) -> tuple[list[int], list[int]]:
+    """Trade a copy for a few zero weight columns: with slack s, a consumer keeping k of
+    `width` channels reads all of them if width <= (1+s)k (no op at all), or the smallest
+    range covering its channels if that range <= (1+s)k (a slice instead of a gather). The
+    channels it did not keep get zero columns, so outputs are unchanged."""
+    if not read or len(read) == width or slack <= 0:
+        return read, []
+    limit = (1 + slack) * len(read)
+    if width <= limit:
+        wide = list(range(width))
+    elif read[-1] - read[0] + 1 <= limit:
+        wide = list(range(read[0], read[-1] + 1))
+    else:
+        return read, []
+    kept = set(read)
+    return wide, [k for k, j in enumerate(wide) if j not in kept]
+
+
+# -- choosing what to keep -------------------------------------------------------------------
+def contiguous_order(channels: list[int], sets: list[set[int]]) -> list[int]:
+    """An order of `channels` in which as many of `sets` as possible are contiguous runs.
+
+    UPSCALE's ordering: the largest sets become nodes of a graph whose edges weigh the
+    channels two sets share; the heaviest acyclic paths are laid out set by set as
+    (shared with the previous, own, shared with the next); each region is ordered the same
+    way for the smaller sets inside it. Channels in no set keep their order at the end.
+    """
+    universe = set(channels)
+    family = []
+    for s in sets:
+        part = frozenset(s & universe)
+        if 0 < len(part) < len(universe) and part not in family:
+            family.append(part)
+    if not family:
+        return list(channels)
+    maximal = [s for s in family if not any(s < t for t in family)]
+    paths = _heaviest_paths(maximal)
+    order: list[int] = []
+    placed: set[int] = set()
+
+    def lay(region: set[int]) -> None:
+        region -= placed
+        if region:
+            sub = contiguous_order([c for c in channels if c in region], [set(s) for s in family])
+            order.extend(sub)
+            placed.update(sub)
+
+    for path in paths:
+        for k, s in enumerate(path):
+            nxt = path[k + 1] if k + 1 < len(path) else frozenset()
+            lay(set(s - nxt))
+            lay(set(s & nxt))
+    order.extend(c for c in channels if c not in placed)
+    return order
+
+
+def _heaviest_paths(sets: list[frozenset]) -> list[list[frozenset]]:
+    """Greedy maximum-weight path cover: take edges by shared-channel count, keeping every
+    node's degree <= 2 and no cycles; largest paths first."""
+    n = len(sets)
+    edges = sorted(((len(sets[i] & sets[j]), i, j) for i in range(n) for j in range(i + 1, n)
+                    if sets[i] & sets[j]), reverse=True)
+    root = list(range(n))
+
+    def find(x):
+        while root[x] != x:
+            root[x] = root[root[x]]
+            x = root[x]
+        return x
+
+    adjacent: dict[int, list[int]] = {i: [] for i in range(n)}
+    for _, i, j in edges:
+        if len(adjacent[i]) < 2 and len(adjacent[j]) < 2 and find(i) != find(j):
+            adjacent[i].append(j)
+            adjacent[j].append(i)
+            root[find(i)] = find(j)
+    paths, seen = [], set()
+    for start in sorted(range(n), key=lambda i: -len(sets[i])):
+        if start in seen or len(adjacent[start]) > 1:
+            continue
+        path, prev, cur = [], None, start
+        while cur is not None:
+            path.append(cur)
+            seen.add(cur)
+            cur, prev = next((x for x in adjacent[cur] if x != prev), None), cur
+        paths.append(path)
+    paths.sort(key=lambda p: -sum(len(sets[i]) for i in p))
+    return [[sets[i] for i in p] for p in paths]
+
+
+def reorder_ranks(analysis: ChannelAnalysis, keep: dict[int, set[int]]) -> dict[int, int]:
+    """Ranks that lay each movable block out with `contiguous_order` over its consumers' kept sets."""
+    kept = set(analysis.needed).union(*keep.values()) if keep else set(analysis.needed)
+    readers: dict[int, list[set[int]]] = {}
+    for i, c in enumerate(analysis.consumers):
+        for ch in set(analysis.canonical(c.channels)):
+            readers.setdefault(ch, []).append(keep[i])
+    rank: dict[int, int] = {}
+    for block in analysis.blocks():
+        if any(c in analysis.frozen for c in block):
+            continue
+        alive = [c for c in block if c in kept]
+        sets = {id(s): s for c in alive for s in readers.get(c, [])}
+        for r, c in enumerate(contiguous_order(alive, list(sets.values()))):
+            rank[c] = r
+    return rank
+
+
+@dataclass
+class ChannelPruningOptions:
+    ratio: float = 0.3                 # fraction of each consumer's input channels dropped
+    mode: str = "unconstrained"        # or "constrained"
+    reorder: bool = True               # UPSCALE layout (unconstrained mode)
+    slack: float = 0.0                 # extra zero columns (fraction) a consumer may read to avoid a copy
+    importance: str | Callable = "l1"  # "l1", "l2" or f(weight, in_dim) -> score per input channel
+    scope: str = "layer"               # "layer": each consumer drops `ratio`; "global": ranked across layers
+    exclude: tuple[str, ...] = ()      # consumer names (module paths, fnmatch patterns) left whole
+    min_channels: int = 1              # every consumer keeps at least this many
+
+
+class ChannelPruning(Pass):
+    """Drop the least important input channels of every consumer; see the module docstring."""
+
+    name = "channel_pruning"
+    Options = ChannelPruningOptions
+    tolerance = Tolerance(rtol=float("inf"))     # lossy; its cost is measured by the quality instrument
+
+    def __init__(self, options=None, **overrides):
+        super().__init__(options, **overrides)
+        o = self.options
+        if o.mode not in ("constrained", "unconstrained"):
+            raise GraphoptError(f"ChannelPruning mode must be 'constrained' or 'unconstrained', got {o.mode!r}")
+        if o.scope not in ("layer", "global"):
+            raise GraphoptError(f"ChannelPruning scope must be 'layer' or 'global', got {o.scope!r}")
+        if not 0.0 <= o.ratio < 1.0:
+            raise GraphoptError(f"ChannelPruning ratio must be in [0, 1), got {o.ratio}")
+        if not callable(o.importance) and o.importance not in IMPORTANCE:
+            raise GraphoptError(f"ChannelPruning importance must be one of {sorted(IMPORTANCE)} or a callable")
+        self.stats: ExportStats | None = None
+
+    def run(self, gm, ctx):
+        analysis = ChannelAnalysis(gm)
+        keep = self.choose(gm, analysis)
+        rank = reorder_ranks(analysis, keep) if self.options.reorder and self.options.mode == "unconstrained" else {}
+        self.stats = s = apply_plan(gm, analysis, ChannelPlan(keep, rank, self.options.slack))
+        changes = [
+            f"{self.options.mode}{' + reordered' if rank else ''}: consumer input channels "
+            f"{s.consumer_columns_before} -> {s.consumer_columns_after}, producer output channels "
+            f"{s.producer_channels_before} -> {s.producer_channels_after}",
+            f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
+            f"a gather: {s.consumers_gather}" + (f"; {s.zero_columns} zero columns read instead of copies"
+                                                  if s.zero_columns else ""),
+        ]
+        notes = [f"{seg.describe()}; {reason}" for seg in analysis.segments if seg.consumers
+                 for reason in analysis.explain(seg)[:1]]
+        return PassResult(gm, s.changed, changes, notes[:20])
+
+    def _scores(self, gm, c: Consumer) -> torch.Tensor:
+        fn = self.options.importance if callable(self.options.importance) else IMPORTANCE[self.options.importance]
+        scores = torch.as_tensor(fn(constant_value(gm, c.weight), c.in_dim), dtype=torch.float64)
+        if scores.shape != (len(c.channels),):
+            raise GraphoptError(f"importance returned shape {tuple(scores.shape)} for {c.name}; "
+                                f"expected ({len(c.channels)},)")
+        return scores / scores.mean().clamp_min(1e-30)
+
+    def choose(self, gm, analysis: ChannelAnalysis) -> dict[int, set[int]]:
+        """Kept canonical input channels per consumer index."""
+        o = self.options
+        whole = {i for i, c in enumerate(analysis.consumers) if any(fnmatch.fnmatch(c.name, p) for p in o.exclude)}
+        canon = {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)}
+        keep = {i: set(canon[i]) for i in range(len(analysis.consumers))}
+        scores = {i: self._scores(gm, c) for i, c in enumerate(analysis.consumers) if i not in whole}
+        if o.ratio == 0:
+            return keep
+        if o.mode == "unconstrained":
+            cut = _global_cut([s for s in scores.values()], o.ratio) if o.scope == "global" else None
+            for i, s in scores.items():
+                n_keep = max(o.min_channels, round((1 - o.ratio) * len(s))) if cut is None else \
+                    max(o.min_channels, int((s > cut).sum()))
+                order = torch.argsort(s, descending=True, stable=True)[:n_keep].tolist()
+                keep[i] = {canon[i][j] for j in order}
+            return keep
+        # constrained: a segment drops the same channels from all its consumers
+        pinned = set(analysis.needed) | {ch for i in whole for ch in canon[i]}
+        totals: dict[int, list[float]] = {}
+        for i, s in scores.items():
+            for j, ch in enumerate(canon[i]):
+                totals.setdefault(ch, []).append(float(s[j]))
+        channel_score = {ch: sum(v) / len(v) for ch, v in totals.items()}     # mean over its readers
+        drop: set[int] = set()
+        segments = [seg for seg in analysis.segments if seg.consumers]
+        if o.scope == "global":
+            free = [ch for seg in segments for ch in seg.channels if ch in channel_score and ch not in pinned]
+            total = sum(len(seg.channels) for seg in segments)
+            drop = set(sorted(free, key=lambda ch: channel_score[ch])[: int(o.ratio * total)])
+        else:
+            for seg in segments:
+                free = [ch for ch in seg.channels if ch in channel_score and ch not in pinned]
+                drop |= set(sorted(free, key=lambda ch: channel_score[ch])[: round(o.ratio * len(seg.channels))])
+        for i in scores:
+            remaining = [ch for ch in canon[i] if ch not in drop]
+            if len(remaining) < o.min_channels:
+                raise GraphoptError(f"constrained pruning at ratio {o.ratio} leaves {analysis.consumers[i].name} "
+                                    f"fewer than {o.min_channels} input channels")
+            keep[i] = set(remaining)
+        return keep
+
+
+def _global_cut(scores: list[torch.Tensor], ratio: float) -> float:
+    everything = torch.cat(scores)
+    k = int(ratio * everything.numel())
+    return float(torch.kthvalue(everything, k).values) if k > 0 else float("-inf")
+
+
+@dataclass
+class ChannelPermutationOptions:
+    seed: int = 0
+
+
+class ChannelPermutation(Pass):
+    """Randomly permute the channels of every movable block (exact); see the module docstring."""
+
+    name = "channel_permutation"
+    Options = ChannelPermutationOptions
+
+    def run(self, gm, ctx):
+        analysis = ChannelAnalysis(gm)
+        rng = random.Random(self.options.seed)
+        rank: dict[int, int] = {}
+        moved = 0
+        for block in analysis.blocks():
+            if len(block) < 2 or any(c in analysis.frozen for c in block):
+                continue
+            shuffled = list(block)
+            rng.shuffle(shuffled)
+            rank.update({c: r for r, c in enumerate(shuffled)})
+            moved += shuffled != block
+        if not moved:
+            return PassResult(gm, False, [], ["no movable block of two or more channels"])
+        keep = {i: set(analysis.canonical(c.channels)) for i, c in enumerate(analysis.consumers)}
+        apply_plan(gm, analysis, ChannelPlan(keep, rank))
+        return PassResult(gm, True, [f"permuted {moved} channel blocks"])
