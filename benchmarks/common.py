@@ -8,18 +8,25 @@ from typing import Callable
 
 
 def interleaved_medians(candidates: dict[str, Callable[[], object]], repeats: int,
-                        warmup: int = 2) -> dict[str, float]:
-    """Median seconds per candidate, timing them round-robin so that a burst of load on a
-    shared machine hits every candidate alike instead of whichever ran during it."""
+                        warmup: int = 2, calls_per_round: int = 1) -> dict[str, float]:
+    """Median seconds per call, timing candidates round-robin so that a burst of load on a
+    shared machine hits every candidate alike instead of whichever ran during it.
+
+    `calls_per_round` > 1 times a block of consecutive calls per candidate and round (seconds
+    per call = block / calls): for millisecond models, whose ONNX Runtime threads still spin
+    from the previous candidate's call when the next one starts."""
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
         for name, fn in candidates.items():
+            if calls_per_round > 1:
+                fn()                              # the first call after a switch pays for it
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(calls_per_round):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls_per_round)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -486,3 +486,26 @@ def _prod(xs) -> int:
     for x in xs:
         p *= int(x)
     return p
+
+
+def input_channel_rms(gm: fx.GraphModule, analysis: ChannelAnalysis, batches) -> dict[fx.Node, torch.Tensor]:
+    """Root-mean-square of every consumer input, per channel position, over `batches`
+    (tuples of graph inputs): the activation side of an importance such as |W| * ||x||."""
+    watched = {c.input for c in analysis.consumers}
+    sums: dict[fx.Node, torch.Tensor] = {}
+    counts: dict[fx.Node, int] = {}
+
+    class _Observer(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in watched and isinstance(out, torch.Tensor):
+                axis = analysis.layouts[n].axis
+                flat = out.detach().double().transpose(0, axis).reshape(out.shape[axis], -1)
+                sums[n] = sums.get(n, 0) + flat.pow(2).sum(1)
+                counts[n] = counts.get(n, 0) + flat.shape[1]
+            return out
+
+    with torch.no_grad():
+        for batch in batches:
+            _Observer(gm).run(*batch)
+    return {n: (sums[n] / counts[n]).sqrt().float() for n in sums}

@@ -1,6 +1,7 @@
 """Passes (one per file), the pass contract, the manager, instruments and presets."""
 from .activation_quantization import ActivationQuantization
 from .base import EXACT, NoOptions, Pass, PassContext, PassResult, Tolerance
+from .channel_pruning import ChannelPermutation, ChannelPruning
 from .constant_folding import ConstantFolding
 from .dead_code import DeadCodeElimination
 from .horizontal_fusion import HorizontalFusion
@@ -15,4 +16,5 @@ __all__ = [
     "DeadCodeElimination", "HorizontalFusion", "DumpInstrument", "Instrument",
     "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
     "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization", "ActivationQuantization",
+    "ChannelPruning", "ChannelPermutation",
 ]

@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..analysis.channels import ChannelAnalysis, Consumer
-from ..errors import GraphoptError
+from ..analysis.channels import ChannelAnalysis, Consumer, input_channel_rms
+from ..errors import GraphoptError, PreconditionError
 from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
 
@@ -52,6 +52,10 @@ def l2_importance(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
 
 
 IMPORTANCE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"l1": l1_importance, "l2": l2_importance}
+# "activation": l1_importance x the input channel's RMS on calibration batches (or the example
+# inputs): a column of small weights that reads a large activation still matters (Wanda's
+# |W| * ||x||, summed over a column).
+ACTIVATION = "activation"
 
 
 @dataclass
@@ -286,7 +290,7 @@ class ChannelPruningOptions:
     mode: str = "unconstrained"        # or "constrained"
     reorder: bool = True               # UPSCALE layout (unconstrained mode)
     slack: float = 0.0                 # extra zero columns (fraction) a consumer may read to avoid a copy
-    importance: str | Callable = "l1"  # "l1", "l2" or f(weight, in_dim) -> score per input channel
+    importance: str | Callable = "l1"  # "l1", "l2", "activation", or f(weight, in_dim) -> score per input channel
     scope: str = "layer"               # "layer": each consumer drops `ratio`; "global": ranked across layers
     exclude: tuple[str, ...] = ()      # consumer names (module paths, fnmatch patterns) left whole
     min_channels: int = 1              # every consumer keeps at least this many
@@ -308,13 +312,21 @@ class ChannelPruning(Pass):
             raise GraphoptError(f"ChannelPruning scope must be 'layer' or 'global', got {o.scope!r}")
         if not 0.0 <= o.ratio < 1.0:
             raise GraphoptError(f"ChannelPruning ratio must be in [0, 1), got {o.ratio}")
-        if not callable(o.importance) and o.importance not in IMPORTANCE:
-            raise GraphoptError(f"ChannelPruning importance must be one of {sorted(IMPORTANCE)} or a callable")
+        if not callable(o.importance) and o.importance not in (*IMPORTANCE, ACTIVATION):
+            raise GraphoptError(f"ChannelPruning importance must be one of {sorted(IMPORTANCE) + [ACTIVATION]} "
+                                "or a callable")
         self.stats: ExportStats | None = None
 
     def run(self, gm, ctx):
         analysis = ChannelAnalysis(gm)
-        keep = self.choose(gm, analysis)
+        rms = None
+        if self.options.importance == ACTIVATION and self.options.ratio > 0:
+            batches = ctx.calibration or ([ctx.example_inputs] if ctx.example_inputs is not None else None)
+            if not batches:
+                raise PreconditionError("channel_pruning with importance='activation' needs calibration batches "
+                                        "or example inputs")
+            rms = input_channel_rms(gm, analysis, batches)
+        keep = self.choose(gm, analysis, rms)
         rank = reorder_ranks(analysis, keep) if self.options.reorder and self.options.mode == "unconstrained" else {}
         self.stats = s = apply_plan(gm, analysis, ChannelPlan(keep, rank, self.options.slack))
         changes = [
@@ -329,21 +341,25 @@ class ChannelPruning(Pass):
                  for reason in analysis.explain(seg)[:1]]
         return PassResult(gm, s.changed, changes, notes[:20])
 
-    def _scores(self, gm, c: Consumer) -> torch.Tensor:
-        fn = self.options.importance if callable(self.options.importance) else IMPORTANCE[self.options.importance]
+    def _scores(self, gm, c: Consumer, rms: dict | None) -> torch.Tensor:
+        o = self.options
+        fn = o.importance if callable(o.importance) else IMPORTANCE.get(o.importance, l1_importance)
         scores = torch.as_tensor(fn(constant_value(gm, c.weight), c.in_dim), dtype=torch.float64)
+        if o.importance == ACTIVATION:
+            scores = scores * rms[c.input].double()
         if scores.shape != (len(c.channels),):
             raise GraphoptError(f"importance returned shape {tuple(scores.shape)} for {c.name}; "
                                 f"expected ({len(c.channels)},)")
         return scores / scores.mean().clamp_min(1e-30)
 
-    def choose(self, gm, analysis: ChannelAnalysis) -> dict[int, set[int]]:
-        """Kept canonical input channels per consumer index."""
+    def choose(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> dict[int, set[int]]:
+        """Kept canonical input channels per consumer index (`rms`: input_channel_rms, for
+        importance='activation')."""
         o = self.options
         whole = {i for i, c in enumerate(analysis.consumers) if any(fnmatch.fnmatch(c.name, p) for p in o.exclude)}
         canon = {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)}
         keep = {i: set(canon[i]) for i in range(len(analysis.consumers))}
-        scores = {i: self._scores(gm, c) for i, c in enumerate(analysis.consumers) if i not in whole}
+        scores = {i: self._scores(gm, c, rms) for i, c in enumerate(analysis.consumers) if i not in whole}
         if o.ratio == 0:
             return keep
         if o.mode == "unconstrained":
@@ -361,22 +377,31 @@ class ChannelPruning(Pass):
             for j, ch in enumerate(canon[i]):
                 totals.setdefault(ch, []).append(float(s[j]))
         channel_score = {ch: sum(v) / len(v) for ch, v in totals.items()}     # mean over its readers
-        drop: set[int] = set()
+        readers: dict[int, list[int]] = {}
+        for i in scores:
+            for ch in set(canon[i]):
+                readers.setdefault(ch, []).append(i)
+        remaining = {i: len(set(canon[i])) for i in scores}
         segments = [seg for seg in analysis.segments if seg.consumers]
         if o.scope == "global":
-            free = [ch for seg in segments for ch in seg.channels if ch in channel_score and ch not in pinned]
-            total = sum(len(seg.channels) for seg in segments)
-            drop = set(sorted(free, key=lambda ch: channel_score[ch])[: int(o.ratio * total)])
+            pools = [([ch for seg in segments for ch in seg.channels], sum(len(seg.channels) for seg in segments))]
         else:
-            for seg in segments:
-                free = [ch for ch in seg.channels if ch in channel_score and ch not in pinned]
-                drop |= set(sorted(free, key=lambda ch: channel_score[ch])[: round(o.ratio * len(seg.channels))])
+            pools = [(seg.channels, len(seg.channels)) for seg in segments]
+        drop: set[int] = set()
+        for channels, size in pools:
+            free = sorted((ch for ch in channels if ch in channel_score and ch not in pinned),
+                          key=lambda ch: channel_score[ch])
+            budget = round(o.ratio * size)
+            for ch in free:
+                if budget <= 0:
+                    break
+                if all(remaining[i] > o.min_channels for i in readers[ch]):   # no consumer left empty
+                    drop.add(ch)
+                    budget -= 1
+                    for i in readers[ch]:
+                        remaining[i] -= 1
         for i in scores:
-            remaining = [ch for ch in canon[i] if ch not in drop]
-            if len(remaining) < o.min_channels:
-                raise GraphoptError(f"constrained pruning at ratio {o.ratio} leaves {analysis.consumers[i].name} "
-                                    f"fewer than {o.min_channels} input channels")
-            keep[i] = set(remaining)
+            keep[i] = set(canon[i]) - drop
         return keep
 
 

@@ -1,0 +1,174 @@
+"""Channel pruning exports: copies in the graph, latency and accuracy (UPSCALE's comparison).
+
+    python benchmarks/channel_reorder.py [--models resnet densenet smollm2] [--sparsity 0.3 0.5]
+                                         [--repeats 40] [--train-steps 400] [--json out.json]
+
+For each model and channel sparsity (fraction of every consumer's input channels dropped by
+L1 magnitude), four exports through the onnxruntime backend:
+    unpruned
+    constrained              every consumer of a segment drops the same channels: no copies
+    unconstrained-naive      each consumer keeps its own channels; gathers where needed
+    unconstrained-reordered  the same channels, laid out by UPSCALE's ordering
+    (+ unconstrained-reordered-slack: consumers may read up to 25% zero columns to avoid a copy)
+Columns: Gather/Slice ops in the exported ONNX graph (beyond the unpruned graph's), weight
+MB, median latency (timed round-robin in one run; ratio = unpruned / this, > 1 is faster),
+and accuracy. The CNNs (written in graphopt.models.cnn) are first trained here on a synthetic
+10-class image task (class templates of low-frequency patterns, random shifts and noise),
+so accuracy is test accuracy on held-out samples; `agree` is top-1 agreement with the unpruned
+model. For SmolLM2-135M (real weights) accuracy is perplexity on ../shared/corpus/evaluation.txt
+(128-token windows) and agreement is next-token top-1 agreement; its latency is a 128-token
+prefill. Pruned and reordered exports of one sparsity compute the same function (checked).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import onnx
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import interleaved_medians, print_table, write_json  # noqa: E402
+
+import graphopt  # noqa: E402
+from graphopt.ir.graph import parameter_bytes  # noqa: E402
+from graphopt.models.cnn import SmallDenseNet, SmallResNet  # noqa: E402
+from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
+from graphopt.passes.channel_pruning import ChannelPruning  # noqa: E402
+
+VARIANTS = {
+    "unpruned": None,
+    "constrained": dict(mode="constrained"),
+    "unconstrained-naive": dict(mode="unconstrained", reorder=False),
+    "unconstrained-reordered": dict(mode="unconstrained", reorder=True),
+    "unconstrained-reordered-slack": dict(mode="unconstrained", reorder=True, slack=0.25),
+}
+
+
+# -- a small task the CNNs learn here ------------------------------------------------------
+def synthetic_images(count: int, generator: torch.Generator, templates: torch.Tensor, size: int = 32):
+    labels = torch.randint(0, templates.shape[0], (count,), generator=generator)
+    x = templates[labels] * (0.5 + torch.rand(count, 1, 1, 1, generator=generator))
+    shifts = torch.randint(-4, 5, (count, 2), generator=generator)
+    x = torch.stack([torch.roll(img, (int(dy), int(dx)), (1, 2)) for img, (dy, dx) in zip(x, shifts)])
+    return x + 0.8 * torch.randn(count, 3, size, size, generator=generator), labels
+
+
+def task(seed: int = 0, size: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(10, 3, 4, 4, generator=g), size=(size, size), mode="bicubic",
+                              align_corners=False)
+    train = [synthetic_images(64, g, templates) for _ in range(50)]
+    test = synthetic_images(1000, g, templates)
+    return train, test
+
+
+def train_cnn(model: torch.nn.Module, batches, steps: int) -> torch.nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def onnx_copies(cm) -> tuple[int, int]:
+    model = onnx.load(os.path.join(cm.executable.workdir, "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    return ops.count("Gather"), ops.count("Slice")
+
+
+def compile_variant(model, example, options, dynamic_dims):
+    passes = [ConstantFolding()]
+    if options is not None:
+        passes += [ChannelPruning(importance="l1", **options)]
+    passes += [DeadCodeElimination()]
+    return graphopt.compile(model, example, passes=passes, backend="onnxruntime", dynamic_dims=dynamic_dims,
+                            backend_options={"threads": torch.get_num_threads()}, progress=False)
+
+
+def run_model(name: str, args) -> list[dict]:
+    if name == "smollm2":
+        from graphopt.analysis.quality import perplexity, token_windows
+        from graphopt.corpus import read_text
+        bundle = graphopt.models.load("smollm2")
+        model = bundle.model
+        windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), 128, 128 * args.eval_windows)
+        example, dynamic = (windows[0],), None
+    else:
+        torch.manual_seed(0)
+        model = SmallResNet(widths=(32, 64, 128)) if name == "resnet" else SmallDenseNet(growth=16, layers_per_block=6)
+        train, (x_test, y_test) = task()
+        train_cnn(model, train, args.train_steps)
+        example, dynamic = (x_test[:1],), None
+    rows = []
+    unpruned = compile_variant(model, example, None, dynamic)
+    for sparsity in args.sparsity:
+        compiled = {"unpruned": unpruned}
+        for variant, options in VARIANTS.items():
+            if options is not None:
+                opts = dict(options, ratio=sparsity, exclude=tuple(args.exclude))
+                compiled[variant] = compile_variant(model, example, opts, dynamic)
+                print(f"  compiled {name} {sparsity:.0%} {variant}", file=sys.stderr)
+        times = interleaved_medians({v: (lambda cm=cm: cm(*example)) for v, cm in compiled.items()}, args.repeats,
+                                    calls_per_round=1 if name == "smollm2" else 20)
+        base_gather, base_slice = onnx_copies(compiled["unpruned"])
+        outputs = {}
+        for variant, cm in compiled.items():
+            if name == "smollm2":
+                logits = [torch.as_tensor(cm(w)) for w in windows]
+                outputs[variant] = logits
+                quality = perplexity(cm, windows, progress=False).perplexity
+            else:
+                logits = torch.cat([torch.as_tensor(cm(x_test[i:i + 1])) for i in range(len(x_test))])
+                outputs[variant] = [logits]
+                quality = float((logits.argmax(-1) == y_test).float().mean())
+            ref = outputs["unpruned"]
+            agree = float(torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(outputs[variant], ref)])
+                          .float().mean())
+            gathers, slices = onnx_copies(cm)
+            rows.append({
+                "name": f"{name} {sparsity:.0%} {variant}", "model": name, "sparsity": sparsity, "variant": variant,
+                "gathers": gathers - base_gather, "slices": slices - base_slice,
+                "weights_mb": parameter_bytes(cm.graph_module) / 1e6,
+                "latency_ms": times[variant] * 1e3, "speedup": times["unpruned"] / times[variant],
+                "perplexity" if name == "smollm2" else "accuracy": quality, "agree": agree,
+            })
+        unc = [outputs[v] for v in ("unconstrained-naive", "unconstrained-reordered", "unconstrained-reordered-slack")]
+        for other in unc[1:]:
+            for a, b in zip(unc[0], other):
+                err = float((a - b).abs().max() / a.abs().max())
+                assert err < 1e-4, f"reordering changed {name}'s outputs by {err:.2e}"
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet", "densenet", "smollm2"])
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5])
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--eval-windows", type=int, default=16, help="SmolLM2: 128-token evaluation windows")
+    ap.add_argument("--exclude", nargs="*", default=[], help="consumer names left whole (fnmatch)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args)
+        print_table([r for r in rows if r["model"] == name],
+                    ["name", "gathers", "slices", "weights_mb", "latency_ms", "speedup",
+                     "perplexity" if name == "smollm2" else "accuracy", "agree"])
+        print()
+    write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

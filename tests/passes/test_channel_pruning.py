@@ -1,0 +1,199 @@
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import graphopt
+from graphopt.analysis.channels import ChannelAnalysis
+from graphopt.errors import GraphoptError, PreconditionError
+from graphopt.ir.capture import capture
+from graphopt.ir.graph import constant_value, parameter_bytes
+from graphopt.passes import DeadCodeElimination, PassContext, PassManager, VerifyInstrument
+from graphopt.passes.channel_pruning import ChannelPermutation, ChannelPruning, contiguous_order
+
+from ..conftest import assert_close_to_scale, small_inputs
+
+MODELS = ["resnet", "densenet", "llama", "gpt2"]
+MODES = [dict(mode="constrained"), dict(mode="unconstrained", reorder=False), dict(mode="unconstrained", reorder=True),
+         dict(mode="unconstrained", reorder=True, slack=0.5)]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def _captured(name):
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    return capture(bundle.model, inputs).graph_module, inputs
+
+
+def _masked(gm, analysis, keep):
+    """The unpruned graph with every dropped consumer column zeroed: what pruning must equal."""
+    gm = copy.deepcopy(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, c in enumerate(analysis.consumers):
+        dropped = [j for j, ch in enumerate(analysis.canonical(c.channels)) if ch not in keep[i]]
+        if not dropped:
+            continue
+        node, weight = nodes[c.node.name], nodes[c.weight.name]
+        value = constant_value(gm, weight).index_fill(c.in_dim, torch.tensor(dropped), 0.0)
+        gm.register_buffer(f"masked_{i}", value)
+        with gm.graph.inserting_before(node):
+            node.update_arg(node.args.index(weight), gm.graph.get_attr(f"masked_{i}"))
+    gm.recompile()
+    return gm
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("options", MODES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_pruned_graph_equals_the_masked_model(name, options):
+    gm, inputs = _captured(name)
+    prune = ChannelPruning(ratio=0.4, **options)
+    analysis = ChannelAnalysis(gm)
+    reference = _masked(gm, analysis, prune.choose(gm, analysis))(*inputs)[0]
+    bytes_before = parameter_bytes(gm)
+    result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm)
+    out = result.graph_module(*inputs)[0]
+    assert_close_to_scale(out, reference, 1e-5)
+    assert parameter_bytes(result.graph_module) < bytes_before
+    s = prune.stats
+    assert s.consumer_columns_after < s.consumer_columns_before
+    if options["mode"] == "constrained":
+        assert s.consumers_slice == s.consumers_gather == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reordering_alone_leaves_outputs_unchanged(name):
+    gm, inputs = _captured(name)
+    before = gm(*inputs)
+    result = PassManager([ChannelPermutation(seed=3)], [VerifyInstrument(inputs)]).run(gm)
+    assert result.records[0].modified
+    for a, b in zip(result.graph_module(*inputs), before):
+        assert_close_to_scale(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pruning_that_keeps_every_channel_is_the_identity(name):
+    gm, inputs = _captured(name)
+    before, code = gm(*inputs), gm.code
+    result = ChannelPruning(ratio=0.0)(gm, PassContext(inputs))
+    assert not result.modified
+    assert result.graph_module.code == code
+    for a, b in zip(result.graph_module(*inputs), before):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["resnet", "llama"])
+def test_reordering_turns_gathers_into_slices_without_changing_outputs(name):
+    outs, stats = {}, {}
+    for reorder in (False, True):
+        gm, inputs = _captured(name)
+        prune = ChannelPruning(ratio=0.3, reorder=reorder)
+        outs[reorder] = prune(gm).graph_module(*inputs)[0]
+        stats[reorder] = prune.stats
+    assert_close_to_scale(outs[True], outs[False], 1e-5)
+    assert stats[True].consumers_gather < stats[False].consumers_gather
+    assert stats[True].consumers_slice > stats[False].consumers_slice
+
+
+def test_constrained_pruning_never_leaves_a_consumer_empty():
+    gm, inputs = _captured("densenet")
+    prune = ChannelPruning(ratio=0.9, mode="constrained", min_channels=2)
+    prune(gm)
+    analysis = ChannelAnalysis(gm)
+    assert min(len(c.channels) for c in analysis.consumers) >= 2
+
+
+def test_global_scope_prunes_the_requested_share_overall():
+    gm, inputs = _captured("resnet")
+    prune = ChannelPruning(ratio=0.3, scope="global")
+    prune(gm)
+    s = prune.stats
+    assert abs(1 - s.consumer_columns_after / s.consumer_columns_before - 0.3) < 0.02
+
+
+def test_activation_importance_needs_data_and_uses_it():
+    gm, inputs = _captured("resnet")
+    with pytest.raises(PreconditionError, match="calibration batches"):
+        ChannelPruning(ratio=0.3, importance="activation")(gm, PassContext())
+    by_weight = ChannelPruning(ratio=0.3, importance="l1")
+    by_activation = ChannelPruning(ratio=0.3, importance="activation")
+    analysis = ChannelAnalysis(gm)
+    from graphopt.analysis.channels import input_channel_rms
+    rms = input_channel_rms(gm, analysis, [inputs])
+    assert by_weight.choose(gm, analysis) != by_activation.choose(gm, analysis, rms)
+
+
+def test_bad_options_are_one_line_errors():
+    with pytest.raises(GraphoptError, match="mode must be"):
+        ChannelPruning(mode="sideways")
+    with pytest.raises(GraphoptError, match="ratio must be"):
+        ChannelPruning(ratio=1.0)
+    with pytest.raises(GraphoptError, match="importance must be"):
+        ChannelPruning(importance="vibes")
+
+
+def test_custom_importance_callable():
+    gm, inputs = _captured("resnet")
+    first_columns = lambda w, in_dim: -torch.arange(w.shape[in_dim], dtype=torch.float64)   # keep the first ones
+    prune = ChannelPruning(ratio=0.5, importance=first_columns, reorder=False)
+    analysis = ChannelAnalysis(gm)
+    keep = prune.choose(gm, analysis)
+    for i, c in enumerate(analysis.consumers):
+        canon = analysis.canonical(c.channels)
+        assert keep[i] == set(canon[: round(0.5 * len(canon))])
+
+
+def test_exclude_leaves_named_consumers_whole():
+    gm, inputs = _captured("resnet")
+    prune = ChannelPruning(ratio=0.5, exclude=("head", "blocks.0.*"))
+    analysis = ChannelAnalysis(gm)
+    keep = prune.choose(gm, analysis)
+    for i, c in enumerate(analysis.consumers):
+        whole = c.name == "head" or c.name.startswith("blocks.0.")
+        assert (keep[i] == set(analysis.canonical(c.channels))) == whole
+
+
+def test_contiguous_order_nested_and_chained_sets():
+    channels = list(range(10))
+    nested = [{1, 5}, {1, 5, 7, 9}, {0, 1, 5, 7, 9, 3}]
+    order = contiguous_order(channels, nested)
+    for s in nested:
+        pos = sorted(order.index(c) for c in s)
+        assert pos == list(range(pos[0], pos[0] + len(s)))
+    chain = [{0, 9, 4}, {4, 2}, {2, 7, 8}]
+    order = contiguous_order(channels, chain)
+    for s in chain:
+        pos = sorted(order.index(c) for c in s)
+        assert pos == list(range(pos[0], pos[0] + len(s)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sets(st.integers(0, 19), max_size=20), max_size=8))
+def test_contiguous_order_is_a_permutation(sets):
+    channels = list(range(20))
+    order = contiguous_order(channels, sets)
+    assert sorted(order) == channels
+    if len(sets) == 1 and sets[0]:
+        pos = sorted(order.index(c) for c in sets[0])
+        assert pos == list(range(pos[0], pos[0] + len(sets[0])))
+
+
+@pytest.mark.parametrize("name,share", [("resnet", 0.6), ("densenet", 0.8), ("llama", 0.85)])
+def test_lowered_through_both_backends_with_fewer_weights(name, share, tmp_path):
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    sizes = {}
+    for label, passes in (("full", "default"), ("pruned", [ChannelPruning(ratio=0.5), DeadCodeElimination()])):
+        reference = graphopt.compile(bundle.model, inputs, passes=passes, backend="torch", progress=False)
+        cm = graphopt.compile(bundle.model, inputs, passes=passes, backend="onnxruntime", progress=False)
+        assert_close_to_scale(cm(*inputs), reference(*inputs), 1e-4)
+        path = cm.save(str(tmp_path / label))
+        sizes[label] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    assert sizes["pruned"] < share * sizes["full"]     # llama: its embedding and stream stay whole
