@@ -1,4 +1,4 @@
-"""Command line: `graphopt compile | inspect | bench | eval | superweights | sublayers | models`.
+"""Command line: `graphopt compile | inspect | bench | eval | superweights | sublayers | channels | models`.
 
     graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
     graphopt inspect dist/smollm2
@@ -71,7 +71,7 @@ def cmd_compile(args) -> None:
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
     passes = _pass_list(args)
-    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers
+    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
     calibration = None if lossless else _calibration_batches(bundle, args)
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
@@ -100,20 +100,27 @@ def cmd_compile(args) -> None:
 
 
 def _pass_list(args) -> list:
-    """The preset's passes, with layer skipping (and FFN fusion) after constant folding."""
-    from .passes import ConstantFolding, preset
+    """The preset's passes, with layer skipping (and FFN fusion), then channel pruning, after
+    constant folding."""
+    from .passes import ChannelPruning, ConstantFolding, DeadCodeElimination, preset
     from .passes.ffn_fusion import FFNFusion
     from .passes.layer_skipping import LayerSkipping
     passes = preset(args.passes)
     if args.fuse_ffn and not args.skip_sublayers:
         raise GraphoptError("--fuse-ffn fuses FFNs made consecutive by --skip-sublayers; give both")
+    extra = []
     if args.skip_sublayers:
-        at = 1 if passes and isinstance(passes[0], ConstantFolding) else 0
-        extra = [LayerSkipping(method=args.skip_method, sublayers=args.skip_sublayers,
-                               kinds=tuple(args.skip_kinds.split(",")))]
+        extra.append(LayerSkipping(method=args.skip_method, sublayers=args.skip_sublayers,
+                                   kinds=tuple(args.skip_kinds.split(","))))
         if args.fuse_ffn:
             extra.append(FFNFusion())
-        passes[at:at] = extra
+    if args.prune_channels:
+        extra.append(ChannelPruning(ratio=args.prune_channels, mode=args.prune_mode, reorder=not args.no_reorder,
+                                    importance=args.prune_importance, exclude=tuple(args.prune_exclude)))
+    at = 1 if passes and isinstance(passes[0], ConstantFolding) else 0
+    passes[at:at] = extra
+    if extra and not any(isinstance(p, DeadCodeElimination) for p in passes):
+        passes.append(DeadCodeElimination())
     return passes
 
 
@@ -270,6 +277,41 @@ def cmd_sublayers(args) -> None:
               f"perplexity {step.perplexity:.3f}")
 
 
+def cmd_channels(args) -> None:
+    import graphopt
+    from .analysis.channels import ChannelAnalysis
+    from .ir.capture import capture
+    from .passes import ChannelPruning, ConstantFolding
+
+    bundle = graphopt.models.load(args.model)
+    inputs = _example_inputs(bundle, args.seq_len)
+    gm = capture(bundle.model, inputs).graph_module
+    ConstantFolding()(gm)
+    analysis = ChannelAnalysis(gm)
+    prunable = [s for s in analysis.segments if s.consumers]
+    print(f"{args.model}: {len(analysis.segments)} channel segments, {len(prunable)} with consumers; "
+          f"{len(analysis.producers)} producers, {len(analysis.consumers)} consumers")
+    for seg in analysis.segments[: args.max_segments]:
+        print(f"  {seg.describe()}")
+        for reason in analysis.explain(seg)[:2]:
+            print(f"      {reason}")
+    if len(analysis.segments) > args.max_segments:
+        print(f"  ... {len(analysis.segments) - args.max_segments} more (--max-segments)")
+    if args.ratio:
+        print(f"exports at {args.ratio:.0%} of each consumer's input channels dropped (L1):")
+        for label, options in (("constrained", dict(mode="constrained")),
+                               ("unconstrained, naive", dict(reorder=False)),
+                               ("unconstrained, reordered", dict(reorder=True))):
+            trial = capture(bundle.model, inputs).graph_module
+            ConstantFolding()(trial)
+            prune = ChannelPruning(ratio=args.ratio, **options)
+            prune(trial)
+            st = prune.stats
+            print(f"  {label:26s} columns {st.consumer_columns_before} -> {st.consumer_columns_after}; "
+                  f"consumers reading all / a slice / a gather: {st.consumers_full} / {st.consumers_slice} / "
+                  f"{st.consumers_gather}")
+
+
 def cmd_models(args) -> None:
     from .models import available
     print("\n".join(available()))
@@ -286,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-method", default="finercut", help="tail, bi, finercut, finercut-oneshot")
     c.add_argument("--skip-kinds", default="attention,ffn", help="which sublayers may go")
     c.add_argument("--fuse-ffn", action="store_true", help="then fuse runs of consecutive FFNs (FFN Fusion)")
+    c.add_argument("--prune-channels", type=float, default=0.0,
+                   help="channel pruning: drop this fraction of every consumer's input channels")
+    c.add_argument("--prune-mode", default="unconstrained", choices=["unconstrained", "constrained"])
+    c.add_argument("--prune-importance", default="l1", help="l1, l2 or activation")
+    c.add_argument("--prune-exclude", nargs="*", default=[], help="consumers left whole (module paths, fnmatch)")
+    c.add_argument("--no-reorder", action="store_true", help="skip UPSCALE channel reordering")
     c.add_argument("--calibration-text", help="text for calibration (default: ../shared/corpus/calibration.txt)")
     c.add_argument("--calibration-tokens", type=int, default=2048, help="0 disables calibration")
     c.add_argument("--seq-len", type=int, default=128)
@@ -332,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calibration-text", help="text to score on (default: ../shared/corpus/calibration.txt)")
     s.add_argument("--calibration-tokens", type=int, default=512)
     s.set_defaults(func=cmd_sublayers)
+
+    ch = sub.add_parser("channels", help="channel segments, producers/consumers and pins; --ratio compares exports")
+    ch.add_argument("--model", default="resnet")
+    ch.add_argument("--seq-len", type=int, default=128)
+    ch.add_argument("--ratio", type=float, default=0.0, help="also prune this share three ways and count copies")
+    ch.add_argument("--max-segments", type=int, default=20)
+    ch.set_defaults(func=cmd_channels)
 
     m = sub.add_parser("models", help="list model names")
     m.set_defaults(func=cmd_models)

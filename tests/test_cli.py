@@ -38,3 +38,16 @@ def test_sublayers_ranking_and_compile_with_skipping(capsys):
     assert "removed ffn[2] model.layers.2.mlp" in capsys.readouterr().out
     assert main(["compile", "--model", "llama", "--fuse-ffn"]) == 1
     assert "--fuse-ffn fuses FFNs made consecutive by --skip-sublayers" in capsys.readouterr().err
+
+
+def test_channels_and_compile_with_channel_pruning(tmp_path, capsys):
+    assert main(["channels", "--model", "densenet", "--ratio", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 channel segments, 2 with consumers" in out and "producers [stem, features.0.conv" in out
+    assert "constrained                columns 540 -> 403; consumers reading all / a slice / a gather: 10 / 0 / 0" in out
+    assert main(["compile", "--model", "resnet", "--repeats", "1", "--prune-channels", "0.3",
+                 "--out", str(tmp_path / "pruned")]) == 0
+    out = capsys.readouterr().out
+    assert "channel_pruning          changed" in out and "consumers read all kept channels: 6, a slice: 6" in out
+    assert main(["compile", "--model", "resnet", "--prune-channels", "0.3", "--prune-importance", "nope"]) == 1
+    assert "importance must be one of" in capsys.readouterr().err

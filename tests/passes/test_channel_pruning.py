@@ -16,7 +16,7 @@ from graphopt.passes.channel_pruning import ChannelPermutation, ChannelPruning, 
 
 from ..conftest import assert_close_to_scale, small_inputs
 
-MODELS = ["resnet", "densenet", "llama", "gpt2"]
+MODELS = ["resnet", "densenet", "llama", "qwen2", "gpt2"]
 MODES = [dict(mode="constrained"), dict(mode="unconstrained", reorder=False), dict(mode="unconstrained", reorder=True),
          dict(mode="unconstrained", reorder=True, slack=0.5)]
 
@@ -112,7 +112,7 @@ def test_constrained_pruning_never_leaves_a_consumer_empty():
 
 def test_global_scope_prunes_the_requested_share_overall():
     gm, inputs = _captured("resnet")
-    prune = ChannelPruning(ratio=0.3, scope="global")
+    prune = ChannelPruning(ratio=0.3, scope="global", channel_multiple=1)
     prune(gm)
     s = prune.stats
     assert abs(1 - s.consumer_columns_after / s.consumer_columns_before - 0.3) < 0.02
@@ -130,6 +130,21 @@ def test_activation_importance_needs_data_and_uses_it():
     assert by_weight.choose(gm, analysis) != by_activation.choose(gm, analysis, rms)
 
 
+@pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
+def test_kept_channel_counts_are_multiples_for_blocked_conv_kernels(mode):
+    from graphopt.models.cnn import SmallResNet
+    model = SmallResNet(widths=(32, 64, 128)).eval()
+    inputs = (torch.randn(1, 3, 32, 32),)
+    gm = capture(model, inputs).graph_module
+    prune = ChannelPruning(ratio=0.4, mode=mode, channel_multiple=16)
+    prune(gm)
+    convs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    for node in convs[1:]:                                 # the stem reads the 3-channel image
+        out_channels, in_channels = constant_value(gm, node.args[1]).shape[:2]
+        assert out_channels % 16 == 0 and in_channels % 16 == 0, (node.name, out_channels, in_channels)
+    assert prune.stats.consumer_columns_after < prune.stats.consumer_columns_before
+
+
 def test_bad_options_are_one_line_errors():
     with pytest.raises(GraphoptError, match="mode must be"):
         ChannelPruning(mode="sideways")
@@ -142,7 +157,7 @@ def test_bad_options_are_one_line_errors():
 def test_custom_importance_callable():
     gm, inputs = _captured("resnet")
     first_columns = lambda w, in_dim: -torch.arange(w.shape[in_dim], dtype=torch.float64)   # keep the first ones
-    prune = ChannelPruning(ratio=0.5, importance=first_columns, reorder=False)
+    prune = ChannelPruning(ratio=0.5, importance=first_columns, reorder=False, channel_multiple=1)
     analysis = ChannelAnalysis(gm)
     keep = prune.choose(gm, analysis)
     for i, c in enumerate(analysis.consumers):

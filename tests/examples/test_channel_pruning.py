@@ -1,0 +1,14 @@
+from ..conftest import load_example
+
+
+def test_channel_pruning_example_runs_all_three_exports(capsys):
+    results = load_example("channel_pruning.py").main(["--model", "all", "--ratio", "0.3"])
+    assert set(results) == {"resnet", "densenet", "llama"}
+    for name, exports in results.items():
+        constrained = exports["constrained"][1]
+        assert constrained.consumers_gather == constrained.consumers_slice == 0
+        naive, reordered = exports["unconstrained"][1], exports["unconstrained+reorder"][1]
+        assert reordered.consumers_gather <= naive.consumers_gather
+    out = capsys.readouterr().out
+    assert "segment" in out and "consumers reading all / a slice / a gather" in out
+    assert "needed: reduced over channels" in out       # llama's residual stream: RMSNorm reduces over it
