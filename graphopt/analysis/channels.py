@@ -176,6 +176,7 @@ class ChannelAnalysis:
         self.shape_args: list[ShapeArg] = []
         self._needed: dict[int, str] = {}
         self._frozen: dict[int, str] = {}
+        self._blocks: list[list[int]] | None = None
         for node in gm.graph.nodes:
             if node.op == "call_function":
                 self._visit(node)
@@ -219,6 +220,8 @@ class ChannelAnalysis:
         wherever it appears (a ResNet stage's stream is one block; each DenseNet layer's new
         channels are one block inside every concatenation that holds them).
         """
+        if self._blocks is not None:
+            return self._blocks
         conflict = -1
         succ: dict[int, int] = {}
         pred: dict[int, int] = {}
@@ -230,13 +233,15 @@ class ChannelAnalysis:
                 succ[c] = nxt if succ.get(c, nxt) == nxt else conflict
                 pred[c] = prv if pred.get(c, prv) == prv else conflict
         linked = {c: d for c, d in succ.items() if d != conflict and pred.get(d) == c}
-        starts = [c for c in succ if c not in set(linked.values())]
+        followers = set(linked.values())
+        starts = [c for c in succ if c not in followers]
         out = []
         for c in starts:
             chain = [c]
             while chain[-1] in linked:
                 chain.append(linked[chain[-1]])
             out.append(chain)
+        self._blocks = out
         return out
 
     # -- the walk --------------------------------------------------------------------------

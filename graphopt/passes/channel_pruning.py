@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import fnmatch
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -67,8 +67,9 @@ class ChannelPlan:
     channel that orders it inside its block (equal ranks keep the original order)."""
 
     keep: dict[int, set[int]]          # index into analysis.consumers -> kept channels
-    rank: dict[int, int]
+    rank: dict[int, int] = field(default_factory=dict)
     slack: float = 0.0                 # see `_widen`
+    extra: set[int] = field(default_factory=set)   # computed by producers though no consumer keeps them
 
 
 @dataclass
@@ -92,7 +93,7 @@ class ExportStats:
 def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan) -> ExportStats:
     """Rewrite `gm` to `plan`: drop channels nobody keeps, order blocks by rank, give each
     consumer its kept channels by full read, slice or gather. Returns what it did."""
-    kept = set(analysis.needed)
+    kept = set(analysis.needed) | plan.extra
     for channels in plan.keep.values():
         kept |= channels
     for p in analysis.producers:
@@ -335,11 +336,12 @@ class ChannelPruning(Pass):
                 raise PreconditionError("channel_pruning with importance='activation' needs calibration batches "
                                         "or example inputs")
             rms = input_channel_rms(gm, analysis, batches)
-        keep = self.choose(gm, analysis, rms)
-        rank = reorder_ranks(analysis, keep) if self.options.reorder and self.options.mode == "unconstrained" else {}
-        self.stats = s = apply_plan(gm, analysis, ChannelPlan(keep, rank, self.options.slack))
+        plan = self.choose(gm, analysis, rms)
+        if self.options.reorder and self.options.mode == "unconstrained":
+            plan.rank = reorder_ranks(analysis, plan.keep)
+        self.stats = s = apply_plan(gm, analysis, plan)
         changes = [
-            f"{self.options.mode}{' + reordered' if rank else ''}: consumer input channels "
+            f"{self.options.mode}{' + reordered' if plan.rank else ''}: consumer input channels "
             f"{s.consumer_columns_before} -> {s.consumer_columns_after} "
             f"({1 - s.consumer_columns_after / max(s.consumer_columns_before, 1):.1%} dropped), producer output channels "
             f"{s.producer_channels_before} -> {s.producer_channels_after}",
@@ -362,16 +364,17 @@ class ChannelPruning(Pass):
                                 f"expected ({len(c.channels)},)")
         return scores / scores.mean().clamp_min(1e-30)
 
-    def choose(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> dict[int, set[int]]:
-        """Kept canonical input channels per consumer index (`rms`: input_channel_rms, for
-        importance='activation')."""
+    def choose(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> ChannelPlan:
+        """The kept canonical input channels per consumer index, and the channels producers
+        compute only to keep their counts aligned (`rms`: input_channel_rms, for
+        importance='activation'). Reordering ranks are added by `run`."""
         o = self.options
         whole = {i for i, c in enumerate(analysis.consumers) if any(fnmatch.fnmatch(c.name, p) for p in o.exclude)}
         canon = {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)}
         keep = {i: set(canon[i]) for i in range(len(analysis.consumers))}
         scores = {i: self._scores(gm, c, rms) for i, c in enumerate(analysis.consumers) if i not in whole}
         if o.ratio == 0:
-            return keep
+            return ChannelPlan(keep, slack=o.slack)
         if o.mode == "unconstrained":
             cut = _global_cut([s for s in scores.values()], o.ratio) if o.scope == "global" else None
             for i, s in scores.items():
@@ -379,8 +382,8 @@ class ChannelPruning(Pass):
                     max(o.min_channels, int((s > cut).sum()))
                 order = torch.argsort(s, descending=True, stable=True)[:_aligned(n_keep, len(s), o)].tolist()
                 keep[i] = {canon[i][j] for j in order}
-            self._align_producers(analysis, keep, _mean_scores(scores, canon))
-            return keep
+            extra = self._align_producers(analysis, keep, _mean_scores(scores, canon))
+            return ChannelPlan(keep, slack=o.slack, extra=extra)
         # constrained: a segment drops the same channels from all its consumers
         pinned = set(analysis.needed) | {ch for i in whole for ch in canon[i]}
         channel_score = _mean_scores(scores, canon)
@@ -415,15 +418,17 @@ class ChannelPruning(Pass):
                     drop.discard(gone.pop(0))
         for i in scores:
             keep[i] = set(canon[i]) - drop
-        return keep
+        return ChannelPlan(keep, slack=o.slack)
 
-    def _align_producers(self, analysis: ChannelAnalysis, keep: dict[int, set[int]], score: dict[int, float]) -> None:
+    def _align_producers(self, analysis: ChannelAnalysis, keep: dict[int, set[int]],
+                         score: dict[int, float]) -> set[int]:
         """Unconstrained: the channels any consumer keeps (or a norm needs) are what producers
         compute; where a block's count of them is not a multiple, add its best remaining
-        channels, and let consumers that read the whole block read them too (no copy)."""
+        channels (returned), and let consumers that read the whole block read them too (no copy)."""
         m = self.options.channel_multiple
+        added: set[int] = set()
         if m <= 1:
-            return
+            return added
         used = set(analysis.needed).union(*keep.values())
         for block in analysis.blocks():
             alive = {c for c in block if c in used}
@@ -431,9 +436,11 @@ class ChannelPruning(Pass):
                 continue
             extra = sorted((c for c in block if c not in alive), key=lambda c: -score.get(c, 0.0))
             extra = extra[: m - len(alive) % m]
+            added.update(extra)
             for channels in keep.values():
                 if alive <= channels:
                     channels.update(extra)
+        return added
 
 
 def _aligned(n: int, width: int, o: ChannelPruningOptions) -> int:

@@ -56,7 +56,7 @@ def test_pruned_graph_equals_the_masked_model(name, options):
     gm, inputs = _captured(name)
     prune = ChannelPruning(ratio=0.4, **options)
     analysis = ChannelAnalysis(gm)
-    reference = _masked(gm, analysis, prune.choose(gm, analysis))(*inputs)[0]
+    reference = _masked(gm, analysis, prune.choose(gm, analysis).keep)(*inputs)[0]
     bytes_before = parameter_bytes(gm)
     result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm)
     out = result.graph_module(*inputs)[0]
@@ -127,7 +127,7 @@ def test_activation_importance_needs_data_and_uses_it():
     analysis = ChannelAnalysis(gm)
     from graphopt.analysis.channels import input_channel_rms
     rms = input_channel_rms(gm, analysis, [inputs])
-    assert by_weight.choose(gm, analysis) != by_activation.choose(gm, analysis, rms)
+    assert by_weight.choose(gm, analysis).keep != by_activation.choose(gm, analysis, rms).keep
 
 
 @pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
@@ -159,7 +159,7 @@ def test_custom_importance_callable():
     first_columns = lambda w, in_dim: -torch.arange(w.shape[in_dim], dtype=torch.float64)   # keep the first ones
     prune = ChannelPruning(ratio=0.5, importance=first_columns, reorder=False, channel_multiple=1)
     analysis = ChannelAnalysis(gm)
-    keep = prune.choose(gm, analysis)
+    keep = prune.choose(gm, analysis).keep
     for i, c in enumerate(analysis.consumers):
         canon = analysis.canonical(c.channels)
         assert keep[i] == set(canon[: round(0.5 * len(canon))])
@@ -167,9 +167,9 @@ def test_custom_importance_callable():
 
 def test_exclude_leaves_named_consumers_whole():
     gm, inputs = _captured("resnet")
-    prune = ChannelPruning(ratio=0.5, exclude=("head", "blocks.0.*"))
+    prune = ChannelPruning(ratio=0.5, exclude=("head", "blocks.0.*"), channel_multiple=1)
     analysis = ChannelAnalysis(gm)
-    keep = prune.choose(gm, analysis)
+    keep = prune.choose(gm, analysis).keep
     for i, c in enumerate(analysis.consumers):
         whole = c.name == "head" or c.name.startswith("blocks.0.")
         assert (keep[i] == set(analysis.canonical(c.channels))) == whole
