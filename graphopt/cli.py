@@ -242,17 +242,22 @@ def cmd_superweights(args) -> None:
         print(f"  zero {sw.layer}[{sw.row}, {sw.col}]: {ppl:.3f} ({ppl / base:.2f}x)")
 
 
+def _folded_graph(bundle, inputs):
+    """The model's IR after constant folding: what the analysis commands look at."""
+    from .ir.capture import capture
+    from .passes import ConstantFolding
+    gm = capture(bundle.model, inputs).graph_module
+    ConstantFolding()(gm)
+    return gm
+
+
 def cmd_sublayers(args) -> None:
     import graphopt
     from .analysis.sublayers import SkipEvaluator, ffn_saturation, find_sublayers
-    from .ir.capture import capture
-    from .passes import ConstantFolding
     from .passes.layer_skipping import rank_removals
 
     bundle = graphopt.models.load(args.model)
-    inputs = _example_inputs(bundle, args.seq_len)
-    gm = capture(bundle.model, inputs).graph_module
-    ConstantFolding()(gm)
+    gm = _folded_graph(bundle, _example_inputs(bundle, args.seq_len))
     subs = find_sublayers(gm)
     print(f"{args.model}: {len(subs)} residual sublayers "
           f"({sum(s.kind == 'attention' for s in subs)} attention, {sum(s.kind == 'ffn' for s in subs)} FFN)")
@@ -280,14 +285,11 @@ def cmd_sublayers(args) -> None:
 def cmd_channels(args) -> None:
     import graphopt
     from .analysis.channels import ChannelAnalysis
-    from .ir.capture import capture
-    from .passes import ChannelPruning, ConstantFolding
+    from .passes import ChannelPruning
 
     bundle = graphopt.models.load(args.model)
     inputs = _example_inputs(bundle, args.seq_len)
-    gm = capture(bundle.model, inputs).graph_module
-    ConstantFolding()(gm)
-    analysis = ChannelAnalysis(gm)
+    analysis = ChannelAnalysis(_folded_graph(bundle, inputs))
     prunable = [s for s in analysis.segments if s.consumers]
     print(f"{args.model}: {len(analysis.segments)} channel segments, {len(prunable)} with consumers; "
           f"{len(analysis.producers)} producers, {len(analysis.consumers)} consumers")
@@ -302,10 +304,8 @@ def cmd_channels(args) -> None:
         for label, options in (("constrained", dict(mode="constrained")),
                                ("unconstrained, naive", dict(reorder=False)),
                                ("unconstrained, reordered", dict(reorder=True))):
-            trial = capture(bundle.model, inputs).graph_module
-            ConstantFolding()(trial)
             prune = ChannelPruning(ratio=args.ratio, **options)
-            prune(trial)
+            prune(_folded_graph(bundle, inputs))
             st = prune.stats
             print(f"  {label:26s} columns {st.consumer_columns_before} -> {st.consumer_columns_after}; "
                   f"consumers reading all / a slice / a gather: {st.consumers_full} / {st.consumers_slice} / "
