@@ -143,16 +143,23 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
 
     graph = gm.graph
     stats.constants_rewritten = len(edits)
+    rewritten: dict[tuple, str] = {}     # a tied weight (embedding = LM head) edited alike stays one tensor
+    replaced = {node.args[arg] for node, arg in edits}
     for (node, arg), steps in edits.items():
-        value = constant_value(gm, node.args[arg])
-        for dim, index, zeros in steps:
-            if index is not None:
-                value = value.index_select(dim, torch.tensor(index, dtype=torch.long))
-            else:
-                value = value.index_fill(dim, torch.tensor(zeros, dtype=torch.long), 0)
-        name = add_constant(gm, f"{node.args[arg].target}_pruned", value)
+        key = (node.args[arg].target, tuple((dim, tuple(index or ()), tuple(zeros or ())) for dim, index, zeros in steps))
+        if key not in rewritten:
+            value = constant_value(gm, node.args[arg])
+            for dim, index, zeros in steps:
+                if index is not None:
+                    value = value.index_select(dim, torch.tensor(index, dtype=torch.long))
+                else:
+                    value = value.index_fill(dim, torch.tensor(zeros, dtype=torch.long), 0)
+            rewritten[key] = add_constant(gm, f"{node.args[arg].target}_pruned", value)
         with graph.inserting_before(node):
-            node.update_arg(arg, graph.get_attr(name))
+            node.update_arg(arg, graph.get_attr(rewritten[key]))
+    for old in replaced:
+        if not old.users:
+            graph.erase_node(old)
     for c, read, width in reads:
         if len(read) == width:
             stats.consumers_full += 1

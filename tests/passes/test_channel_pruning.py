@@ -212,3 +212,14 @@ def test_lowered_through_both_backends_with_fewer_weights(name, share, tmp_path)
         path = cm.save(str(tmp_path / label))
         sizes[label] = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     assert sizes["pruned"] < share * sizes["full"]     # llama: its embedding and stream stay whole
+
+
+def test_a_tied_embedding_and_lm_head_stay_one_tensor_when_permuted_alike():
+    gm, inputs = _captured("llama")                     # the random Llama ties embed_tokens and lm_head
+    tied = {n.args[0].target for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default}
+    assert any(n.target is torch.ops.aten.linear.default and n.args[1].target in tied for n in gm.graph.nodes)
+    DeadCodeElimination()(gm)
+    before = parameter_bytes(gm)
+    ChannelPermutation(seed=1)(gm)
+    DeadCodeElimination()(gm)
+    assert parameter_bytes(gm) == before
