@@ -108,3 +108,26 @@ def test_sublayers_and_finercut_on_the_real_model(smollm2):
     best = rank_removals(gm, batches, "finercut-oneshot", 1, kinds=("attention",), evaluator=ev, progress=False)[0]
     assert best.unit[0].kind == "attention"
     assert first_ffn > 3 * base and best.perplexity < 1.1 * base, (base, first_ffn, best.perplexity)
+
+
+def test_channel_analysis_and_pruning_on_real_weights(smollm2):
+    from graphopt.analysis.channels import ChannelAnalysis
+    from graphopt.ir.capture import capture
+    from graphopt.passes import ChannelPruning, PassContext
+
+    bundle, ids, logits = smollm2
+    gm = capture(bundle.model, (ids,)).graph_module
+    analysis = ChannelAnalysis(gm)
+    stream = max(analysis.segments, key=lambda s: len(s.consumers))
+    assert len(stream.channels) == 576 and len(stream.consumers) == 30 * 5 + 1   # q, k, v, gate, up per layer + lm_head
+    assert all(c in analysis.needed and c not in analysis.frozen for c in stream.channels)
+    ffns = [s for s in analysis.segments if len(s.channels) == 1536]
+    assert len(ffns) == 30 and all(len(s.producers) == 2 and len(s.consumers) == 1 for s in ffns)
+    prune = ChannelPruning(ratio=0.3, mode="constrained", importance="activation")
+    with torch.no_grad():
+        out = prune(gm, PassContext((ids,))).graph_module(ids)[0]
+    assert prune.stats.consumers_gather == prune.stats.consumers_slice == 0
+    # only the FFN intermediates can go in constrained mode (the RMSNorms pin the stream): 1075 kept -> 1088
+    assert prune.stats.consumer_columns_after == prune.stats.consumer_columns_before - 30 * (1536 - 1088)
+    agreement = float((out[0, :-1].argmax(-1) == logits[0, :-1].argmax(-1)).float().mean())
+    assert agreement > 0.3
