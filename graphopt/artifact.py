@@ -1,6 +1,6 @@
 """Artifacts: a self-describing directory (lowered model files + manifest.json).
 
-Loading needs only numpy and the backend's runtime (onnxruntime): this module imports
+Loading needs only numpy and the backend's runtime (onnxruntime or TVM's): this module imports
 neither torch nor pickle, and checks every file's size and sha256 before using it.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _sha256(path: str) -> str:
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("graphopt", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy"):
+    for pkg in ("graphopt", "torch", "onnx", "onnxruntime", "onnxscript", "transformers", "numpy", "apache-tvm"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -150,5 +150,12 @@ def load(directory: str, threads: int | None = None) -> LoadedModel:
         options = manifest.get("backend_options") or {}
         runner = OrtRunner(os.path.join(directory, options.get("model", "model.onnx")), inputs, outputs,
                            threads or options.get("threads"), options.get("optimization_level", "all"))
+        return LoadedModel(directory, manifest, runner)
+    if backend == "tvm":
+        from .runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner
+        options = manifest.get("backend_options") or {}
+        runner = TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
+                           os.path.join(directory, options.get("params", TVM_PARAMS)), inputs, outputs,
+                           threads or options.get("threads"))
         return LoadedModel(directory, manifest, runner)
     raise ArtifactError(f"artifact {directory}: backend '{backend}' cannot be loaded by this graphopt")

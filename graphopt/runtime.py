@@ -1,4 +1,5 @@
-"""Torch-free execution of lowered models: what a loaded artifact needs (numpy + onnxruntime)."""
+"""Torch-free execution of lowered models: what a loaded artifact needs (numpy + onnxruntime,
+or numpy + the TVM runtime)."""
 from __future__ import annotations
 
 import os
@@ -48,3 +49,51 @@ class OrtRunner:
         check_inputs(self.inputs, values)
         feed = {name: to_numpy(v) for name, v in zip(self.input_names, values)}
         return self.session.run(None, feed)
+
+
+TVM_LIBRARY = "model.so"
+TVM_PARAMS = "params.bin"
+
+
+def host_target() -> dict:
+    """The TVM target for this machine's CPU (LLVM with the host's features)."""
+    import tvm
+    target = tvm.target.Target.from_device("cpu") if hasattr(tvm.target.Target, "from_device") else None
+    mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
+    out = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
+    if mcpu:
+        out["mcpu"] = mcpu
+    return out
+
+
+class TvmRunner:
+    """A TVM shared library (Relax VM executable) plus its weights, with input checking.
+
+    Needs numpy and the `tvm` runtime only; the weights file is TVM's parameter format."""
+
+    def __init__(self, library_path: str, params_path: str, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], threads: int | None = None):
+        import tvm
+        from tvm.runtime import vm as tvm_vm
+        if threads:
+            tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
+        try:
+            library = tvm.runtime.load_module(library_path)
+            params = tvm.runtime.load_param_dict_from_file(params_path)
+        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BackendError(f"tvm could not load {library_path}: {first}") from exc
+        self.device = tvm.cpu()
+        self.vm = tvm_vm.VirtualMachine(library, self.device)
+        self.params = [params[f"p{i}"] for i in range(len(params))]
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self._tensor = tvm.runtime.tensor
+
+    def run(self, values: Sequence[Any]) -> list[np.ndarray]:
+        check_inputs(self.inputs, values)
+        args = [self._tensor(to_numpy(v), self.device) for v in values]
+        out = self.vm["main"](*args, *self.params)
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [out[i].numpy() for i in range(len(out))]

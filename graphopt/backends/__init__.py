@@ -11,8 +11,8 @@ from ..errors import BackendError
 _BACKENDS = {
     "torch": ("graphopt.backends.torch", "TorchBackend"),
     "onnxruntime": ("graphopt.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "tvm": ("graphopt.backends.tvm", "TvmBackend"),
 }
-_PLANNED = {"tvm": "the TVM backend is not implemented yet (see the README's status table)"}
 
 
 def available() -> list[str]:
@@ -20,8 +20,6 @@ def available() -> list[str]:
 
 
 def get_backend(name: str, **options):
-    if name in _PLANNED:
-        raise BackendError(f"backend '{name}': {_PLANNED[name]}; available: {', '.join(_BACKENDS)}")
     if name not in _BACKENDS:
         raise BackendError(f"unknown backend '{name}'; available: {', '.join(_BACKENDS)}")
     module, cls = _BACKENDS[name]

@@ -1,0 +1,191 @@
+"""Apache TVM backend: IR -> torch.export -> Relax -> our CPU schedules -> a shared library.
+
+Lowering, step by step:
+1. `prepare_graph` cleans the IR where TVM's importer or codegen breaks: a cumsum over a
+   bool tensor (Hugging Face's mask code) reaches LLVM as an integer add on i1 and fails
+   in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first.
+2. Every op is checked against the Relax importer's table before import; an op it cannot
+   import stops the lowering with the op, the node and the source line.
+3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
+   matmul with a weight operand into a call of `packed_dense` (tvm_schedules), reading the
+   weight packed in panels; LiftTransformParams moves the packing out of `main`, and it runs
+   once at compile time.
+4. TVM's CPU pipeline (legalize, fuse) with our schedule rules in the middle, built for the
+   host CPU (LLVM, AVX-512 when present).
+
+The artifact holds `model.so` (export_library) and `params.bin` (TVM's own parameter
+format, not pickle); graphopt.runtime.TvmRunner runs it with only numpy and the TVM runtime.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..errors import BackendError, UnsupportedOpError
+from ..ir.capture import CapturedModel, dynamic_shapes
+from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target
+from .base import Backend, Executable
+
+# Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
+# from_exported_program(custom_convert_map=...) takes them.
+CUSTOM_CONVERT_MAP: dict = {}
+
+
+class TvmExecutable(Executable):
+    backend = "tvm"
+
+    def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, target: dict,
+                 compile_seconds: float):
+        self.workdir = workdir
+        self.threads = threads
+        self.target = target
+        self.compile_seconds = compile_seconds
+        self.runner = TvmRunner(os.path.join(workdir, TVM_LIBRARY), os.path.join(workdir, TVM_PARAMS),
+                                captured.inputs, captured.outputs, threads)
+
+    def run(self, args):
+        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
+
+    def save_files(self, directory):
+        for name in (TVM_LIBRARY, TVM_PARAMS):
+            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+        return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
+                "target": self.target, "compile_seconds": round(self.compile_seconds, 1)}
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
+
+
+class TvmBackend(Backend):
+    """Options: `threads` (default: all cores), `target` (a TVM target dict; default: the
+    host CPU), `schedules` (False builds TVM's unscheduled loops: for comparisons only)."""
+
+    name = "tvm"
+
+    def __init__(self, threads: int | None = None, target: dict | None = None, schedules: bool = True):
+        self.threads = threads
+        self.target = dict(target) if target else host_target()
+        self.schedules = schedules
+
+    def compile(self, captured, progress=False):
+        started = time.perf_counter()
+        workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
+        try:
+            build_library(captured, workdir, self.target, self.schedules)
+            return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+
+def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite the IR (in place) where TVM's importer or LLVM codegen would fail."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.cumsum.default,
+                                                             torch.ops.aten.sum.dim_IntList):
+            continue
+        source, out = node.args[0], node.meta.get("val")
+        source_val = getattr(source, "meta", {}).get("val")
+        if source_val is None or out is None or source_val.dtype != torch.bool:
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (source,), {"dtype": out.dtype})
+            cast.meta["val"] = source_val.to(out.dtype)
+        node.replace_input_with(source, cast)
+        changed = True
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _source_line(node: fx.Node) -> str:
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    for line in reversed(trace):
+        if line.strip().startswith("File "):
+            return " at " + line.strip()
+    return ""
+
+
+def check_supported(program: torch.export.ExportedProgram, convert_map: dict) -> None:
+    for node in program.graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", str(node.target)) not in convert_map:
+            name = getattr(node.target, "__name__", str(node.target))
+            raise UnsupportedOpError(
+                f"tvm backend: no Relax conversion for op '{name}' (node '{node.name}'){_source_line(node)}; "
+                "add one to graphopt.backends.tvm.CUSTOM_CONVERT_MAP or use backend='onnxruntime'")
+
+
+def import_relax(captured: CapturedModel):
+    """The IR as a Relax IRModule with weights as parameters, plus the weights (in order)."""
+    from tvm.relax.frontend import detach_params
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    gm = prepare_graph(captured.graph_module)
+    shapes = dynamic_shapes(captured.example_inputs, captured.dynamic_dims) if captured.dynamic_dims else None
+    try:
+        program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes)
+        program = program.run_decompositions()
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"tvm backend: re-exporting the IR failed: {first}") from exc
+    importer = ExportedProgramImporter()
+    importer.update_convert_map(dict(CUSTOM_CONVERT_MAP))
+    check_supported(program, importer.convert_map)
+    try:
+        mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
+                                    custom_convert_map=dict(CUSTOM_CONVERT_MAP) or None)
+    except Exception as exc:  # noqa: BLE001 - the importer raises asserts and TVM errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendError(f"tvm backend: Relax import failed: {first}") from exc
+    mod, params = detach_params(mod)
+    return mod, list(params.get("main", []))
+
+
+def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True) -> None:
+    import tvm
+    from tvm import relax
+
+    from .tvm_pipeline import PackDenseWeights, cpu_pipeline
+
+    mod, params = import_relax(captured)
+    target = tvm.target.Target(target_dict)
+    if schedules:
+        mod = PackDenseWeights()(mod)
+    mod = relax.transform.LiftTransformParams()(mod)
+    try:
+        executable = relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, schedules))
+    except ValueError as exc:
+        if "non-symbolic shape" not in str(exc):
+            raise
+        raise BackendError("tvm backend: TVM's shape inference lost a dynamic dimension at relax.cumsum (a slice "
+                           "of a dynamic dimension upstream); compile with static shapes for TVM") from exc
+    except Exception as exc:  # noqa: BLE001 - TVM raises InternalError and friends
+        text = str(exc).strip().splitlines()
+        last = next((line for line in reversed(text) if line.strip()), type(exc).__name__)
+        raise BackendError(f"tvm backend: compilation failed: {last.strip()}") from exc
+    library = os.path.join(workdir, TVM_LIBRARY)
+    executable.export_library(library)
+    transformed = _transform_params(executable, mod, params)
+    tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
+                                        os.path.join(workdir, TVM_PARAMS))
+
+
+def _transform_params(executable, mod, params: list[Any]) -> list[Any]:
+    """Run the lifted weight transforms (packing) once, at compile time."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    name = "main_transform_params"
+    if name not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return list(params)
+    out = vm[name](params)
+    return [out[i] for i in range(len(out))]

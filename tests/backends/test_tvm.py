@@ -1,0 +1,98 @@
+"""The TVM backend: every family compiles and matches eager, artifacts run without torch,
+our schedules compute what they claim, and unsupported ops are named."""
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt.ir.capture import sequence_dims
+
+from ..conftest import assert_close_to_scale, eager_outputs, run_artifact_without_torch, small_inputs
+
+tvm = pytest.importorskip("tvm")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "resnet", "densenet"])
+@pytest.mark.parametrize("preset", ["default", "none"])
+def test_families_match_eager(name, preset):
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    cm = graphopt.compile(bundle.model, inputs, passes=preset, backend="tvm", progress=False)
+    outs = cm(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for got, want in zip(outs, eager_outputs(bundle.model, inputs), strict=True):
+        assert_close_to_scale(got, want, 1e-4)
+
+
+def test_dynamic_dimension_and_its_limit():
+    bundle = graphopt.models.load("resnet")
+    inputs = bundle.example_inputs(batch=2)
+    cm = graphopt.compile(bundle.model, inputs, dynamic_dims={0: {0: "batch"}}, backend="tvm", progress=False)
+    for batch in (1, 3):
+        other = bundle.example_inputs(batch=batch, seed=batch)
+        assert_close_to_scale(cm(*other), eager_outputs(bundle.model, other)[0], 1e-4)
+    # Hugging Face's packed-sequence mask slices the dynamic sequence; TVM's shape inference
+    # loses the length there (min(1, seq)), and the error says so instead of a TVM trace.
+    llama = graphopt.models.load("llama")
+    tokens = llama.example_inputs(seq_len=16)
+    with pytest.raises(graphopt.BackendError, match="lost a dynamic dimension at relax.cumsum"):
+        graphopt.compile(llama.model, tokens, dynamic_dims=sequence_dims(tokens), backend="tvm", progress=False)
+
+
+def test_artifact_runs_without_torch(tmp_path):
+    bundle = graphopt.models.load("gpt2")
+    inputs = small_inputs(bundle)
+    cm = graphopt.compile(bundle.model, inputs, backend="tvm", progress=False)
+    path = cm.save(str(tmp_path / "gpt2-tvm"))
+    loaded = graphopt.load(path)
+    assert loaded.manifest["backend"] == "tvm"
+    assert set(loaded.manifest["files"]) == {"model.so", "params.bin"}
+    assert loaded.manifest["backend_options"]["compile_seconds"] > 0
+    want = cm(*inputs).numpy()
+    np.testing.assert_array_equal(loaded(*inputs).numpy(), want)
+    np.testing.assert_array_equal(run_artifact_without_torch(path, inputs), want)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 128, "dynamic"])
+def test_packed_dense_matches_numpy(rows):
+    from graphopt.backends.tvm_schedules import packed_dense
+    from graphopt.runtime import host_target
+    k, n, lanes = 96, 64, 32
+    symbolic = rows == "dynamic"
+    rows = 37 if symbolic else rows
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    panels = np.ascontiguousarray(w.reshape(n // lanes, lanes, k).transpose(0, 2, 1))
+    func = packed_dense(tvm.tirx.Var("m", "int64") if symbolic else rows, k, n, lanes)
+    kernel = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                         target=tvm.target.Target(host_target()))
+    out = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    kernel["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(panels), out)
+    np.testing.assert_allclose(out.numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_every_weight_matmul_is_packed():
+    from graphopt.backends.tvm import import_relax
+    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    from graphopt.ir.capture import capture
+    bundle = graphopt.models.load("llama")
+    mod, _ = import_relax(capture(bundle.model, small_inputs(bundle)))
+    before = mod["main"].script().count("R.matmul(")
+    packed = PackDenseWeights()(mod)
+    text = packed["main"].script()
+    config = bundle.model.config
+    # q, k, v, o, gate, up, down per layer and the LM head; attention's two matmuls stay
+    assert text.count("packed_dense_") == 7 * config.num_hidden_layers + 1
+    assert text.count("R.matmul(") == before - (7 * config.num_hidden_layers + 1) == 2 * config.num_hidden_layers
+
+
+def test_unsupported_op_names_op_and_node():
+    class Unsupported(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.zeta(x, 2.0)
+
+    with pytest.raises(graphopt.UnsupportedOpError, match=r"tvm backend: no Relax conversion for op "
+                                                           r"'special_zeta\.\w+' \(node '\w+'\)") as info:
+        graphopt.compile(Unsupported(), (torch.rand(4) + 1,), backend="tvm", progress=False)
+    assert "\n" not in str(info.value)
