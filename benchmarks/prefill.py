@@ -1,7 +1,10 @@
 """128-token SmolLM2 prefill latency: torch eager, torch.compile, ONNX Runtime on the plain
-torch.onnx export, and graphopt (onnxruntime) with the "none", "default" and "fuse" presets.
+torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, and
+graphopt (tvm) with the "default" and "fuse" presets.
 
-    python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--json out.json]
+    python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--json out.json]
+
+setup_s is the compile time (export, passes, lowering; for TVM the LLVM build too).
 
 All peers run in this process on the same tokens with the same thread count, and are timed
 round-robin (one call of each per round) so that load on a shared machine hits all alike;
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-torch-compile", action="store_true")
+    ap.add_argument("--skip-tvm", action="store_true")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -76,6 +80,11 @@ def main() -> None:
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)
         add(f"graphopt onnxruntime ({preset})", lambda cm=cm: cm(ids), start)
+    for preset in () if args.skip_tvm else ("default", "fuse"):
+        start = time.perf_counter()
+        cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
+                              backend_options={"threads": args.threads}, progress=False)
+        add(f"graphopt tvm ({preset})", lambda cm=cm: cm(ids), start)
 
     medians = interleaved_medians(candidates, args.repeats)
     eager_ms = medians["torch eager"] * 1e3

@@ -55,8 +55,16 @@ TVM_LIBRARY = "model.so"
 TVM_PARAMS = "params.bin"
 
 
+def use_all_cores_for_tvm() -> None:
+    """TVM sizes its thread pool, when first used, from TVM_NUM_THREADS or else half the
+    logical CPUs (it assumes hyper-threading): one thread on a 2-core VM, which made SmolLM2
+    2x slower. The pool can shrink later (runtime.config_threadpool) but never grow."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+
 def host_target() -> dict:
     """The TVM target for this machine's CPU (LLVM with the host's features)."""
+    use_all_cores_for_tvm()
     import tvm
     target = tvm.target.Target.from_device("cpu") if hasattr(tvm.target.Target, "from_device") else None
     mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
@@ -73,6 +81,7 @@ class TvmRunner:
 
     def __init__(self, library_path: str, params_path: str, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], threads: int | None = None):
+        use_all_cores_for_tvm()
         import tvm
         from tvm.runtime import vm as tvm_vm
         if threads:

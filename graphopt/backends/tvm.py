@@ -29,8 +29,10 @@ import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel, dynamic_shapes
-from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target
+from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
+
+use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
 
 # Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
 # from_exported_program(custom_convert_map=...) takes them.
@@ -85,7 +87,9 @@ class TvmBackend(Backend):
 
 
 def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite the IR (in place) where TVM's importer or LLVM codegen would fail."""
+    """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
+    or where it would embed weights in the library."""
+    _register_tensor_attributes(gm)
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (torch.ops.aten.cumsum.default,
@@ -103,6 +107,23 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     if changed:
         gm.recompile()
     return gm
+
+
+def _register_tensor_attributes(gm: fx.GraphModule, min_elements: int = 4096) -> None:
+    """Passes that make new weights (fused q/k/v, pruned matrices) store them as plain tensor
+    attributes or buffers; TVM's importer binds those as constants (embedded in the library,
+    invisible to weight packing). Large floating-point ones become parameters (no grad)."""
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner_path, _, attr = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = getattr(owner, attr, None)
+        if (isinstance(value, torch.Tensor) and attr not in owner._parameters and value.is_floating_point()
+                and value.numel() >= min_elements):
+            if attr in owner._buffers:
+                del owner._buffers[attr]
+            else:
+                delattr(owner, attr)
+            owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
 
 
 def _source_line(node: fx.Node) -> str:

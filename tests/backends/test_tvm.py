@@ -72,19 +72,20 @@ def test_packed_dense_matches_numpy(rows):
     np.testing.assert_allclose(out.numpy(), x @ w.T, rtol=1e-5, atol=1e-5)
 
 
-def test_every_weight_matmul_is_packed():
+@pytest.mark.parametrize("preset, per_layer", [("none", 7), ("fuse", 4)])
+def test_every_weight_matmul_is_packed(preset, per_layer):
+    """q, k, v, o, gate, up, down (fused: qkv, o, gate_up, down) per layer and the LM head,
+    including the weights a pass made; attention's two matmuls per layer stay Relax matmuls."""
     from graphopt.backends.tvm import import_relax
     from graphopt.backends.tvm_pipeline import PackDenseWeights
-    from graphopt.ir.capture import capture
     bundle = graphopt.models.load("llama")
-    mod, _ = import_relax(capture(bundle.model, small_inputs(bundle)))
-    before = mod["main"].script().count("R.matmul(")
-    packed = PackDenseWeights()(mod)
-    text = packed["main"].script()
-    config = bundle.model.config
-    # q, k, v, o, gate, up, down per layer and the LM head; attention's two matmuls stay
-    assert text.count("packed_dense_") == 7 * config.num_hidden_layers + 1
-    assert text.count("R.matmul(") == before - (7 * config.num_hidden_layers + 1) == 2 * config.num_hidden_layers
+    cm = graphopt.compile(bundle.model, small_inputs(bundle), passes=preset, backend="torch", progress=False)
+    mod, params = import_relax(cm.captured)
+    text = PackDenseWeights()(mod)["main"].script()
+    layers = bundle.model.config.num_hidden_layers
+    assert text.count("packed_dense_") == per_layer * layers + 1
+    assert text.count("R.matmul(") == 2 * layers
+    assert "R.permute_dims(metadata" not in text      # no weight matrix was bound as a constant
 
 
 def test_unsupported_op_names_op_and_node():
