@@ -76,7 +76,7 @@ def cmd_compile(args) -> None:
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
-                          backend_options={"threads": args.threads} if args.backend == "onnxruntime" else None)
+                          backend_options={"threads": args.threads} if args.backend in ("onnxruntime", "tvm") else None)
     with torch.no_grad():
         eager_out = flat_tensors(model(*inputs))[0]
         eager_ms = _median_ms(lambda: model(*inputs), args.repeats)
