@@ -19,6 +19,7 @@ run before `LoopNest`.
 """
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, te, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -95,48 +96,138 @@ class LoopNest(ScheduleRule):
         infos = normalize_prim_func(sch)
         if infos is None:
             return None
-        infos = dlight.base.try_inline_contiguous_spatial(sch, infos)
-        if infos is None:
-            return None
+        infos = _inline_injective(sch, infos)
         for info in infos:
-            try:
-                self._schedule_block(sch, info.block_rv)
-            except s_tir.ScheduleError:
-                # A failed primitive leaves the schedule as it was: this block keeps what was
-                # applied before (e.g. the loop order) and the build stays correct.
+            blocks_kinds = _loop_kinds(sch, info.block_rv)
+            if blocks_kinds is None:
                 continue
+            attempt = sch.copy()
+            try:
+                if not _register_tile(attempt, info.block_rv, blocks_kinds):
+                    _parallel_vectorize(attempt, info.block_rv, blocks_kinds)
+                sch = attempt
+            except (s_tir.ScheduleError, RuntimeError):   # TVM InternalError is a RuntimeError
+                continue    # this block keeps TVM's plain loops; still correct
         return sch
 
-    @staticmethod
-    def _schedule_block(sch: s_tir.Schedule, block) -> None:
-        stmt = sch.get(block)
-        loops = sch.get_loops(block)
-        kinds = ["S" if v.iter_type == tirx.IterVar.DataPar else
-                 "R" if v.iter_type == tirx.IterVar.CommReduce else "O" for v in stmt.iter_vars]
-        if not loops or "O" in kinds or len(kinds) != len(loops):
-            return
-        spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
-        reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
-        if not spatial:
-            return
-        last = stmt.iter_vars[len(kinds) - 1 - kinds[::-1].index("S")].var.name
-        # Reductions move outside the innermost spatial loop when that loop walks the output and
-        # an input contiguously (matmul [m, k] x [k, n], convolution rows): a dot product per
-        # element becomes vector FMAs over a row. Otherwise the reductions stay innermost.
-        walks_rows = (all(_innermost_index_uses(w, last) for w in stmt.writes)
-                      and any(_innermost_index_uses(r, last) for r in stmt.reads))
-        vector_loop = spatial[-1] if (not reduce or walks_rows) else None
-        outer = spatial[:-1] if vector_loop is not None else spatial
-        sch.reorder(*outer, *reduce, *([vector_loop] if vector_loop is not None else []))
-        extent = _extent(sch, vector_loop) if vector_loop is not None else None
-        lanes = next((n for n in (VECTOR_LANES, 8) if extent and extent % n == 0), None)
-        if lanes:
-            vector_outer, vector_inner = sch.split(vector_loop, [None, lanes])
-            sch.vectorize(vector_inner)
-            if not reduce:
-                outer = outer + [vector_outer]
-        if outer:
-            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+def _loop_kinds(sch: s_tir.Schedule, block) -> list[str] | None:
+    """"S"/"R" per loop of a block whose loops map one-to-one to its iter vars, else None."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    kinds = ["S" if v.iter_type == tirx.IterVar.DataPar else
+             "R" if v.iter_type == tirx.IterVar.CommReduce else "O" for v in stmt.iter_vars]
+    if not loops or "O" in kinds or len(kinds) != len(loops) or "S" not in kinds:
+        return None
+    return kinds
+
+
+def _inline_injective(sch: s_tir.Schedule, infos) -> list:
+    """Inline elementwise/reshape producers into their consumers, except padding (an
+    if_then_else inlined into a convolution's inner loop turns vector loads into gathers)."""
+    remaining = []
+    for info in infos[:-1]:
+        stmt = sch.get(info.block_rv)
+        if info.is_injective() and "if_then_else" not in str(stmt.body) and not stmt.reads == []:
+            try:
+                sch.compute_inline(info.block_rv)
+                continue
+            except s_tir.ScheduleError:
+                pass
+        remaining.append(info)
+    return remaining + infos[-1:]
+
+
+def _row_walk(stmt, kinds: list[str]):
+    """The innermost spatial iter var's name, and the read regions it walks contiguously,
+    when it also walks the output contiguously."""
+    last = stmt.iter_vars[len(kinds) - 1 - kinds[::-1].index("S")].var.name
+    if not all(_innermost_index_uses(w, last) for w in stmt.writes):
+        return last, []
+    return last, [r for r in stmt.reads if _innermost_index_uses(r, last)]
+
+
+def _register_tile(sch: s_tir.Schedule, block, kinds: list[str]) -> bool:
+    """Reductions whose innermost spatial loop walks rows (convolution, batched matmul):
+    accumulate a [tile, lanes] output block in registers across the whole reduction, where
+    `tile` runs over a spatial loop the row-walking input does not depend on (output channels
+    of a convolution, rows of a matmul), so each vector load feeds `tile` FMAs."""
+    stmt = sch.get(block)
+    if "R" not in kinds:
+        return False
+    last, walked = _row_walk(stmt, kinds)
+    if not walked:
+        return False
+    spatial_vars = [v.var.name for v, k in zip(stmt.iter_vars, kinds) if k == "S" and _extent_of(v) != 1]
+    used = set().union(*(_var_names(dim.min) for r in walked for dim in r.region))
+    loops = sch.get_loops(block)
+    extents = [_extent(sch, loop) for loop in loops]
+    spatial_extents = [e for e, k in zip(extents, kinds) if k == "S" and e != 1]
+    lanes = next((n for n in (VECTOR_LANES, 8) if spatial_extents[-1] and spatial_extents[-1] % n == 0), None)
+    if lanes is None:
+        return False
+    reuse = next((i for i in range(len(spatial_vars) - 2, -1, -1)
+                  if spatial_vars[i] not in used and spatial_extents[i] and spatial_extents[i] % 4 == 0), None)
+    write_back = sch.cache_write(block, 0, "global")
+    wb_loops = [loop for loop in sch.get_loops(write_back) if _extent(sch, loop) != 1]
+    if len(wb_loops) != len(spatial_vars):
+        return False
+    vector_outer, vector_inner = sch.split(wb_loops[-1], [None, lanes])
+    outer, tile = list(wb_loops[:-1]), []
+    if reuse is not None:
+        rows = 8 if spatial_extents[reuse] % 8 == 0 else 4
+        reuse_outer, reuse_inner = sch.split(wb_loops[reuse], [None, rows])
+        outer[reuse] = reuse_outer
+        tile = [reuse_inner]
+    outer.append(vector_outer)
+    sch.reorder(*outer, *tile, vector_inner)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.vectorize(vector_inner)
+    sch.compute_at(block, fused)
+    inner = _loops_below(sch, block, fused)
+    spatial_inner = inner[:len(tile) + 1]
+    reduce_inner = inner[len(tile) + 1:]
+    sch.reorder(*reduce_inner, *spatial_inner)
+    sch.vectorize(spatial_inner[-1])
+    if tile:
+        sch.unroll(spatial_inner[0])
+    sch.decompose_reduction(block, reduce_inner[0])
+    return True
+
+
+def _parallel_vectorize(sch: s_tir.Schedule, block, kinds: list[str]) -> None:
+    """Parallel outer spatial loops; the innermost spatial loop vectorized (moved inside the
+    reductions when it walks rows, so a dot product per element becomes vector FMAs)."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == "S"]
+    reduce = [loop for loop, kind in zip(loops, kinds) if kind == "R"]
+    walks_rows = bool(_row_walk(stmt, kinds)[1])
+    vector_loop = spatial[-1] if (not reduce or walks_rows) else None
+    outer = spatial[:-1] if vector_loop is not None else spatial
+    sch.reorder(*outer, *reduce, *([vector_loop] if vector_loop is not None else []))
+    extent = _extent(sch, vector_loop) if vector_loop is not None else None
+    lanes = next((n for n in (VECTOR_LANES, 8) if extent and extent % n == 0), None)
+    if lanes:
+        vector_outer, vector_inner = sch.split(vector_loop, [None, lanes])
+        sch.vectorize(vector_inner)
+        if not reduce:
+            outer = outer + [vector_outer]
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _loops_below(sch: s_tir.Schedule, block, loop) -> list:
+    loops = sch.get_loops(block)
+    target = sch.get(loop)
+    position = next(i for i, candidate in enumerate(loops) if sch.get(candidate).same_as(target))
+    return loops[position + 1:]
+
+
+def _extent_of(iter_var) -> int | None:
+    extent = iter_var.dom.extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
