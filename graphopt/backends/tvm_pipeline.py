@@ -55,29 +55,34 @@ class _DenseRewriter(relax.PyExprMutator):
         n, k = (int(w_shape[0]), int(w_shape[1])) if transposed else (int(w_shape[1]), int(w_shape[0]))
         if not isinstance(x_shape[-1], tirx.IntImm) or int(x_shape[-1]) != k:
             return call
-        lanes = dense_lanes(n)
-        if lanes is None:
-            return call
+        # Widths that are not a multiple of 16 (GPT-2's 50257-token vocabulary) are computed
+        # on zero-padded panels, and the padding columns sliced off.
+        lanes = dense_lanes(n) or 32
+        padded = -(-n // lanes) * lanes
         rows = 1
         for dim in x_shape[:-1]:
             rows = rows * dim
         rows = tvm.sym.Analyzer().simplify(rows)
         static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
-        key = (static_rows, k, n, lanes)
+        key = (static_rows, k, padded, lanes)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
-            kernel = packed_dense(m, k, n, lanes)
-            self.kernels[key] = self.builder_.add_func(kernel, f"packed_dense_{k}x{n}")
+            kernel = packed_dense(m, k, padded, lanes)
+            self.kernels[key] = self.builder_.add_func(kernel, f"packed_dense_{k}x{padded}")
+        if padded != n:
+            weight = relax.op.nn.pad(weight, [0, padded - n, 0, 0] if transposed else [0, 0, 0, padded - n])
         if transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
-            panels = relax.op.reshape(weight, [n // lanes, lanes, k])
+            panels = relax.op.reshape(weight, [padded // lanes, lanes, k])
             panels = relax.op.permute_dims(panels, [0, 2, 1])
         else:            # weight [K, N] -> [K, N / lanes, lanes] -> [N / lanes, K, lanes]
-            panels = relax.op.reshape(weight, [k, n // lanes, lanes])
+            panels = relax.op.reshape(weight, [k, padded // lanes, lanes])
             panels = relax.op.permute_dims(panels, [1, 0, 2])
         panels = self.builder_.emit(panels)
         flat = self.builder_.emit(relax.op.reshape(x, [rows, k]))
         out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, panels],
-                                                relax.TensorType([rows, n], dtype)))
+                                                relax.TensorType([rows, padded], dtype)))
+        if padded != n:
+            out = self.builder_.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
         self.rewritten += 1
         return relax.op.reshape(out, out_shape)
 

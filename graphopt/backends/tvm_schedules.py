@@ -27,6 +27,7 @@ from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_
 from tvm.s_tir.dlight.base import ScheduleRule
 
 VECTOR_LANES = 16          # fp32 lanes of an AVX-512 register
+OPAQUE_PATTERN = 8         # relax OpPatternKind.kOpaque
 
 
 def dense_lanes(n: int) -> int | None:
@@ -72,7 +73,9 @@ def packed_dense(m, k: int, n: int, lanes: int, rows: int = 6, dtype: str = "flo
         sch.unroll(bi[0])
     sch.decompose_reduction(block, bk)
     sch.vectorize(sch.get_loops(sch.get_sblock("Y_init"))[-1])
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+    # Opaque to FuseOps: fused with an epilogue it would become a new, unscheduled function.
+    return (sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
+            .without_attr("global_symbol"))
 
 
 def _var_names(expr) -> set[str]:

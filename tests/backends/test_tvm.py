@@ -97,3 +97,15 @@ def test_unsupported_op_names_op_and_node():
                                                            r"'special_zeta\.\w+' \(node '\w+'\)") as info:
         graphopt.compile(Unsupported(), (torch.rand(4) + 1,), backend="tvm", progress=False)
     assert "\n" not in str(info.value)
+
+
+def test_output_width_not_a_multiple_of_16_is_padded_and_sliced():
+    """GPT-2's 50257-token head: panels padded with zeros, the extra columns sliced off."""
+    model = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.GELU(), torch.nn.Linear(50, 37)).eval()
+    x = torch.randn(3, 5, 40)
+    cm = graphopt.compile(model, (x,), backend="tvm", progress=False)
+    assert_close_to_scale(cm(x), model(x).detach(), 1e-5)
+    from graphopt.backends.tvm import import_relax
+    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    text = PackDenseWeights()(import_relax(cm.captured)[0])["main"].script()
+    assert "packed_dense_40x64" in text and "packed_dense_50x64" in text and text.count("R.strided_slice") == 2
