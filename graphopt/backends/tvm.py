@@ -31,8 +31,10 @@ from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel, dynamic_shapes
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
+from .tvm_intrinsics import register_fast_exp
 
 use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
+register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see tvm_intrinsics)
 
 # Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
 # from_exported_program(custom_convert_map=...) takes them.
