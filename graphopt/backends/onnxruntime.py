@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ..errors import BackendError, UnsupportedOpError
-from ..ir.capture import CapturedModel, dynamic_shapes
+from ..ir.capture import CapturedModel
 from ..runtime import OrtRunner
 from .base import Backend, Executable
 from .onnx_translations import TRANSLATIONS
@@ -83,7 +83,7 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
     if opset:
         kwargs["opset_version"] = opset
     if captured.dynamic_dims:
-        kwargs["dynamic_shapes"] = dynamic_shapes(captured.example_inputs, captured.dynamic_dims)
+        kwargs["dynamic_shapes"] = captured.dynamic_shapes()
     quiet = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):

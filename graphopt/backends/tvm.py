@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
-from ..ir.capture import CapturedModel, dynamic_shapes
+from ..ir.capture import CapturedModel
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
@@ -152,7 +152,7 @@ def import_relax(captured: CapturedModel):
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     gm = prepare_graph(captured.graph_module)
-    shapes = dynamic_shapes(captured.example_inputs, captured.dynamic_dims) if captured.dynamic_dims else None
+    shapes = captured.dynamic_shapes()
     try:
         program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes)
         program = program.run_decompositions()

@@ -33,6 +33,13 @@ class CapturedModel:
     example_inputs: tuple[torch.Tensor, ...] = ()
     source: str = ""
     dynamic_dims: dict[int, dict[int, str]] = field(default_factory=dict)
+    # True when torch.export could not prove its guards for named Dims (e.g. a KV cache's
+    # past length) and the dims were re-declared Dim.DYNAMIC, letting torch.export infer them
+    infer_dynamic: bool = False
+
+    def dynamic_shapes(self, varargs: bool = False):
+        """torch.export dynamic_shapes for re-exporting this model's graph."""
+        return dynamic_shapes(self.example_inputs, self.dynamic_dims, varargs, self.infer_dynamic)
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.no_grad():
@@ -105,8 +112,11 @@ def _normalise_inputs(model, example_inputs):
     return _input_names(model, len(example_inputs)), example_inputs, None
 
 
-def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]], varargs: bool = False):
-    """torch.export dynamic_shapes for positional `args` (`varargs`: for a forward(*args))."""
+def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]], varargs: bool = False,
+                   infer: bool = False):
+    """torch.export dynamic_shapes for positional `args` (`varargs`: for a forward(*args)).
+    `infer`: declare every dim Dim.DYNAMIC instead of named Dims (torch.export infers ranges
+    and equalities itself)."""
     if not dynamic_dims:
         return None
     made: dict[str, Any] = {}
@@ -115,9 +125,12 @@ def dynamic_shapes(args, dynamic_dims: Mapping[int, Mapping[int, str]], varargs:
         dims = dynamic_dims.get(index, {})
         spec = {}
         for dim, name in dims.items():
-            if name not in made:
+            if infer:
+                spec[dim] = torch.export.Dim.DYNAMIC
+            elif name not in made:
                 made[name] = torch.export.Dim(name, min=2, max=max(4096, int(arg.shape[dim]) * 8))
-            spec[dim] = made[name]
+            if not infer:
+                spec[dim] = made[name]
         shapes.append(spec or None)
     return (tuple(shapes),) if varargs else tuple(shapes)
 
@@ -150,12 +163,21 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     model.eval()
     wrapper = _FlatIO(model, keyword_names)
     dynamic_dims = {int(k): {int(d): str(n) for d, n in v.items()} for k, v in (dynamic_dims or {}).items()}
+    infer = False
     try:
         with _no_kv_cache(model), torch.no_grad():
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             out_names = _output_names(raw)
             flat = flat_tensors(raw)
-            program = torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
+            try:
+                program = torch.export.export(wrapper, args,
+                                              dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
+            except Exception as exc:  # noqa: BLE001 - retried below, re-raised if it fails again
+                if not dynamic_dims or "Constraints violated" not in str(exc):
+                    raise
+                infer = True
+                program = torch.export.export(wrapper, args,
+                                              dynamic_shapes=dynamic_shapes(args, dynamic_dims, True, infer=True))
             program = program.run_decompositions({})
     except GraphoptError:
         raise
@@ -174,4 +196,4 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
         shape = tuple(int(s) if isinstance(s, int) or (hasattr(s, "node") and s.node.is_constant()) else str(s)
                       for s in (val.shape if val is not None else eager.shape))
         outputs.append(TensorSpec(name, shape, dtype_name(eager)))
-    return CapturedModel(gm, inputs, outputs, tuple(args), source, dynamic_dims)
+    return CapturedModel(gm, inputs, outputs, tuple(args), source, dynamic_dims, infer)
