@@ -81,8 +81,8 @@ class AdaptiveFFNSkipping(Pass):
                   if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
         if not shapes or math.prod(shapes[0]) != 1:
             raise PreconditionError(f"adaptive FFN skipping decides per token: the graph must take one token "
-                                    f"(input shape {list(shapes[0]) if shapes else '?'}); capture a decode step "
-                                    f"with example inputs of shape [1, 1]")
+                                    f"(input shape {list(shapes[0]) if shapes else '?'}); compile a KV-cache decode step, "
+                                    f"graphopt.ir.decode.DecodeStep(model), with input_ids of shape [1, 1]")
 
     def run(self, gm, ctx):
         o = self.options
