@@ -92,6 +92,16 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
     or where it would embed weights in the library."""
     _register_tensor_attributes(gm)
+    changed = _cast_bool_sums(gm)
+    changed = _static_slices_of_dynamic_dims(gm) or changed
+    if changed:
+        gm.recompile()
+    return gm
+
+
+def _cast_bool_sums(gm: fx.GraphModule) -> bool:
+    """cumsum/sum over a bool tensor (Hugging Face's packed-sequence mask) reached LLVM as an
+    add on i1 and failed in CodeGenLLVM::CreateAdd: cast to the result's dtype first."""
     changed = False
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (torch.ops.aten.cumsum.default,
@@ -106,9 +116,48 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
             cast.meta["val"] = source_val.to(out.dtype)
         node.replace_input_with(source, cast)
         changed = True
-    if changed:
-        gm.recompile()
-    return gm
+    return changed
+
+
+def _static_slices_of_dynamic_dims(gm: fx.GraphModule) -> bool:
+    """x[:, :1] of a dynamic length: torch knows the result has 1 element (the length is >= 2),
+    TVM infers min(1, seq) and loses the shape downstream (in Hugging Face's mask code, at a
+    cumsum it cannot lower). Such slices become index_select with constant indices."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != torch.ops.aten.slice.Tensor:
+            continue
+        source, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        start = node.args[2] if len(node.args) > 2 else 0
+        step = node.args[4] if len(node.args) > 4 else 1
+        source_val, out = getattr(source, "meta", {}).get("val"), node.meta.get("val")
+        if source_val is None or out is None or not isinstance(start, int) or start < 0 or not isinstance(step, int):
+            continue
+        dim = dim % source_val.dim()
+        if isinstance(source_val.shape[dim], int) or not isinstance(out.shape[dim], int):
+            continue
+        size = out.shape[dim]
+        with gm.graph.inserting_before(node):
+            index = gm.graph.call_function(torch.ops.aten.arange.start_step, (start, start + size * step, step),
+                                           {"dtype": torch.int64})
+            index.meta["val"] = torch.arange(start, start + size * step, step)
+            select = gm.graph.call_function(torch.ops.aten.index_select.default, (source, dim, index))
+            select.meta = dict(node.meta)
+        node.replace_all_uses_with(select)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _positive_slice_dims(gm: fx.GraphModule) -> None:
+    """TVM legalizes a slice with a negative axis over a dynamic shape into an out-of-range
+    axis (topi dynamic_strided_slice_with_axes: "axis < src_tensor_dim (-1 vs. 2)")."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target == torch.ops.aten.slice.Tensor and len(node.args) > 1:
+            dim, source_val = node.args[1], getattr(node.args[0], "meta", {}).get("val")
+            if isinstance(dim, int) and dim < 0 and source_val is not None:
+                node.update_arg(1, dim % source_val.dim())
+    gm.recompile()
 
 
 def _register_tensor_attributes(gm: fx.GraphModule, min_elements: int = 4096) -> None:
@@ -156,6 +205,7 @@ def import_relax(captured: CapturedModel):
     try:
         program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes)
         program = program.run_decompositions()
+        _positive_slice_dims(program.graph_module)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: re-exporting the IR failed: {first}") from exc
@@ -185,15 +235,14 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     mod = relax.transform.LiftTransformParams()(mod)
     try:
         executable = relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, schedules))
-    except ValueError as exc:
-        if "non-symbolic shape" not in str(exc):
-            raise
-        raise BackendError("tvm backend: TVM's shape inference lost a dynamic dimension at relax.cumsum (a slice "
-                           "of a dynamic dimension upstream); compile with static shapes for TVM") from exc
-    except Exception as exc:  # noqa: BLE001 - TVM raises InternalError and friends
+    except Exception as exc:  # noqa: BLE001 - TVM raises InternalError, ValueError and friends
         text = str(exc).strip().splitlines()
-        last = next((line for line in reversed(text) if line.strip()), type(exc).__name__)
-        raise BackendError(f"tvm backend: compilation failed: {last.strip()}") from exc
+        last = next((line for line in reversed(text) if line.strip()), type(exc).__name__).strip()
+        if captured.dynamic_dims:
+            raise BackendError(f"tvm backend: compilation failed with dynamic dimensions ({last}); TVM's shape "
+                               "inference does not follow this graph's dynamic dims: compile with static shapes "
+                               "for TVM") from exc
+        raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
     executable.export_library(library)
     transformed = _transform_params(executable, mod, params)
