@@ -6,6 +6,7 @@ from .channel_pruning import ChannelPermutation, ChannelPruning
 from .constant_folding import ConstantFolding
 from .dead_code import DeadCodeElimination
 from .ffn_fusion import FFNFusion
+from .head_pruning import AttentionHeadPruning
 from .horizontal_fusion import HorizontalFusion
 from .instruments import DumpInstrument, Instrument, PrintOnChangeInstrument, VerifyInstrument
 from .layer_skipping import LayerSkipping
@@ -20,4 +21,5 @@ __all__ = [
     "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
     "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization", "ActivationQuantization",
     "ChannelPruning", "ChannelPermutation", "LayerSkipping", "FFNFusion", "AdaptiveFFNSkipping",
+    "AttentionHeadPruning",
 ]

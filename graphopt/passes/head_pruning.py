@@ -1,0 +1,255 @@
+"""Attention-head pruning: drop whole key/value groups from every attention.
+
+Found by graph pattern, not module names: each `scaled_dot_product_attention` node, its
+query/key/value projections (the linear layers its inputs come from, through views,
+transposes, rotary embedding and the grouped-query repeat) and its output projection (the
+linear layer its output reaches through views and transposes). A group is one key/value head
+and the query heads that read it (query head h reads key/value head h // (q_heads / kv_heads),
+as Hugging Face's repeat_kv lays them out); with multi-head attention a group is one head.
+
+    q/k/v projections   W[rows of the kept heads], bias likewise
+    output projection   W[:, columns of the kept query heads]
+    shape literals      views / reshapes / expands between them follow the new head counts
+
+Heads are independent until the output projection, so the result equals the model with the
+output-projection columns of the dropped query heads zeroed (tested to 1e-5).
+Importance of a group: the L2 norm of its weights (q/k/v rows and output columns), or a
+callable(q_rows, k_rows, v_rows, o_columns) -> float.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..errors import GraphoptError, PreconditionError
+from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
+from .base import Pass, PassResult, Tolerance
+
+aten = torch.ops.aten
+_LINEAR = (aten.linear.default,)
+_LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
+           aten.transpose.int, aten.permute.default, aten.clone.default, aten.unsqueeze.default,
+           aten.contiguous.default, aten.alias.default}
+_SHAPED = {aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1, aten.expand.default: 1}
+
+
+@dataclass
+class Attention:
+    """One attention found in the graph, with its projections and head layout."""
+
+    sdpa: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    o: fx.Node
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+
+    @property
+    def name(self) -> str:
+        return module_path(self.o).rpartition(".")[0] or self.sdpa.name
+
+
+def _projection_above(node: fx.Node, gm: fx.GraphModule, limit: int = 40) -> fx.Node | None:
+    """The linear layer (constant weight) `node` is computed from, searching inputs depth-first."""
+    stack, seen = [node], set()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current in seen or not isinstance(current, fx.Node):
+            continue
+        seen.add(current)
+        if current.op == "call_function" and current.target in _LINEAR and constant_value(gm, current.args[1]) is not None:
+            return current
+        if current.op == "call_function":
+            stack.extend(reversed([a for a in current.args if isinstance(a, fx.Node)]))
+    return None
+
+
+def _projection_below(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The linear layer `node`'s value reaches through layout ops only."""
+    current = node
+    while len(current.users) == 1:
+        (user,) = current.users
+        if user.op == "call_function" and user.target in _LINEAR and user.args[0] is current \
+                and constant_value(gm, user.args[1]) is not None:
+            return user
+        if user.op != "call_function" or user.target not in _LAYOUT:
+            return None
+        current = user
+    return None
+
+
+def find_attentions(gm: fx.GraphModule) -> list[Attention]:
+    found = []
+    for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        q, k, v = (_projection_above(arg, gm) for arg in sdpa.args[:3])
+        o = _projection_below(sdpa, gm)
+        if None in (q, k, v, o) or len({q, k, v}) != 3:
+            raise PreconditionError(f"attention_head_pruning: cannot find separate q/k/v and output projections "
+                                    f"around {describe(sdpa)} (fused q/k/v, as GPT-2's c_attn, is not supported)")
+        head_dim = int(sdpa.args[0].meta["val"].shape[-1])
+        q_out, kv_out = int(q.meta["val"].shape[-1]), int(k.meta["val"].shape[-1])
+        if q_out % head_dim or kv_out % head_dim or (q_out // head_dim) % (kv_out // head_dim):
+            raise PreconditionError(f"attention_head_pruning: head layout of {describe(sdpa)} not understood "
+                                    f"(q {q_out}, k/v {kv_out} features, head dim {head_dim})")
+        found.append(Attention(sdpa, q, k, v, o, head_dim, q_out // head_dim, kv_out // head_dim))
+    return found
+
+
+@dataclass
+class PrunedAttention:
+    kept_groups: list[int]
+    groups: int
+    q_heads: int
+    head_dim: int
+    output_module: str        # the output projection's module path
+
+    def dropped_query_columns(self) -> list[int]:
+        """Input columns of the output projection that belonged to the dropped query heads."""
+        width = self.q_heads // self.groups * self.head_dim
+        return [g * width + i for g in range(self.groups) if g not in self.kept_groups for i in range(width)]
+
+
+def l2_group_importance(q_rows, k_rows, v_rows, o_columns) -> float:
+    return float(sum(float(t.float().pow(2).sum()) for t in (q_rows, k_rows, v_rows, o_columns)) ** 0.5)
+
+
+@dataclass
+class AttentionHeadPruningOptions:
+    ratio: float = 0.25                 # share of key/value groups dropped per attention (rounded)
+    importance: str | Callable = "l2"   # or callable(q_rows, k_rows, v_rows, o_columns) -> float
+    exclude: tuple[str, ...] = ()       # attention module paths (fnmatch) left whole
+    min_groups: int = 1
+
+
+class AttentionHeadPruning(Pass):
+    """Drop the least important key/value groups of every attention; see the module docstring."""
+
+    name = "attention_head_pruning"
+    Options = AttentionHeadPruningOptions
+    tolerance = Tolerance(rtol=float("inf"))     # lossy; its cost is measured by the quality instrument
+
+    def __init__(self, options=None, **overrides):
+        super().__init__(options, **overrides)
+        o = self.options
+        if not 0.0 <= o.ratio < 1.0:
+            raise GraphoptError(f"AttentionHeadPruning ratio must be in [0, 1), got {o.ratio}")
+        if not callable(o.importance) and o.importance != "l2":
+            raise GraphoptError("AttentionHeadPruning importance must be 'l2' or a callable")
+        self.pruned: dict[str, PrunedAttention] = {}     # attention name -> what was kept
+
+    def run(self, gm, ctx):
+        o = self.options
+        score = l2_group_importance if o.importance == "l2" else o.importance
+        attentions = find_attentions(gm)
+        old_shapes = {n: tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                      if isinstance(n.meta.get("val"), torch.Tensor)}
+        changes, touched = [], set()
+        for att in attentions:
+            if any(fnmatch.fnmatch(att.name, pattern) for pattern in o.exclude):
+                continue
+            groups = att.kv_heads
+            keep_count = max(o.min_groups, groups - int(round(groups * o.ratio)))
+            if keep_count >= groups:
+                continue
+            rep, hd = att.q_heads // att.kv_heads, att.head_dim
+            weights = {name: constant_value(gm, node.args[1]) for name, node in
+                       (("q", att.q), ("k", att.k), ("v", att.v), ("o", att.o))}
+            scores = []
+            for g in range(groups):
+                q_rows = slice(g * rep * hd, (g + 1) * rep * hd)
+                kv_rows = slice(g * hd, (g + 1) * hd)
+                scores.append(score(weights["q"][q_rows], weights["k"][kv_rows], weights["v"][kv_rows],
+                                    weights["o"][:, q_rows]))
+            kept = sorted(sorted(range(groups), key=lambda g: -scores[g])[:keep_count])
+            q_index = [g * rep * hd + i for g in kept for i in range(rep * hd)]
+            kv_index = [g * hd + i for g in kept for i in range(hd)]
+            for node, index in ((att.q, q_index), (att.k, kv_index), (att.v, kv_index)):
+                _select(gm, node, 1, 0, index)
+                if len(node.args) > 2 and node.args[2] is not None:
+                    _select(gm, node, 2, 0, index)
+            _select(gm, att.o, 1, 1, q_index)
+            self.pruned[att.name] = PrunedAttention(kept, groups, att.q_heads, hd, module_path(att.o))
+            touched |= {att.q, att.k, att.v}
+            changes.append(f"{att.name}: kept key/value groups {kept} of {groups} "
+                           f"({len(kept) * rep} of {att.q_heads} query heads)")
+        if changes:
+            _follow_head_counts(gm, old_shapes)
+            remove_unused_attributes(gm)
+        return PassResult(gm, bool(changes), changes)
+
+
+def _select(gm: fx.GraphModule, node: fx.Node, arg: int, dim: int, index: list[int]) -> None:
+    value = constant_value(gm, node.args[arg]).index_select(dim, torch.tensor(index, dtype=torch.long))
+    old = node.args[arg]
+    with gm.graph.inserting_before(node):
+        node.update_arg(arg, gm.graph.get_attr(add_constant(gm, f"{old.target}_heads", value)))
+    if not old.users:
+        gm.graph.erase_node(old)
+
+
+def _follow_head_counts(gm: fx.GraphModule, old_shapes: dict) -> None:
+    """Re-infer every node's shape in order; literal shapes of views/expands whose input
+    changed are re-derived from the new input shape first."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        position = _SHAPED.get(node.target)
+        source = node.args[0] if node.args else None
+        if position is not None and isinstance(source, fx.Node) and source in old_shapes:
+            new_in = tuple(source.meta["val"].shape)
+            old_in = old_shapes[source]
+            literal = list(node.args[position])
+            if new_in != old_in and all(isinstance(d, int) for d in literal):
+                if node.target == aten.expand.default:
+                    shape = _expand_shape(old_in, new_in, literal)
+                else:
+                    shape = _reshape_shape(old_in, new_in, literal)
+                node.update_arg(position, shape)
+        infer_meta(gm, node)
+
+
+def _expand_shape(old_in, new_in, literal):
+    offset = len(literal) - len(old_in)
+    out = list(literal)
+    for i, (old, new) in enumerate(zip(old_in, new_in)):
+        if literal[offset + i] not in (-1,) and old != 1 and literal[offset + i] == old:
+            out[offset + i] = new
+    return out
+
+
+def _reshape_shape(old_in, new_in, literal):
+    """Map a reshape of `old_in` to `literal` onto `new_in`: dims are grouped where products
+    match; a group whose size changed scales its first non-unit output dim."""
+    old_out = list(literal)
+    if -1 in old_out:
+        known = math.prod(d for d in old_out if d != -1)
+        old_out[old_out.index(-1)] = math.prod(old_in) // known
+    out, i, j = list(literal), 0, 0
+    while i < len(old_in) or j < len(old_out):
+        gi, gj = [i] if i < len(old_in) else [], [j] if j < len(old_out) else []
+        pi = old_in[i] if i < len(old_in) else 1
+        pj = old_out[j] if j < len(old_out) else 1
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= old_in[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= old_out[j]
+                j += 1
+        new_size = math.prod(new_in[d] for d in gi)
+        if new_size != pi and gj:
+            target = next((d for d in gj if old_out[d] != 1), gj[0])
+            rest = math.prod(old_out[d] for d in gj if d != target)
+            if literal[target] != -1:
+                out[target] = new_size // rest
+    return out
