@@ -1,11 +1,13 @@
 """Channel pruning with UPSCALE reordering on a ResNet-style CNN, a DenseNet-style CNN and a
-Llama-style transformer (its FFNs and the residual stream that q/k/v/gate/up read).
+Llama-style transformer (its FFNs and the residual stream that q/k/v/gate/up read), and
+attention-head pruning on the transformer.
 
     python examples/channel_pruning.py [--model resnet|densenet|llama|all] [--ratio 0.3]
 
 For each model: the channel segments the analysis finds (and why some channels are pinned),
 then three exports at the same ratio through ONNX Runtime: constrained (no copies),
-unconstrained without and with reordering. The unconstrained exports compute the same
+unconstrained without and with reordering; for the transformer also a head-pruned export
+(whole key/value groups, `AttentionHeadPruning`). The unconstrained exports compute the same
 function (checked here); reordering only changes how many consumers need a gather. The
 models have random weights, so the output change (relative L2) is only indicative; see
 benchmarks/channel_reorder.py for trained CNNs and the real SmolLM2.
@@ -19,7 +21,7 @@ import torch
 import graphopt
 from graphopt.analysis.channels import ChannelAnalysis
 from graphopt.ir.capture import capture
-from graphopt.passes import ChannelPruning, DeadCodeElimination
+from graphopt.passes import AttentionHeadPruning, ChannelPruning, DeadCodeElimination
 
 EXPORTS = {
     "constrained": dict(mode="constrained"),
@@ -62,6 +64,18 @@ def prune(name: str, ratio: float) -> dict:
               f"all / a slice / a gather: {s.consumers_full:2d} / {s.consumers_slice:2d} / {s.consumers_gather:2d}; "
               f"output change vs unpruned {change:.1%}")
         results[label] = (out, s)
+    if bundle.is_sequence_model:
+        heads = AttentionHeadPruning(ratio=0.5)
+        cm = graphopt.compile(bundle.model, inputs, passes=[heads, DeadCodeElimination()], backend="onnxruntime",
+                              progress=False)
+        out = cm(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        change = float((out - reference).norm() / reference.norm())
+        kept = sum(len(p.kept_groups) for p in heads.pruned.values())
+        total = sum(p.groups for p in heads.pruned.values())
+        print(f"  {'heads 50%':22s} weights {cm.stats['parameter_bytes_optimized'] / 1e6:6.2f} MB; key/value groups "
+              f"kept {kept} of {total}; output change vs unpruned {change:.1%}")
+        results["heads"] = (out, heads.pruned)
     naive, reordered = results["unconstrained"][0], results["unconstrained+reorder"][0]
     assert torch.allclose(naive, reordered, rtol=1e-4, atol=1e-5 * float(naive.abs().max())), \
         "reordering must not change outputs"

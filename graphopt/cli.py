@@ -71,7 +71,8 @@ def cmd_compile(args) -> None:
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
     passes = _pass_list(args)
-    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
+    lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
+                and not args.prune_heads)
     calibration = None if lossless else _calibration_batches(bundle, args)
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
@@ -100,9 +101,9 @@ def cmd_compile(args) -> None:
 
 
 def _pass_list(args) -> list:
-    """The preset's passes, with layer skipping (and FFN fusion), then channel pruning, after
-    constant folding."""
-    from .passes import ChannelPruning, ConstantFolding, DeadCodeElimination, preset
+    """The preset's passes, with layer skipping (and FFN fusion), then head and channel
+    pruning, after constant folding."""
+    from .passes import AttentionHeadPruning, ChannelPruning, ConstantFolding, DeadCodeElimination, preset
     from .passes.ffn_fusion import FFNFusion
     from .passes.layer_skipping import LayerSkipping
     passes = preset(args.passes)
@@ -114,6 +115,8 @@ def _pass_list(args) -> list:
                                    kinds=tuple(args.skip_kinds.split(","))))
         if args.fuse_ffn:
             extra.append(FFNFusion())
+    if args.prune_heads:
+        extra.append(AttentionHeadPruning(ratio=args.prune_heads))
     if args.prune_channels:
         extra.append(ChannelPruning(ratio=args.prune_channels, mode=args.prune_mode, reorder=not args.no_reorder,
                                     importance=args.prune_importance, exclude=tuple(args.prune_exclude)))
@@ -330,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fuse-ffn", action="store_true", help="then fuse runs of consecutive FFNs (FFN Fusion)")
     c.add_argument("--prune-channels", type=float, default=0.0,
                    help="channel pruning: drop this fraction of every consumer's input channels")
+    c.add_argument("--prune-heads", type=float, default=0.0,
+                   help="drop this share of key/value head groups in every attention (AttentionHeadPruning)")
     c.add_argument("--prune-mode", default="unconstrained", choices=["unconstrained", "constrained"])
     c.add_argument("--prune-importance", default="l1", help="l1, l2 or activation")
     c.add_argument("--prune-exclude", nargs="*", default=[], help="consumers left whole (module paths, fnmatch)")

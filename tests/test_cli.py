@@ -51,3 +51,10 @@ def test_channels_and_compile_with_channel_pruning(tmp_path, capsys):
     assert "channel_pruning          changed" in out and "consumers read all kept channels: 13, a slice: 1, a gather: 1" in out
     assert main(["compile", "--model", "resnet", "--prune-channels", "0.3", "--prune-importance", "nope"]) == 1
     assert "importance must be one of" in capsys.readouterr().err
+
+
+def test_compile_with_head_pruning(tmp_path, capsys):
+    assert main(["compile", "--model", "llama", "--seq-len", "16", "--repeats", "1", "--prune-heads", "0.5",
+                 "--out", str(tmp_path / "heads")]) == 0
+    out = capsys.readouterr().out
+    assert "attention_head_pruning   changed" in out and "kept key/value groups" in out

@@ -159,7 +159,7 @@ class AttentionHeadPruning(Pass):
             if keep_count >= groups:
                 continue
             rep, hd = att.q_heads // att.kv_heads, att.head_dim
-            weights = {name: constant_value(gm, node.args[1]) for name, node in
+            weights = {name: constant_value(gm, node.args[1]).detach() for name, node in
                        (("q", att.q), ("k", att.k), ("v", att.v), ("o", att.o))}
             scores = []
             for g in range(groups):

@@ -4,6 +4,7 @@ from ..conftest import load_example
 def test_channel_pruning_example_runs_all_three_exports(capsys):
     results = load_example("channel_pruning.py").main(["--model", "all", "--ratio", "0.3"])
     assert set(results) == {"resnet", "densenet", "llama"}
+    assert len(results["llama"].pop("heads")[1]) == 3      # every attention lost half its key/value groups
     for name, exports in results.items():
         constrained = exports["constrained"][1]
         assert constrained.consumers_gather == constrained.consumers_slice == 0
