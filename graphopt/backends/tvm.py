@@ -1,9 +1,11 @@
 """Apache TVM backend: IR -> torch.export -> Relax -> our CPU schedules -> a shared library.
 
 Lowering, step by step:
-1. `prepare_graph` cleans the IR where TVM's importer or codegen breaks: a cumsum over a
-   bool tensor (Hugging Face's mask code) reaches LLVM as an integer add on i1 and fails
-   in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first.
+1. `prepare_graph` rewrites the IR (in place, semantics unchanged) where TVM's importer or
+   codegen breaks: a cumsum over a bool tensor (Hugging Face's mask code) reached LLVM as an
+   add on i1 and failed in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first;
+   weights that passes made (plain attributes, buffers) become parameters, or the importer
+   would embed them as constants; static-size slices of dynamic dims become index_select.
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
