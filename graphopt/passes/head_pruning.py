@@ -35,7 +35,7 @@ _LINEAR = (aten.linear.default,)
 _LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
            aten.transpose.int, aten.permute.default, aten.clone.default, aten.unsqueeze.default,
            aten.contiguous.default, aten.alias.default}
-_SHAPED = {aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1, aten.expand.default: 1}
+_SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}   # shape = args[1]
 
 
 @dataclass
@@ -200,18 +200,17 @@ def _follow_head_counts(gm: fx.GraphModule, old_shapes: dict) -> None:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        position = _SHAPED.get(node.target)
         source = node.args[0] if node.args else None
-        if position is not None and isinstance(source, fx.Node) and source in old_shapes:
+        if node.target in _SHAPED and isinstance(source, fx.Node) and source in old_shapes:
             new_in = tuple(source.meta["val"].shape)
             old_in = old_shapes[source]
-            literal = list(node.args[position])
+            literal = list(node.args[1])
             if new_in != old_in and all(isinstance(d, int) for d in literal):
                 if node.target == aten.expand.default:
                     shape = _expand_shape(old_in, new_in, literal)
                 else:
                     shape = _reshape_shape(old_in, new_in, literal)
-                node.update_arg(position, shape)
+                node.update_arg(1, shape)
         infer_meta(gm, node)
 
 
@@ -219,7 +218,7 @@ def _expand_shape(old_in, new_in, literal):
     offset = len(literal) - len(old_in)
     out = list(literal)
     for i, (old, new) in enumerate(zip(old_in, new_in)):
-        if literal[offset + i] not in (-1,) and old != 1 and literal[offset + i] == old:
+        if old != 1 and literal[offset + i] == old:
             out[offset + i] = new
     return out
 
