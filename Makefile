@@ -16,6 +16,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --out dist/smollm2
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --passes int4 --out dist/smollm2-int4
+	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend tvm --seq-len 128 --passes fuse --out dist/smollm2-tvm
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
