@@ -1,15 +1,19 @@
-"""Relax-level passes of the TVM backend: weight packing for matmuls, and the CPU pipeline
-(TVM's own legalize / fuse / lower passes with graphopt's schedule rules in the middle)."""
+"""Relax-level passes of the TVM backend: weight packing for matmuls (and embedding lookups
+in the same weights), and the CPU pipeline (TVM's own legalize / fuse / lower passes with
+graphopt's schedule rules in the middle)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
-from tvm import relax, tirx
+from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
 from .tvm_schedules import default_rules, dense_lanes, packed_dense
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_TAKE = tvm.ir.Op.get("relax.take")
 
 
 def _static_shape(expr) -> list | None:
@@ -19,82 +23,138 @@ def _static_shape(expr) -> list | None:
     return list(ty.shape.values)
 
 
+@dataclass
+class _Packing:
+    """How a weight is packed: panels [padded / lanes, k, lanes] of its n output columns."""
+
+    transposed: bool      # the weight is [n, k] (a linear's), else [k, n]
+    n: int
+    k: int
+    lanes: int
+
+    @property
+    def padded(self) -> int:
+        return -(-self.n // self.lanes) * self.lanes
+
+
+def _weight_matmuls(main: relax.Function, weights: set) -> dict:
+    """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T."""
+    bound = {}
+    packings = {}
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            bound[binding.var] = binding.value
+    for value in bound.values():
+        if not (isinstance(value, relax.Call) and value.op == _MATMUL):
+            continue
+        rhs, transposed = value.args[1], False
+        source = bound.get(rhs)
+        if isinstance(source, relax.Call) and source.op == _PERMUTE and isinstance(source.args[0], relax.Var):
+            rhs, transposed = source.args[0], True
+        shape = _static_shape(rhs)
+        if rhs not in weights or rhs in packings or shape is None or len(shape) != 2 or rhs.ty.dtype != "float32":
+            continue
+        if transposed and list(source.attrs.axes or [1, 0]) != [1, 0]:
+            continue
+        n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
+        packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
+    return packings
+
+
 @relax.expr_functor.mutator
 class _DenseRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, weights: set):
+    def __init__(self, mod: tvm.IRModule, packings: dict):
         super().__init__(mod)
-        self.mod_ = mod
-        self.weights = weights
+        self.packings = packings
+        self.panels: dict = {}
         self.kernels: dict = {}
-        self.rewritten = 0
 
     def _weight_operand(self, rhs):
-        """(weight var, transposed) when `rhs` is a 2-D weight ([K, N]) or its transpose."""
-        if isinstance(rhs, relax.Var) and rhs in self.weights:
-            return rhs, False
+        """The packed weight a matmul's right operand is (W, or W^T of a linear's weight)."""
+        if isinstance(rhs, relax.Var) and rhs in self.packings and not self.packings[rhs].transposed:
+            return rhs
         if isinstance(rhs, relax.Var):
             bound = self.lookup_binding(rhs)
-            if (isinstance(bound, relax.Call) and bound.op == _PERMUTE and isinstance(bound.args[0], relax.Var)
-                    and bound.args[0] in self.weights and len(_static_shape(bound.args[0]) or []) == 2):
-                return bound.args[0], True
-        return None, False
+            if (isinstance(bound, relax.Call) and bound.op == _PERMUTE and bound.args[0] in self.packings
+                    and self.packings[bound.args[0]].transposed):
+                return bound.args[0]
+        return None
+
+    def _panels_of(self, weight):
+        """The weight's panels, emitted once: matmuls and an embedding lookup share them."""
+        if weight not in self.panels:
+            p, source = self.packings[weight], weight
+            if p.padded != p.n:   # GPT-2's 50257-token vocabulary: zero columns, sliced off later
+                source = relax.op.nn.pad(weight, [0, p.padded - p.n, 0, 0] if p.transposed else
+                                         [0, 0, 0, p.padded - p.n])
+            if p.transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
+                panels = relax.op.permute_dims(relax.op.reshape(source, [p.padded // p.lanes, p.lanes, p.k]), [0, 2, 1])
+            else:              # weight [K, N] -> [K, N / lanes, lanes] -> [N / lanes, K, lanes]
+                panels = relax.op.permute_dims(relax.op.reshape(source, [p.k, p.padded // p.lanes, p.lanes]), [1, 0, 2])
+            self.panels[weight] = self.builder_.emit(panels)
+        return self.panels[weight]
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if call.op != _MATMUL:
+        if call.op == _TAKE:
+            return self._embedding(call)
+        if call.op == _MATMUL:
+            return self._dense(call)
+        return call
+
+    def _embedding(self, call):
+        """take(W, ids, axis=0) of a weight that is also packed (a tied embedding and LM head):
+        read rows from the panels, so the artifact holds the weight once."""
+        weight, ids = call.args
+        p = self.packings.get(weight)
+        axis = call.attrs.axis
+        if p is None or not p.transposed or axis is None or int(axis) != 0 or _static_shape(call) is None:
             return call
+        panels = self._panels_of(weight)
+        lanes = p.lanes
+
+        def embedding_rows(table, index):
+            return te.compute((*index.shape, p.k), lambda *i: table[index[i[:-1]] // lanes, i[-1],
+                                                                    index[i[:-1]] % lanes], name="embedding_rows")
+        return self.builder_.call_te(embedding_rows, panels, ids)
+
+    def _dense(self, call):
         x, rhs = call.args
-        weight, transposed = self._weight_operand(rhs)
+        weight = self._weight_operand(rhs)
         x_shape, out_shape = _static_shape(x), _static_shape(call)
-        if weight is None or x_shape is None or out_shape is None or len(x_shape) < 1:
+        if weight is None or x_shape is None or out_shape is None or call.ty.dtype != "float32" \
+                or x.ty.dtype != "float32":
             return call
-        w_shape = _static_shape(weight)
-        dtype = call.ty.dtype
-        if len(w_shape) != 2 or dtype != "float32" or x.ty.dtype != dtype or weight.ty.dtype != dtype:
+        p = self.packings[weight]
+        if not isinstance(x_shape[-1], tirx.IntImm) or int(x_shape[-1]) != p.k:
             return call
-        n, k = (int(w_shape[0]), int(w_shape[1])) if transposed else (int(w_shape[1]), int(w_shape[0]))
-        if not isinstance(x_shape[-1], tirx.IntImm) or int(x_shape[-1]) != k:
-            return call
-        # Widths that are not a multiple of 16 (GPT-2's 50257-token vocabulary) are computed
-        # on zero-padded panels, and the padding columns sliced off.
-        lanes = dense_lanes(n) or 32
-        padded = -(-n // lanes) * lanes
         rows = 1
         for dim in x_shape[:-1]:
             rows = rows * dim
         rows = tvm.sym.Analyzer().simplify(rows)
         static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
-        key = (static_rows, k, padded, lanes)
+        key = (static_rows, p.k, p.padded, p.lanes)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
-            kernel = packed_dense(m, k, padded, lanes)
-            self.kernels[key] = self.builder_.add_func(kernel, f"packed_dense_{k}x{padded}")
-        if padded != n:
-            weight = relax.op.nn.pad(weight, [0, padded - n, 0, 0] if transposed else [0, 0, 0, padded - n])
-        if transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
-            panels = relax.op.reshape(weight, [padded // lanes, lanes, k])
-            panels = relax.op.permute_dims(panels, [0, 2, 1])
-        else:            # weight [K, N] -> [K, N / lanes, lanes] -> [N / lanes, K, lanes]
-            panels = relax.op.reshape(weight, [k, padded // lanes, lanes])
-            panels = relax.op.permute_dims(panels, [1, 0, 2])
-        panels = self.builder_.emit(panels)
-        flat = self.builder_.emit(relax.op.reshape(x, [rows, k]))
-        out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, panels],
-                                                relax.TensorType([rows, padded], dtype)))
-        if padded != n:
-            out = self.builder_.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[n]))
-        self.rewritten += 1
+            self.kernels[key] = self.builder_.add_func(packed_dense(m, p.k, p.padded, p.lanes),
+                                                       f"packed_dense_{p.k}x{p.padded}")
+        flat = self.builder_.emit(relax.op.reshape(x, [rows, p.k]))
+        out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, self._panels_of(weight)],
+                                                relax.TensorType([rows, p.padded], "float32")))
+        if p.padded != p.n:
+            out = self.builder_.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[p.n]))
         return relax.op.reshape(out, out_shape)
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
 class PackDenseWeights:
-    """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W))."""
+    """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W));
+    an embedding lookup in a weight packed so reads the panels."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-        rewriter = _DenseRewriter(mod, set(main.params[num_inputs:]))
+        rewriter = _DenseRewriter(mod, _weight_matmuls(main, set(main.params[num_inputs:])))
         gv = mod.get_global_var("main")
         rewriter.builder_.update_func(gv, rewriter.visit_expr(main))
         return rewriter.builder_.get()

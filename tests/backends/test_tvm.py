@@ -109,3 +109,20 @@ def test_output_width_not_a_multiple_of_16_is_padded_and_sliced():
     from graphopt.backends.tvm_pipeline import PackDenseWeights
     text = PackDenseWeights()(import_relax(cm.captured)[0])["main"].script()
     assert "packed_dense_40x64" in text and "packed_dense_50x64" in text and text.count("R.strided_slice") == 2
+
+
+def test_tied_embedding_reads_the_packed_lm_head():
+    """GPT-2 ties its token embedding to the LM head: the lookup reads rows from the packed
+    panels, so the artifact holds that weight once."""
+    from graphopt.backends.tvm import import_relax
+    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    bundle = graphopt.models.load("gpt2")
+    assert bundle.model.config.tie_word_embeddings
+    cm = graphopt.compile(bundle.model, small_inputs(bundle), backend="tvm", progress=False)
+    assert_close_to_scale(cm(*small_inputs(bundle)), eager_outputs(bundle.model, small_inputs(bundle))[0], 1e-4)
+    mod = tvm.relax.transform.LiftTransformParams()(PackDenseWeights()(import_relax(cm.captured)[0]))
+    main = mod["main"].script()
+    assert "embedding_rows" in main and "R.take(p_model_lm_head_weight" not in main
+    vocab, hidden = bundle.model.config.vocab_size, bundle.model.config.n_embd
+    shapes = [tuple(int(d) for d in p.ty.shape.values) for p in mod["main"].params[1:]]
+    assert (vocab, hidden) not in shapes      # only the panels of the tied weight remain
