@@ -126,3 +126,15 @@ def test_tied_embedding_reads_the_packed_lm_head():
     vocab, hidden = bundle.model.config.vocab_size, bundle.model.config.n_embd
     shapes = [tuple(int(d) for d in p.ty.shape.values) for p in mod["main"].params[1:]]
     assert (vocab, hidden) not in shapes      # only the panels of the tied weight remain
+
+
+def test_loading_on_another_cpu_warns(tmp_path):
+    import json
+    bundle = graphopt.models.load("resnet")
+    path = graphopt.compile(bundle.model, small_inputs(bundle), backend="tvm", progress=False).save(str(tmp_path / "r"))
+    manifest_path = tmp_path / "r" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["backend_options"]["target"]["mcpu"] = "some-other-cpu"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="compiled for CPU 'some-other-cpu'.*illegal instruction"):
+        graphopt.load(path)
