@@ -13,7 +13,7 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 def assert_close_to_scale(actual, expected, rel: float = 1e-4) -> float:
     """max |actual - expected| <= rel * max |expected|; returns the relative error."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     scale = float(expected.abs().max())
     err = float((actual - expected).abs().max()) / max(scale, 1e-30)
