@@ -2,7 +2,7 @@
 
     step = DecodeStep(model)                       # forward(input_ids, *past) -> (logits, *present)
     past = prefill_cache(model, prompt_ids)        # k0, v0, k1, v1, ... each [batch, kv_heads, P, head_dim]
-    cm = graphopt.compile(step, decode_inputs(model, next_id, past), dynamic_dims=past_dims(model))
+    cm = graphopt.compile(step, (next_id, *past), dynamic_dims=past_dims(model))
     logits, *present = cm(next_id, *past)
 
 The cache travels as plain tensors (two per layer), so the step is a pure function that
@@ -10,8 +10,6 @@ torch.export captures, the passes rewrite (sublayers are found in it as in a pre
 and the backends lower with a dynamic past length. `generate_greedy` runs it token by token.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import torch
 
@@ -58,10 +56,6 @@ def prefill_cache(model: torch.nn.Module, input_ids: torch.Tensor) -> list[torch
 def past_dims(model: torch.nn.Module, name: str = "past") -> dict[int, dict[int, str]]:
     """dynamic_dims for a DecodeStep: the past length (dim 2) of every cache input."""
     return {1 + i: {2: name} for i in range(2 * _layers(model))}
-
-
-def decode_inputs(input_ids: torch.Tensor, past: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    return (input_ids, *past)
 
 
 def generate_greedy(step, prompt_ids: torch.Tensor, model: torch.nn.Module, new_tokens: int) -> torch.Tensor:
