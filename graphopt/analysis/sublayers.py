@@ -35,6 +35,28 @@ _TOKEN_MIXERS = {aten.scaled_dot_product_attention.default, aten._softmax.defaul
 _PAIRWISE = set(MATMULS) | {aten.bmm.default, aten.baddbmm.default}
 
 
+def run_from(gm: fx.GraphModule, nodes: list[fx.Node], batch: tuple, env: dict, start: int,
+             alias: dict[fx.Node, fx.Node] | None = None) -> dict:
+    """Run `nodes[start:]` of `gm` (up to the output) on `batch`, on top of `env`: the values
+    of the nodes before `start`, kept from an earlier run (possibly altered). A node in
+    `alias` takes the value of its alias instead of being computed. Returns every value."""
+    alias = alias or {}
+    inputs = iter(batch)
+    env = dict(env)
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    for node in nodes[start:]:
+        if node.op == "output":
+            break
+        if node.op == "placeholder":
+            env[node] = next(inputs)
+        elif node in alias:
+            env[node] = env[alias[node]]
+        else:
+            interp.env = env
+            env[node] = interp.run_node(node)
+    return env
+
+
 @dataclass(frozen=True)
 class Sublayer:
     """One residual branch. `index` is its position along the residual stream."""
@@ -156,20 +178,7 @@ class SkipEvaluator:
 
     def _run(self, batch: tuple, removed: frozenset[int], env: dict, start: int) -> dict:
         skip = {self.add_node[i]: self.stream_node[i] for i in removed}
-        inputs = iter(batch)
-        env = dict(env)
-        interp = fx.Interpreter(self.gm, garbage_collect_values=False)
-        for node in self.nodes[start:]:
-            if node.op == "output":
-                break
-            if node.op == "placeholder":
-                env[node] = next(inputs)
-            elif node in skip:
-                env[node] = env[skip[node]]
-            else:
-                interp.env = env
-                env[node] = interp.run_node(node)
-        return env
+        return run_from(self.gm, self.nodes, batch, env, start, skip)
 
     def rebase(self, removed: frozenset[int]) -> None:
         """Keep all intermediate values of a run with `removed` bypassed, so that scoring

@@ -13,8 +13,18 @@ as Hugging Face's repeat_kv lays them out); with multi-head attention a group is
 
 Heads are independent until the output projection, so the result equals the model with the
 output-projection columns of the dropped query heads zeroed (tested to 1e-5).
-Importance of a group: the L2 norm of its weights (q/k/v rows and output columns), or a
-callable(q_rows, k_rows, v_rows, o_columns) -> float.
+
+Importance of a group:
+    "l2"         the L2 norm of its weights (q/k/v rows and output columns); data-free
+    "ablation"   measured: the Jensen-Shannon divergence of the model's first output (read as
+                 logits) when the group's output columns are zeroed, on calibration batches
+                 (or the example inputs); each trial re-runs only the graph after that
+                 output projection
+    callable(q_rows, k_rows, v_rows, o_columns) -> float
+Scope: "layer" drops `ratio` of the groups of every attention; "global" drops `ratio` of all
+groups in the model, the least important first, so layers that need their heads keep them
+(with "l2", a group's score is relative to its attention's mean; "ablation" scores compare
+across layers as they are). Every attention keeps at least `min_groups`.
 """
 from __future__ import annotations
 
@@ -25,7 +35,10 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
+from ..analysis.quality import js_divergence, log_probs
+from ..analysis.sublayers import run_from
 from ..errors import GraphoptError, PreconditionError
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
@@ -120,12 +133,62 @@ def l2_group_importance(q_rows, k_rows, v_rows, o_columns) -> float:
     return float(sum(float(t.float().pow(2).sum()) for t in (q_rows, k_rows, v_rows, o_columns)) ** 0.5)
 
 
+def _group_slices(att: Attention, g: int) -> tuple[slice, slice]:
+    """Group g's query-feature slice (q rows, output-projection columns) and key/value slice."""
+    rep, hd = att.q_heads // att.kv_heads, att.head_dim
+    return slice(g * rep * hd, (g + 1) * rep * hd), slice(g * hd, (g + 1) * hd)
+
+
+def weight_group_scores(gm: fx.GraphModule, att: Attention, score: Callable) -> list[float]:
+    weights = {name: constant_value(gm, node.args[1]).detach() for name, node in
+               (("q", att.q), ("k", att.k), ("v", att.v), ("o", att.o))}
+    scores = []
+    for g in range(att.kv_heads):
+        q_rows, kv_rows = _group_slices(att, g)
+        scores.append(float(score(weights["q"][q_rows], weights["k"][kv_rows], weights["v"][kv_rows],
+                                  weights["o"][:, q_rows])))
+    return scores
+
+
+def ablation_group_scores(gm: fx.GraphModule, attentions: list[Attention], batches: list[tuple],
+                          progress: bool = True) -> list[list[float]]:
+    """Per attention, per key/value group: the mean Jensen-Shannon divergence (nats) of the
+    first output, read as logits, when the group's output-projection columns are zeroed."""
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    result = next(n for n in reversed(nodes) if n.op == "output").args[0]
+    first = result[0] if isinstance(result, (tuple, list)) else result
+    with torch.no_grad():
+        bases = [run_from(gm, nodes, batch, {}, 0) for batch in batches]
+        references = [log_probs(env[first]) for env in bases]
+    rows = sum(r.shape[0] for r in references)
+    trials = [(a, g) for a, att in enumerate(attentions) for g in range(att.kv_heads)]
+    scores = [[0.0] * att.kv_heads for att in attentions]
+    for a, g in tqdm(trials, desc="head ablation", unit="group", disable=not progress, leave=False):
+        att = attentions[a]
+        start, heads_in = position[att.o], att.o.args[0]
+        columns, _ = _group_slices(att, g)
+        total = 0.0
+        with torch.no_grad():
+            for batch, env, ref in zip(batches, bases, references):
+                prefix = {n: v for n, v in env.items() if position[n] < start}
+                ablated = prefix[heads_in].clone()
+                ablated[..., columns] = 0
+                prefix[heads_in] = ablated
+                out = run_from(gm, nodes, batch, prefix, start)
+                total += js_divergence(ref, log_probs(out[first])) * ref.shape[0]
+        scores[a][g] = total / rows
+    return scores
+
+
 @dataclass
 class AttentionHeadPruningOptions:
-    ratio: float = 0.25                 # share of key/value groups dropped per attention (rounded)
-    importance: str | Callable = "l2"   # or callable(q_rows, k_rows, v_rows, o_columns) -> float
+    ratio: float = 0.25                 # share of key/value groups dropped (per attention, or overall)
+    importance: str | Callable = "l2"   # "l2", "ablation", or callable(q_rows, k_rows, v_rows, o_columns) -> float
+    scope: str = "layer"                # "layer": every attention drops `ratio`; "global": `ratio` of all groups
     exclude: tuple[str, ...] = ()       # attention module paths (fnmatch) left whole
-    min_groups: int = 1
+    min_groups: int = 1                 # groups every attention keeps
+    progress: bool = True               # a progress bar over the ablation trials
 
 
 class AttentionHeadPruning(Pass):
@@ -140,49 +203,79 @@ class AttentionHeadPruning(Pass):
         o = self.options
         if not 0.0 <= o.ratio < 1.0:
             raise GraphoptError(f"AttentionHeadPruning ratio must be in [0, 1), got {o.ratio}")
-        if not callable(o.importance) and o.importance != "l2":
-            raise GraphoptError("AttentionHeadPruning importance must be 'l2' or a callable")
+        if not callable(o.importance) and o.importance not in ("l2", "ablation"):
+            raise GraphoptError("AttentionHeadPruning importance must be 'l2', 'ablation' or a callable")
+        if o.scope not in ("layer", "global"):
+            raise GraphoptError(f"AttentionHeadPruning scope must be 'layer' or 'global', got {o.scope!r}")
+        if o.min_groups < 1:
+            raise GraphoptError("AttentionHeadPruning min_groups must be >= 1")
         self.pruned: dict[str, PrunedAttention] = {}     # attention name -> what was kept
+        self.scores: dict[str, list[float]] = {}         # attention name -> importance per group
 
     def run(self, gm, ctx):
         o = self.options
-        score = l2_group_importance if o.importance == "l2" else o.importance
-        attentions = find_attentions(gm)
+        attentions = [att for att in find_attentions(gm)
+                      if not any(fnmatch.fnmatch(att.name, pattern) for pattern in o.exclude)]
+        if not attentions or o.ratio == 0:
+            return PassResult(gm, False, [])
+        scores = self._scores(gm, ctx, attentions)
+        self.scores = {att.name: s for att, s in zip(attentions, scores)}
+        kept = self._choose(attentions, scores)
         old_shapes = {n: tuple(n.meta["val"].shape) for n in gm.graph.nodes
                       if isinstance(n.meta.get("val"), torch.Tensor)}
-        changes, touched = [], set()
-        for att in attentions:
-            if any(fnmatch.fnmatch(att.name, pattern) for pattern in o.exclude):
+        changes = []
+        for att, groups in zip(attentions, kept):
+            if len(groups) == att.kv_heads:
                 continue
-            groups = att.kv_heads
-            keep_count = max(o.min_groups, groups - int(round(groups * o.ratio)))
-            if keep_count >= groups:
-                continue
-            rep, hd = att.q_heads // att.kv_heads, att.head_dim
-            weights = {name: constant_value(gm, node.args[1]).detach() for name, node in
-                       (("q", att.q), ("k", att.k), ("v", att.v), ("o", att.o))}
-            scores = []
-            for g in range(groups):
-                q_rows = slice(g * rep * hd, (g + 1) * rep * hd)
-                kv_rows = slice(g * hd, (g + 1) * hd)
-                scores.append(score(weights["q"][q_rows], weights["k"][kv_rows], weights["v"][kv_rows],
-                                    weights["o"][:, q_rows]))
-            kept = sorted(sorted(range(groups), key=lambda g: -scores[g])[:keep_count])
-            q_index = [g * rep * hd + i for g in kept for i in range(rep * hd)]
-            kv_index = [g * hd + i for g in kept for i in range(hd)]
+            q_index = [i for g in groups for i in range(*_group_slices(att, g)[0].indices(att.q_heads * att.head_dim))]
+            kv_index = [i for g in groups for i in range(*_group_slices(att, g)[1].indices(att.kv_heads * att.head_dim))]
             for node, index in ((att.q, q_index), (att.k, kv_index), (att.v, kv_index)):
                 _select(gm, node, 1, 0, index)
                 if len(node.args) > 2 and node.args[2] is not None:
                     _select(gm, node, 2, 0, index)
             _select(gm, att.o, 1, 1, q_index)
-            self.pruned[att.name] = PrunedAttention(kept, groups, att.q_heads, hd, module_path(att.o))
-            touched |= {att.q, att.k, att.v}
-            changes.append(f"{att.name}: kept key/value groups {kept} of {groups} "
-                           f"({len(kept) * rep} of {att.q_heads} query heads)")
+            rep = att.q_heads // att.kv_heads
+            self.pruned[att.name] = PrunedAttention(groups, att.kv_heads, att.q_heads, att.head_dim,
+                                                    module_path(att.o))
+            changes.append(f"{att.name}: kept key/value groups {groups} of {att.kv_heads} "
+                           f"({len(groups) * rep} of {att.q_heads} query heads)")
         if changes:
             _follow_head_counts(gm, old_shapes)
             remove_unused_attributes(gm)
         return PassResult(gm, bool(changes), changes)
+
+    def _scores(self, gm, ctx, attentions: list[Attention]) -> list[list[float]]:
+        o = self.options
+        if o.importance == "ablation":
+            batches = ctx.calibration or ([ctx.example_inputs] if ctx.example_inputs is not None else None)
+            if not batches:
+                raise PreconditionError("attention_head_pruning with importance='ablation' needs calibration "
+                                        "batches or example inputs")
+            return ablation_group_scores(gm, attentions, [tuple(b) for b in batches], progress=o.progress)
+        score = l2_group_importance if o.importance == "l2" else o.importance
+        return [weight_group_scores(gm, att, score) for att in attentions]
+
+    def _choose(self, attentions: list[Attention], scores: list[list[float]]) -> list[list[int]]:
+        """The kept groups of each attention (sorted)."""
+        o = self.options
+        if o.scope == "layer":
+            counts = [max(o.min_groups, att.kv_heads - int(round(att.kv_heads * o.ratio))) for att in attentions]
+            return [sorted(sorted(range(len(s)), key=lambda g: -s[g])[:min(n, len(s))])
+                    for s, n in zip(scores, counts)]
+        relative = o.importance != "ablation"        # weight norms differ in scale from layer to layer
+        pool = []
+        for a, s in enumerate(scores):
+            mean = sum(s) / len(s) if relative and sum(s) else 1.0
+            pool += [(v / mean, a, g) for g, v in enumerate(s)]
+        budget = int(round(o.ratio * len(pool)))
+        dropped: list[set[int]] = [set() for _ in attentions]
+        for _, a, g in sorted(pool):
+            if budget <= 0:
+                break
+            if attentions[a].kv_heads - len(dropped[a]) > o.min_groups:
+                dropped[a].add(g)
+                budget -= 1
+        return [[g for g in range(att.kv_heads) if g not in d] for att, d in zip(attentions, dropped)]
 
 
 def _select(gm: fx.GraphModule, node: fx.Node, arg: int, dim: int, index: list[int]) -> None:
