@@ -65,14 +65,14 @@ def prune(name: str, ratio: float) -> dict:
               f"output change vs unpruned {change:.1%}")
         results[label] = (out, s)
     if bundle.is_sequence_model:
-        heads = AttentionHeadPruning(ratio=0.5)
+        heads = AttentionHeadPruning(ratio=0.5, progress=False)    # ablation importance, global scope
         cm = graphopt.compile(bundle.model, inputs, passes=[heads, DeadCodeElimination()], backend="onnxruntime",
                               progress=False)
         out = cm(*inputs)
         out = out[0] if isinstance(out, tuple) else out
         change = float((out - reference).norm() / reference.norm())
-        kept = sum(len(p.kept_groups) for p in heads.pruned.values())
-        total = sum(p.groups for p in heads.pruned.values())
+        total = sum(len(scores) for scores in heads.scores.values())
+        kept = total - sum(p.groups - len(p.kept_groups) for p in heads.pruned.values())
         print(f"  {'heads 50%':22s} weights {cm.stats['parameter_bytes_optimized'] / 1e6:6.2f} MB; key/value groups "
               f"kept {kept} of {total}; output change vs unpruned {change:.1%}")
         results["heads"] = (out, heads.pruned)

@@ -116,7 +116,8 @@ def _pass_list(args) -> list:
         if args.fuse_ffn:
             extra.append(FFNFusion())
     if args.prune_heads:
-        extra.append(AttentionHeadPruning(ratio=args.prune_heads))
+        extra.append(AttentionHeadPruning(ratio=args.prune_heads, importance=args.head_importance,
+                                          scope=args.head_scope))
     if args.prune_channels:
         extra.append(ChannelPruning(ratio=args.prune_channels, mode=args.prune_mode, reorder=not args.no_reorder,
                                     importance=args.prune_importance, exclude=tuple(args.prune_exclude)))
@@ -334,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-channels", type=float, default=0.0,
                    help="channel pruning: drop this fraction of every consumer's input channels")
     c.add_argument("--prune-heads", type=float, default=0.0,
-                   help="drop this share of key/value head groups in every attention (AttentionHeadPruning)")
+                   help="drop this share of key/value head groups (AttentionHeadPruning)")
+    c.add_argument("--head-importance", default="ablation", choices=["ablation", "l2"],
+                   help="ablation: measured output divergence per group on calibration text; l2: weight norms")
+    c.add_argument("--head-scope", default="global", choices=["global", "layer"],
+                   help="global: the share of all groups, least important first; layer: of every attention")
     c.add_argument("--prune-mode", default="unconstrained", choices=["unconstrained", "constrained"])
     c.add_argument("--prune-importance", default="l1", help="l1, l2 or activation")
     c.add_argument("--prune-exclude", nargs="*", default=[], help="consumers left whole (module paths, fnmatch)")

@@ -21,8 +21,9 @@ Importance of a group:
                  (or the example inputs); each trial re-runs only the graph after that
                  output projection
     callable(q_rows, k_rows, v_rows, o_columns) -> float
-Scope: "layer" drops `ratio` of the groups of every attention; "global" drops `ratio` of all
-groups in the model, the least important first, so layers that need their heads keep them
+Defaults: "ablation", "global". Scope "global" drops `ratio` of all groups in the model, the
+least important first, so layers that need their heads keep them; "layer" drops `ratio` of
+the groups of every attention
 (with "l2", a group's score is relative to its attention's mean; "ablation" scores compare
 across layers as they are). Every attention keeps at least `min_groups`.
 """
@@ -183,9 +184,10 @@ def ablation_group_scores(gm: fx.GraphModule, attentions: list[Attention], batch
 
 @dataclass
 class AttentionHeadPruningOptions:
-    ratio: float = 0.25                 # share of key/value groups dropped (per attention, or overall)
-    importance: str | Callable = "l2"   # "l2", "ablation", or callable(q_rows, k_rows, v_rows, o_columns) -> float
-    scope: str = "layer"                # "layer": every attention drops `ratio`; "global": `ratio` of all groups
+    ratio: float = 0.25                 # share of key/value groups dropped (overall, or per attention)
+    importance: str | Callable = "ablation"   # "ablation", "l2", or callable(q_rows, k_rows, v_rows, o_columns)
+    scope: str = "global"               # "global": `ratio` of all groups; "layer": every attention drops `ratio`
+    ablation_batches: int = 4           # calibration batches the ablation trials run on (the first ones)
     exclude: tuple[str, ...] = ()       # attention module paths (fnmatch) left whole
     min_groups: int = 1                 # groups every attention keeps
     progress: bool = True               # a progress bar over the ablation trials
@@ -207,8 +209,8 @@ class AttentionHeadPruning(Pass):
             raise GraphoptError("AttentionHeadPruning importance must be 'l2', 'ablation' or a callable")
         if o.scope not in ("layer", "global"):
             raise GraphoptError(f"AttentionHeadPruning scope must be 'layer' or 'global', got {o.scope!r}")
-        if o.min_groups < 1:
-            raise GraphoptError("AttentionHeadPruning min_groups must be >= 1")
+        if o.min_groups < 1 or o.ablation_batches < 1:
+            raise GraphoptError("AttentionHeadPruning min_groups and ablation_batches must be >= 1")
         self.pruned: dict[str, PrunedAttention] = {}     # attention name -> what was kept
         self.scores: dict[str, list[float]] = {}         # attention name -> importance per group
 
@@ -251,7 +253,8 @@ class AttentionHeadPruning(Pass):
             if not batches:
                 raise PreconditionError("attention_head_pruning with importance='ablation' needs calibration "
                                         "batches or example inputs")
-            return ablation_group_scores(gm, attentions, [tuple(b) for b in batches], progress=o.progress)
+            batches = [tuple(b) for b in batches][:o.ablation_batches]
+            return ablation_group_scores(gm, attentions, batches, progress=o.progress)
         score = l2_group_importance if o.importance == "l2" else o.importance
         return [weight_group_scores(gm, att, score) for att in attentions]
 

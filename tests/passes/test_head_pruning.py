@@ -8,6 +8,7 @@ import torch
 import graphopt
 from graphopt.errors import GraphoptError, PreconditionError
 from graphopt.passes import AttentionHeadPruning, DeadCodeElimination
+from graphopt.analysis.quality import js_divergence, log_probs
 from graphopt.passes.head_pruning import _reshape_shape, find_attentions
 from graphopt.ir.capture import capture
 
@@ -27,7 +28,7 @@ def _masked(model, pruned):
 def test_pruned_graph_equals_the_model_with_dropped_heads_zeroed(name, ratio):
     bundle = graphopt.models.load(name)
     inputs = small_inputs(bundle)
-    prune = AttentionHeadPruning(ratio=ratio)
+    prune = AttentionHeadPruning(ratio=ratio, importance="l2", scope="layer")
     cm = graphopt.compile(bundle.model, inputs, passes=[prune, DeadCodeElimination()], backend="onnxruntime",
                           progress=False)
     layers = bundle.model.config.num_hidden_layers
@@ -45,7 +46,7 @@ def test_grouped_query_heads_go_with_their_key_value_head():
     gm = capture(bundle.model, small_inputs(bundle)).graph_module
     (first, *_) = find_attentions(gm)
     assert (first.q_heads, first.kv_heads, first.head_dim) == (4, 2, 16)
-    AttentionHeadPruning(ratio=0.5)(gm)
+    AttentionHeadPruning(ratio=0.5, importance="l2")(gm)
     (after, *_) = find_attentions(gm)
     assert (after.q_heads, after.kv_heads) == (2, 1)
     assert tuple(after.o.meta["val"].shape) == tuple(first.o.meta["val"].shape)
@@ -82,3 +83,47 @@ def test_unsupported_layouts_and_options_are_named():
         AttentionHeadPruning(ratio=0.5)(gm)
     with pytest.raises(GraphoptError, match="ratio must be in"):
         AttentionHeadPruning(ratio=1.0)
+
+
+def test_ablation_scores_are_the_divergence_of_zeroing_each_group():
+    bundle = graphopt.models.load("llama")
+    inputs = small_inputs(bundle)
+    prune = AttentionHeadPruning(ratio=0.25, progress=False)
+    graphopt.compile(bundle.model, inputs, passes=[prune, DeadCodeElimination()], backend="torch", progress=False)
+    reference = log_probs(eager_outputs(bundle.model, inputs)[0])
+    name = "model.layers.1.self_attn"
+    assert len(prune.scores) == bundle.model.config.num_hidden_layers
+    for group, score in enumerate(prune.scores[name]):
+        info = type("Group", (), {"output_module": name + ".o_proj",
+                                  "dropped_query_columns": lambda self, g=group: list(range(g * 32, (g + 1) * 32))})
+        ablated = log_probs(eager_outputs(_masked(bundle.model, {name: info()}), inputs)[0])
+        assert score == pytest.approx(js_divergence(reference, ablated), rel=1e-4, abs=1e-9)
+        assert score > 0
+
+
+def test_global_scope_drops_the_least_important_groups_overall():
+    bundle = graphopt.models.load("qwen2")
+    inputs = small_inputs(bundle)
+    prune = AttentionHeadPruning(ratio=0.5, min_groups=1, progress=False)
+    cm = graphopt.compile(bundle.model, inputs, passes=[prune, DeadCodeElimination()], backend="onnxruntime",
+                          progress=False)
+    groups = {name: len(s) for name, s in prune.scores.items()}
+    dropped = {(name, g) for name, info in prune.pruned.items() for g in range(info.groups)
+               if g not in info.kept_groups}
+    assert len(dropped) == round(0.5 * sum(groups.values()))
+    assert all(len(info.kept_groups) >= 1 for info in prune.pruned.values())
+    # every dropped group scored no higher than any kept group of an attention that could still lose one
+    worst_dropped = max(prune.scores[n][g] for n, g in dropped)
+    spare = [prune.scores[n][g] for n, s in prune.scores.items() for g in range(len(s))
+             if (n, g) not in dropped and groups[n] - sum(1 for d in dropped if d[0] == n) > 1]
+    assert all(worst_dropped <= v for v in spare)
+    outs = cm(*inputs)
+    want = eager_outputs(_masked(bundle.model, prune.pruned), inputs)
+    assert_close_to_scale(outs if not isinstance(outs, tuple) else outs[0], want[0], 1e-5)
+
+
+def test_bad_head_pruning_options():
+    with pytest.raises(GraphoptError, match="scope must be"):
+        AttentionHeadPruning(scope="model")
+    with pytest.raises(GraphoptError, match="importance must be"):
+        AttentionHeadPruning(importance="l1")
