@@ -138,3 +138,22 @@ def test_loading_on_another_cpu_warns(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="compiled for CPU 'some-other-cpu'.*illegal instruction"):
         graphopt.load(path)
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet", "llama"])
+def test_pruned_graphs_lower_and_match_the_torch_backend(name):
+    """Channel pruning leaves slices and gathers (index_select) in the graph, head pruning
+    narrower attentions: TVM runs both and matches the pruned graph run by torch."""
+    from graphopt.passes import AttentionHeadPruning, ChannelPruning, DeadCodeElimination
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    pruning = [ChannelPruning(ratio=0.5, reorder=True)]
+    if name == "llama":
+        pruning.append(AttentionHeadPruning(ratio=0.5, importance="l2"))
+    passes = [*pruning, DeadCodeElimination()]
+    reference = graphopt.compile(bundle.model, inputs, passes=passes, backend="torch", progress=False)
+    ops = {str(n.target) for n in reference.graph_module.graph.nodes}
+    assert {"aten.index_select.default", "aten.slice.Tensor"} & ops
+    cm = graphopt.compile(bundle.model, inputs, passes=passes, backend="tvm", progress=False)
+    assert cm.stats["parameter_bytes_optimized"] < cm.stats["parameter_bytes_captured"]
+    assert_close_to_scale(cm(*inputs), reference(*inputs), 1e-4)
