@@ -22,10 +22,10 @@ Importance of a group:
                  output projection
     callable(q_rows, k_rows, v_rows, o_columns) -> float
 Defaults: "ablation", "global". Scope "global" drops `ratio` of all groups in the model, the
-least important first, so layers that need their heads keep them; "layer" drops `ratio` of
-the groups of every attention
-(with "l2", a group's score is relative to its attention's mean; "ablation" scores compare
-across layers as they are). Every attention keeps at least `min_groups`.
+least important first, so layers that need their heads keep them (with "l2", a group's
+score is relative to its attention's mean; "ablation" scores compare across layers as they
+are); "layer" drops `ratio` of the groups of every attention. Every attention keeps at least
+`min_groups`.
 """
 from __future__ import annotations
 
@@ -229,8 +229,9 @@ class AttentionHeadPruning(Pass):
         for att, groups in zip(attentions, kept):
             if len(groups) == att.kv_heads:
                 continue
-            q_index = [i for g in groups for i in range(*_group_slices(att, g)[0].indices(att.q_heads * att.head_dim))]
-            kv_index = [i for g in groups for i in range(*_group_slices(att, g)[1].indices(att.kv_heads * att.head_dim))]
+            rows = [_group_slices(att, g) for g in groups]
+            q_index = [i for q, _ in rows for i in range(q.start, q.stop)]
+            kv_index = [i for _, kv in rows for i in range(kv.start, kv.stop)]
             for node, index in ((att.q, q_index), (att.k, kv_index), (att.v, kv_index)):
                 _select(gm, node, 1, 0, index)
                 if len(node.args) > 2 and node.args[2] is not None:
