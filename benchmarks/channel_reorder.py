@@ -1,11 +1,16 @@
 """Channel pruning exports: copies in the graph, latency and accuracy (UPSCALE's comparison).
 
     python benchmarks/channel_reorder.py [--models resnet densenet smollm2] [--sparsity 0.3 0.5]
-                                         [--repeats 40] [--train-steps 300] [--finetune-steps 50]
-                                         [--json out.json]
+                                         [--budget channels|flops] [--scope layer|global]
+                                         [--backends onnxruntime tvm] [--repeats 40]
+                                         [--train-steps 300] [--finetune-steps 50] [--json out.json]
 
-For each model and channel sparsity (fraction of every consumer's input channels dropped by
-L1 magnitude), four exports through the onnxruntime backend:
+For each model and sparsity, four exports (L1 importance). With `--budget channels` (the
+default) sparsity is the fraction of every consumer's input channels dropped, so the
+unconstrained exports, whose producers compute the union of what their consumers keep, do
+more multiply-accumulates than the constrained one; with `--budget flops` every export removes
+the same share of the conv/linear MACs (ChannelPruning(budget="flops") searches the channel
+ratio that reaches it), the comparison at equal compute. Exports:
     unpruned
     constrained              every consumer of a segment drops the same channels: no copies
     unconstrained-naive      each consumer keeps its own channels; gathers where needed
@@ -14,8 +19,9 @@ L1 magnitude), four exports through the onnxruntime backend:
 Kept channel counts are rounded up to multiples of `--channel-multiple` (16: what ONNX
 Runtime's blocked conv kernels need), so `columns_dropped` (the share of consumer input
 channels actually dropped) is at or below the nominal sparsity.
-Columns: Gather/Slice ops in the exported ONNX graph (beyond the unpruned graph's), weight
-MB, median latency on ONNX Runtime and on the torch backend (the pruned graph run eagerly,
+Columns: Gather/Slice ops in the exported ONNX graph (beyond the unpruned graph's), the
+share of layer MACs removed, weight MB, median latency on ONNX Runtime, on TVM (with
+`--backends ... tvm`: copies fuse into the convolution that reads them) and on the torch backend (the pruned graph run eagerly,
 where a channel slice is a view and costs nothing, as in the paper's PyTorch measurements;
 in ONNX Runtime a Slice copies like a Gather), timed round-robin in one run (ratio = unpruned
 / this, > 1 is faster; CNNs on 1 thread, in blocks of 20 calls), and accuracy. The CNNs (written in graphopt.models.cnn) are first trained here on a synthetic
@@ -43,6 +49,7 @@ from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.ir.capture import capture  # noqa: E402
+from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.ir.graph import fetch_attr, parameter_bytes  # noqa: E402
 from graphopt.models.cnn import SmallDenseNet, SmallResNet  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination, PassContext, PassManager  # noqa: E402
@@ -124,14 +131,15 @@ def passes_for(options) -> list:
     return [ConstantFolding()] + ([ChannelPruning(**options)] if options else []) + [DeadCodeElimination()]
 
 
-def compile_variant(model, example, options, dynamic_dims, calibration=None):
+def compile_variant(model, example, options, dynamic_dims, calibration=None, backend="onnxruntime"):
     """The compiled model and the share of consumer input channels actually dropped."""
     passes = passes_for(options)
-    cm = graphopt.compile(model, example, passes=passes, backend="onnxruntime", dynamic_dims=dynamic_dims,
+    cm = graphopt.compile(model, example, passes=passes, backend=backend, dynamic_dims=dynamic_dims,
                           backend_options={"threads": torch.get_num_threads()}, progress=False,
                           calibration=calibration if options else None)
     stats = passes[1].stats if options else None
     return cm, (1 - stats.consumer_columns_after / stats.consumer_columns_before) if stats else 0.0
+
 
 
 def pruned_graph(model, example, options) -> torch.fx.GraphModule:
@@ -162,7 +170,8 @@ def run_model(name: str, args) -> list[dict]:
         compiled, dropped = {"unpruned": unpruned}, {"unpruned": 0.0}
         options_of = {v: None if o is None else dict(o, ratio=sparsity, exclude=tuple(args.exclude),
                                                      channel_multiple=args.channel_multiple,
-                                                     importance=args.importance)
+                                                     importance=args.importance, budget=args.budget,
+                                                     scope=args.scope)
                       for v, o in VARIANTS.items() if v in args.variants}
         for variant, opts in options_of.items():
             if opts is not None:
@@ -174,7 +183,14 @@ def run_model(name: str, args) -> list[dict]:
         with torch.no_grad():
             torch_times = interleaved_medians({v: (lambda gm=cm.graph_module: gm(*example))
                                                for v, cm in compiled.items()}, args.repeats, calls_per_round=calls)
+        tvm_times = {}
+        if "tvm" in args.backends:
+            built = {v: compile_variant(model, example, options_of.get(v), dynamic, calibration, "tvm")[0]
+                     for v in compiled}
+            tvm_times = interleaved_medians({v: (lambda cm=cm: cm(*example)) for v, cm in built.items()},
+                                            args.repeats, calls_per_round=calls)
         base_gather, base_slice = onnx_copies(compiled["unpruned"])
+        base_macs = graph_cost(compiled["unpruned"].graph_module).macs
         outputs = {}
         for variant, cm in compiled.items():
             if name == "smollm2":
@@ -198,9 +214,12 @@ def run_model(name: str, args) -> list[dict]:
             rows.append({
                 "name": f"{name} {sparsity:.0%} {variant}", "model": name, "sparsity": sparsity, "variant": variant,
                 "columns_dropped": dropped[variant],
+                "macs_removed": 1 - graph_cost(cm.graph_module).macs / base_macs,
                 "gathers": gathers - base_gather, "slices": slices - base_slice,
                 "weights_mb": parameter_bytes(cm.graph_module) / 1e6,
                 "ort_ms": ort_times[variant] * 1e3, "ort_speedup": ort_times["unpruned"] / ort_times[variant],
+                **({"tvm_ms": tvm_times[variant] * 1e3, "tvm_speedup": tvm_times["unpruned"] / tvm_times[variant]}
+                   if tvm_times else {}),
                 "torch_ms": torch_times[variant] * 1e3,
                 "torch_speedup": torch_times["unpruned"] / torch_times[variant],
                 "perplexity" if name == "smollm2" else "accuracy": quality, "agree": agree,
@@ -221,6 +240,12 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet", "densenet", "smollm2"])
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--budget", default="channels", choices=["channels", "flops"],
+                    help="sparsity as a share of each consumer's channels, or of the layer MACs (equal compute)")
+    ap.add_argument("--scope", default="layer", choices=["layer", "global"],
+                    help="layer: every consumer drops the same share; global: ranked across layers (finer steps)")
+    ap.add_argument("--backends", nargs="+", default=["onnxruntime"], choices=["onnxruntime", "tvm"],
+                    help="onnxruntime is always timed; tvm adds a TVM build of every export")
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--finetune-steps", type=int, default=50, help="CNNs: training steps after pruning (0: none)")
@@ -242,8 +267,8 @@ def main() -> None:
         torch.set_num_threads(args.threads if name == "smollm2" else args.cnn_threads)
         rows += run_model(name, args)
         print_table([r for r in rows if r["model"] == name],
-                    ["name", "columns_dropped", "gathers", "slices", "weights_mb", "ort_ms", "ort_speedup",
-                     "torch_ms", "torch_speedup",
+                    ["name", "columns_dropped", "macs_removed", "gathers", "slices", "weights_mb", "ort_ms",
+                     "ort_speedup", "tvm_ms", "tvm_speedup", "torch_ms", "torch_speedup",
                      "perplexity" if name == "smollm2" else "accuracy", "accuracy_finetuned", "agree"])
         print()
     write_json(rows, args.json)

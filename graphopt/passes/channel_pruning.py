@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.channels import ChannelAnalysis, Consumer, input_channel_rms
+from ..analysis.cost import node_macs
 from ..errors import GraphoptError, PreconditionError
 from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
@@ -54,6 +55,7 @@ def l2_importance(weight: torch.Tensor, in_dim: int) -> torch.Tensor:
     return weight.detach().transpose(0, in_dim).reshape(weight.shape[in_dim], -1).norm(dim=1)
 
 
+BUDGETS = ("channels", "flops", "weights")
 IMPORTANCE: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"l1": l1_importance, "l2": l2_importance}
 # "activation": l1_importance x the input channel's RMS on calibration batches (or the example
 # inputs): a column of small weights that reads a large activation still matters (Wanda's
@@ -90,9 +92,8 @@ class ExportStats:
 
 
 # -- the layout rewrite ----------------------------------------------------------------------
-def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan) -> ExportStats:
-    """Rewrite `gm` to `plan`: drop channels nobody keeps, order blocks by rank, give each
-    consumer its kept channels by full read, slice or gather. Returns what it did."""
+def alive_channels(analysis: ChannelAnalysis, plan: ChannelPlan) -> set[int]:
+    """The canonical channels producers still compute under `plan`."""
     kept = set(analysis.needed) | plan.extra
     for channels in plan.keep.values():
         kept |= channels
@@ -100,6 +101,30 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         canon = analysis.canonical(p.channels)
         if not kept.intersection(canon):
             kept.add(canon[0])      # a conv/linear cannot have zero outputs; nobody reads this one
+    return kept
+
+
+def plan_cost(analysis: ChannelAnalysis, plan: ChannelPlan, full: dict[fx.Node, int]) -> int:
+    """What the layers in `full` (node -> cost unpruned: MACs or weight elements) cost after
+    `plan`: each scaled by its kept share of input columns and of output channels. Zero
+    columns read for slack are not counted."""
+    kept = alive_channels(analysis, plan)
+    share = {node: 1.0 for node in full}
+    for p in analysis.producers:
+        if p.node in share:
+            canon = analysis.canonical(p.channels)
+            share[p.node] *= sum(c in kept for c in canon) / len(canon)
+    for i, c in enumerate(analysis.consumers):
+        if c.node in share:
+            canon = analysis.canonical(c.channels)
+            share[c.node] *= sum(ch in plan.keep[i] for ch in canon) / len(canon)
+    return round(sum(full[node] * share[node] for node in full))
+
+
+def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan) -> ExportStats:
+    """Rewrite `gm` to `plan`: drop channels nobody keeps, order blocks by rank, give each
+    consumer its kept channels by full read, slice or gather. Returns what it did."""
+    kept = alive_channels(analysis, plan)
     block_of = {c: b for b, block in enumerate(analysis.blocks()) for c in block}
 
     def positions(channels: list[int]) -> list[int]:
@@ -297,7 +322,11 @@ def reorder_ranks(analysis: ChannelAnalysis, keep: dict[int, set[int]]) -> dict[
 
 @dataclass
 class ChannelPruningOptions:
-    ratio: float = 0.3                 # fraction of each consumer's input channels dropped
+    ratio: float = 0.3                 # fraction of each consumer's input channels dropped (budget="channels")
+    # "channels": `ratio` is the share of every consumer's input channels dropped; "flops" /
+    # "weights": the share of the prunable layers' multiply-accumulates / weight elements
+    # removed, reached by searching the channel ratio (so both modes can be compared at equal cost).
+    budget: str = "channels"
     mode: str = "unconstrained"        # or "constrained"
     reorder: bool = True               # UPSCALE layout (unconstrained mode)
     slack: float = 0.0                 # extra zero columns (fraction) a consumer may read to avoid a copy
@@ -323,6 +352,8 @@ class ChannelPruning(Pass):
         o = self.options
         if o.mode not in ("constrained", "unconstrained"):
             raise GraphoptError(f"ChannelPruning mode must be 'constrained' or 'unconstrained', got {o.mode!r}")
+        if o.budget not in BUDGETS:
+            raise GraphoptError(f"ChannelPruning budget must be one of {BUDGETS}, got {o.budget!r}")
         if o.scope not in ("layer", "global"):
             raise GraphoptError(f"ChannelPruning scope must be 'layer' or 'global', got {o.scope!r}")
         if not 0.0 <= o.ratio < 1.0:
@@ -343,7 +374,9 @@ class ChannelPruning(Pass):
                 raise PreconditionError("channel_pruning with importance='activation' needs calibration batches "
                                         "or example inputs")
             rms = input_channel_rms(gm, analysis, batches)
-        plan = self.choose(gm, analysis, rms)
+        plan, channel_ratio = self.plan(gm, analysis, rms)
+        macs = {node: node_macs(node, gm) for node in _layers(analysis)}
+        macs_before, macs_after = sum(macs.values()), plan_cost(analysis, plan, macs)
         if self.options.reorder and self.options.mode == "unconstrained":
             plan.rank = reorder_ranks(analysis, plan.keep)
         self.stats = s = apply_plan(gm, analysis, plan)
@@ -351,7 +384,10 @@ class ChannelPruning(Pass):
             f"{self.options.mode}{' + reordered' if plan.rank else ''}: consumer input channels "
             f"{s.consumer_columns_before} -> {s.consumer_columns_after} "
             f"({1 - s.consumer_columns_after / max(s.consumer_columns_before, 1):.1%} dropped), producer output channels "
-            f"{s.producer_channels_before} -> {s.producer_channels_after}",
+            f"{s.producer_channels_before} -> {s.producer_channels_after}; layer MACs "
+            f"{macs_before / 1e6:.1f}M -> {macs_after / 1e6:.1f}M ({1 - macs_after / max(macs_before, 1):.1%} removed)"
+            + ("" if channel_ratio is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached "
+               f"at channel ratio {channel_ratio:.3f}"),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
             f"a gather: {s.consumers_gather}" + (f"; {s.zero_columns} zero columns read instead of copies"
                                                   if s.zero_columns else ""),
@@ -371,21 +407,57 @@ class ChannelPruning(Pass):
                                 f"expected ({len(c.channels)},)")
         return scores / scores.mean().clamp_min(1e-30)
 
-    def choose(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> ChannelPlan:
-        """The kept canonical input channels per consumer index, and the channels producers
-        compute only to keep their counts aligned (`rms`: input_channel_rms, for
-        importance='activation'). Reordering ranks are added by `run`."""
+    def plan(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> tuple[ChannelPlan, float | None]:
+        """`choose` at the options' ratio, or, for a flops/weights budget, at the smallest
+        channel ratio whose plan removes at least `ratio` of that cost (bisection; returned)."""
         o = self.options
-        whole = {i for i, c in enumerate(analysis.consumers) if any(fnmatch.fnmatch(c.name, p) for p in o.exclude)}
+        if o.budget == "channels" or o.ratio == 0:
+            return self.choose(gm, analysis, rms), None
+        scores = self._consumer_scores(gm, analysis, rms)
+        layers = _layers(analysis)
+        full = {n: node_macs(n, gm) for n in layers} if o.budget == "flops" else \
+            {n: constant_value(gm, w).numel() for n, w in layers.items()}
+        target = (1 - o.ratio) * sum(full.values())
+        lo, hi = 0.0, 0.99
+        best = self.choose(gm, analysis, rms, ratio=hi, scores=scores)
+        if plan_cost(analysis, best, full) > target:
+            raise GraphoptError(f"ChannelPruning cannot remove {o.ratio:.0%} of the {o.budget}: dropping 99% of "
+                                f"every consumer's channels removes "
+                                f"{1 - plan_cost(analysis, best, full) / sum(full.values()):.1%} (pinned channels, "
+                                "excluded layers, min_channels)")
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            candidate = self.choose(gm, analysis, rms, ratio=mid, scores=scores)
+            if plan_cost(analysis, candidate, full) <= target:
+                hi, best = mid, candidate
+            else:
+                lo = mid
+        return best, hi
+
+    def _consumer_scores(self, gm, analysis: ChannelAnalysis, rms: dict | None) -> dict[int, torch.Tensor]:
+        """Importance per input channel of every consumer not excluded (index -> scores)."""
+        o = self.options
+        return {i: self._scores(gm, c, rms) for i, c in enumerate(analysis.consumers)
+                if not any(fnmatch.fnmatch(c.name, p) for p in o.exclude)}
+
+    def choose(self, gm, analysis: ChannelAnalysis, rms: dict | None = None, ratio: float | None = None,
+               scores: dict[int, torch.Tensor] | None = None) -> ChannelPlan:
+        """The kept canonical input channels per consumer index, and the channels producers
+        compute only to keep their counts aligned, dropping `ratio` (default: the options')
+        of each consumer's channels (`rms`: input_channel_rms, for importance='activation';
+        `scores`: precomputed `_consumer_scores`). Reordering ranks are added by `run`."""
+        o = self.options
+        ratio = o.ratio if ratio is None else ratio
         canon = {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)}
         keep = {i: set(canon[i]) for i in range(len(analysis.consumers))}
-        scores = {i: self._scores(gm, c, rms) for i, c in enumerate(analysis.consumers) if i not in whole}
-        if o.ratio == 0:
+        scores = self._consumer_scores(gm, analysis, rms) if scores is None else scores
+        whole = set(canon) - set(scores)
+        if ratio == 0:
             return ChannelPlan(keep, slack=o.slack)
         if o.mode == "unconstrained":
-            cut = _global_cut([s for s in scores.values()], o.ratio) if o.scope == "global" else None
+            cut = _global_cut([s for s in scores.values()], ratio) if o.scope == "global" else None
             for i, s in scores.items():
-                n_keep = max(o.min_channels, round((1 - o.ratio) * len(s))) if cut is None else \
+                n_keep = max(o.min_channels, round((1 - ratio) * len(s))) if cut is None else \
                     max(o.min_channels, int((s > cut).sum()))
                 order = torch.argsort(s, descending=True, stable=True)[:_aligned(n_keep, len(s), o)].tolist()
                 keep[i] = {canon[i][j] for j in order}
@@ -408,7 +480,7 @@ class ChannelPruning(Pass):
         for channels, size in pools:
             free = sorted((ch for ch in channels if ch in channel_score and ch not in pinned),
                           key=lambda ch: channel_score[ch])
-            budget = round(o.ratio * size)
+            budget = round(ratio * size)
             for ch in free:
                 if budget <= 0:
                     break
@@ -448,6 +520,11 @@ class ChannelPruning(Pass):
                 if alive <= channels:
                     channels.update(extra)
         return added
+
+
+def _layers(analysis: ChannelAnalysis) -> dict[fx.Node, fx.Node]:
+    """Every conv/linear/embedding the analysis knows (producers and consumers) -> its weight."""
+    return {p.node: p.weight for p in analysis.producers} | {c.node: c.weight for c in analysis.consumers}
 
 
 def _aligned(n: int, width: int, o: ChannelPruningOptions) -> int:

@@ -223,3 +223,46 @@ def test_a_tied_embedding_and_lm_head_stay_one_tensor_when_permuted_alike():
     ChannelPermutation(seed=1)(gm)
     DeadCodeElimination()(gm)
     assert parameter_bytes(gm) == before
+
+
+def _layer_macs(gm, analysis):
+    from graphopt.analysis.cost import node_macs
+    nodes = {p.node for p in analysis.producers} | {c.node for c in analysis.consumers}
+    return sum(node_macs(n, gm) for n in nodes)
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet", "llama"])
+@pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
+def test_flops_budget_removes_at_least_the_requested_share_and_its_estimate_is_exact(name, mode):
+    gm, inputs = _captured(name)
+    analysis = ChannelAnalysis(gm)
+    before = _layer_macs(gm, analysis)
+    prune = ChannelPruning(ratio=0.3, mode=mode, budget="flops", scope="global", channel_multiple=1)
+    plan, channel_ratio = prune.plan(gm, analysis)
+    from graphopt.analysis.cost import node_macs
+    from graphopt.passes.channel_pruning import plan_cost
+    estimate = plan_cost(analysis, plan, {n: node_macs(n, gm) for n in
+                                          {p.node for p in analysis.producers} | {c.node for c in analysis.consumers}})
+    result = prune(gm)
+    after = _layer_macs(result.graph_module, analysis)       # the same nodes, rewritten in place
+    assert after == pytest.approx(estimate, rel=1e-9)
+    assert 0.3 <= 1 - after / before < 0.36 if name != "llama" else 0.3 <= 1 - after / before
+    assert 0 < channel_ratio < 0.99
+    assert any("flops budget 30%" in c for c in result.changes)
+
+
+def test_weights_budget_counts_weight_elements():
+    gm, inputs = _captured("resnet")
+    before = parameter_bytes(gm)
+    prune = ChannelPruning(ratio=0.5, budget="weights", scope="global", channel_multiple=1)
+    result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm)
+    removed = 1 - parameter_bytes(result.graph_module) / before
+    assert 0.45 < removed < 0.6                                 # batch-norm constants and the head's bias stay
+
+
+def test_flops_budget_that_cannot_be_met_is_a_one_line_error():
+    gm, inputs = _captured("resnet")
+    with pytest.raises(GraphoptError, match="cannot remove 30% of the flops"):
+        ChannelPruning(ratio=0.3, budget="flops", exclude=("*",))(gm)
+    with pytest.raises(GraphoptError, match="budget must be one of"):
+        ChannelPruning(budget="joules")
