@@ -120,7 +120,8 @@ def _pass_list(args) -> list:
                                           scope=args.head_scope))
     if args.prune_channels:
         extra.append(ChannelPruning(ratio=args.prune_channels, mode=args.prune_mode, reorder=not args.no_reorder,
-                                    importance=args.prune_importance, exclude=tuple(args.prune_exclude)))
+                                    importance=args.prune_importance, exclude=tuple(args.prune_exclude),
+                                    budget=args.prune_budget, scope=args.prune_scope))
     at = 1 if passes and isinstance(passes[0], ConstantFolding) else 0
     passes[at:at] = extra
     if extra and not any(isinstance(p, DeadCodeElimination) for p in passes):
@@ -333,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-kinds", default="attention,ffn", help="which sublayers may go")
     c.add_argument("--fuse-ffn", action="store_true", help="then fuse runs of consecutive FFNs (FFN Fusion)")
     c.add_argument("--prune-channels", type=float, default=0.0,
-                   help="channel pruning: drop this fraction of every consumer's input channels")
+                   help="channel pruning: drop this fraction of every consumer's input channels "
+                        "(of the layer MACs / weights with --prune-budget flops / weights)")
+    c.add_argument("--prune-budget", default="channels", choices=["channels", "flops", "weights"],
+                   help="what --prune-channels is a share of")
+    c.add_argument("--prune-scope", default="layer", choices=["layer", "global"],
+                   help="layer: every consumer drops the same share; global: channels ranked across layers")
     c.add_argument("--prune-heads", type=float, default=0.0,
                    help="drop this share of key/value head groups (AttentionHeadPruning)")
     c.add_argument("--head-importance", default="ablation", choices=["ablation", "l2"],

@@ -432,7 +432,48 @@ class ChannelPruning(Pass):
                 hi, best = mid, candidate
             else:
                 lo = mid
-        return best, hi
+        low = self.choose(gm, analysis, rms, ratio=lo, scores=scores)
+        return self._between(analysis, low, best, full, target, scores), hi
+
+    def _between(self, analysis: ChannelAnalysis, low: ChannelPlan, high: ChannelPlan, full: dict, target: float,
+                 scores: dict[int, torch.Tensor]) -> ChannelPlan:
+        """A plan between `low` (over the target cost) and `high` (within it): one ratio step
+        can move many layers at once (kept counts are multiples of 16), so switch consumers
+        (constrained: a segment's consumers together) from low's choice to high's, largest
+        saving first, until one more switch reaches the target; take the smallest that does."""
+        o = self.options
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(analysis.consumers):
+            key = analysis.segment_of(c.channels[0]).index if o.mode == "constrained" else i
+            groups.setdefault(key, []).append(i)
+        pending = [g for g in groups.values() if any(low.keep[i] != high.keep[i] for i in g)]
+        channel_score = _mean_scores(scores, {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)})
+
+        def mixed(switched: list[list[int]]) -> ChannelPlan:
+            keep = {i: set(s) for i, s in low.keep.items()}
+            for group in switched:
+                for i in group:
+                    keep[i] = set(high.keep[i])
+            extra = self._align_producers(analysis, keep, channel_score) if o.mode == "unconstrained" else set()
+            return ChannelPlan(keep, slack=o.slack, extra=extra)
+
+        base = plan_cost(analysis, low, full)
+        saving = {id(g): base - plan_cost(analysis, mixed([g]), full) for g in pending}
+        switched: list[list[int]] = []
+        current = base
+        while pending:
+            fitting = sorted((g for g in pending if current - saving[id(g)] <= target), key=lambda g: saving[id(g)])
+            for group in fitting:                   # savings are not exactly additive: check each
+                plan = mixed(switched + [group])
+                if plan_cost(analysis, plan, full) <= target:
+                    return plan
+            group = max(pending, key=lambda g: saving[id(g)])
+            pending.remove(group)
+            switched.append(group)
+            current = plan_cost(analysis, mixed(switched), full)
+            if current <= target:
+                return mixed(switched)
+        return high
 
     def _consumer_scores(self, gm, analysis: ChannelAnalysis, rms: dict | None) -> dict[int, torch.Tensor]:
         """Importance per input channel of every consumer not excluded (index -> scores)."""
