@@ -374,7 +374,7 @@ class ChannelPruning(Pass):
                 raise PreconditionError("channel_pruning with importance='activation' needs calibration batches "
                                         "or example inputs")
             rms = input_channel_rms(gm, analysis, batches)
-        plan, channel_ratio = self.plan(gm, analysis, rms)
+        plan, ratios = self.plan(gm, analysis, rms)
         macs = {node: node_macs(node, gm) for node in _layers(analysis)}
         macs_before, macs_after = sum(macs.values()), plan_cost(analysis, plan, macs)
         if self.options.reorder and self.options.mode == "unconstrained":
@@ -386,8 +386,8 @@ class ChannelPruning(Pass):
             f"({1 - s.consumer_columns_after / max(s.consumer_columns_before, 1):.1%} dropped), producer output channels "
             f"{s.producer_channels_before} -> {s.producer_channels_after}; layer MACs "
             f"{macs_before / 1e6:.1f}M -> {macs_after / 1e6:.1f}M ({1 - macs_after / max(macs_before, 1):.1%} removed)"
-            + ("" if channel_ratio is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached "
-               f"at channel ratio {channel_ratio:.3f}"),
+            + ("" if ratios is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached with "
+               f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
             f"a gather: {s.consumers_gather}" + (f"; {s.zero_columns} zero columns read instead of copies"
                                                   if s.zero_columns else ""),
@@ -407,9 +407,12 @@ class ChannelPruning(Pass):
                                 f"expected ({len(c.channels)},)")
         return scores / scores.mean().clamp_min(1e-30)
 
-    def plan(self, gm, analysis: ChannelAnalysis, rms: dict | None = None) -> tuple[ChannelPlan, float | None]:
-        """`choose` at the options' ratio, or, for a flops/weights budget, at the smallest
-        channel ratio whose plan removes at least `ratio` of that cost (bisection; returned)."""
+    def plan(self, gm, analysis: ChannelAnalysis,
+             rms: dict | None = None) -> tuple[ChannelPlan, tuple[float, float] | None]:
+        """`choose` at the options' ratio, or, for a flops/weights budget, a plan that removes
+        at least `ratio` of that cost: the channel ratio is bisected to the step where the
+        plan crosses the budget, then `_between` mixes the plans on either side of it (their
+        two ratios are returned)."""
         o = self.options
         if o.budget == "channels" or o.ratio == 0:
             return self.choose(gm, analysis, rms), None
@@ -433,7 +436,7 @@ class ChannelPruning(Pass):
             else:
                 lo = mid
         low = self.choose(gm, analysis, rms, ratio=lo, scores=scores)
-        return self._between(analysis, low, best, full, target, scores), hi
+        return self._between(analysis, low, best, full, target, scores), (lo, hi)
 
     def _between(self, analysis: ChannelAnalysis, low: ChannelPlan, high: ChannelPlan, full: dict, target: float,
                  scores: dict[int, torch.Tensor]) -> ChannelPlan:
@@ -463,16 +466,17 @@ class ChannelPruning(Pass):
         current = base
         while pending:
             fitting = sorted((g for g in pending if current - saving[id(g)] <= target), key=lambda g: saving[id(g)])
-            for group in fitting:                   # savings are not exactly additive: check each
+            for group in fitting[:8]:               # savings are not exactly additive: check the smallest few
                 plan = mixed(switched + [group])
                 if plan_cost(analysis, plan, full) <= target:
                     return plan
             group = max(pending, key=lambda g: saving[id(g)])
             pending.remove(group)
             switched.append(group)
-            current = plan_cost(analysis, mixed(switched), full)
+            plan = mixed(switched)
+            current = plan_cost(analysis, plan, full)
             if current <= target:
-                return mixed(switched)
+                return plan
         return high
 
     def _consumer_scores(self, gm, analysis: ChannelAnalysis, rms: dict | None) -> dict[int, torch.Tensor]:
