@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from .backends import get_backend
 from .backends.base import Executable
 from .ir.capture import CapturedModel, capture
+from .analysis.cost import graph_cost
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
 from .passes.instruments import Instrument, QualityInstrument
@@ -92,6 +93,7 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, dynamic_dims)
     nodes_captured, bytes_captured = len(captured.graph_module.graph.nodes), parameter_bytes(captured.graph_module)
+    macs_captured = graph_cost(captured.graph_module).macs
     stages.update()
     stages.set_description(f"passes ({len(pass_list)})")
     t1 = time.perf_counter()
@@ -114,6 +116,7 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
         "source": captured.source,
         "nodes_captured": nodes_captured, "nodes_optimized": len(result.graph_module.graph.nodes),
         "parameter_bytes_captured": bytes_captured, "parameter_bytes_optimized": parameter_bytes(result.graph_module),
+        "macs_captured": macs_captured, "macs_optimized": graph_cost(result.graph_module).macs,
         "ops_optimized": op_histogram(result.graph_module),
         "seconds": {"capture": t1 - t0, "passes": t2 - t1, "lower": t3 - t2},
         "verified": verify,

@@ -91,6 +91,8 @@ def cmd_compile(args) -> None:
     print(f"\n{args.model}: inputs {', '.join(i.describe() for i in cm.inputs)}")
     print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
     print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print(f"  compute            {s['macs_captured'] / 1e9:.3f} -> {s['macs_optimized'] / 1e9:.3f} GMAC per call "
+          "(convolutions, linear layers, matmuls, attention)")
     print(f"  latency (median of {args.repeats})  torch eager {eager_ms:.1f} ms -> graphopt {args.backend} "
           f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
     print(f"  max |diff| vs eager {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
@@ -161,7 +163,9 @@ def cmd_inspect(args) -> None:
     stats = m.get("stats", {})
     if stats:
         print(f"graph      {stats.get('nodes_captured')} -> {stats.get('nodes_optimized')} nodes; constants "
-              f"{stats.get('parameter_bytes_captured', 0) / 1e6:.1f} -> {stats.get('parameter_bytes_optimized', 0) / 1e6:.1f} MB")
+              f"{stats.get('parameter_bytes_captured', 0) / 1e6:.1f} -> {stats.get('parameter_bytes_optimized', 0) / 1e6:.1f} MB"
+              + (f"; {stats['macs_captured'] / 1e9:.3f} -> {stats['macs_optimized'] / 1e9:.3f} GMAC per call"
+                 if "macs_captured" in stats else ""))
     print("versions   " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
 
 

@@ -1,7 +1,8 @@
 """What a graph costs, node by node: multiply-accumulates (MACs) and weight bytes.
 
 Read-only. MACs count the ops that dominate CPU time in the models graphopt targets: convolutions,
-linear layers (linear, addmm, mm, bmm, matmul) and scaled-dot-product attention, from the
+linear layers (linear, addmm, mm, bmm, matmul, graphopt's quantized matmul_nbits) and
+scaled-dot-product attention, from the
 shapes in `node.meta["val"]`. Everything else (elementwise ops, norms, pools) counts as zero
 MACs. A pruning pass uses `node_macs` to hold a compute budget; a report can rank nodes by it.
 """
@@ -19,6 +20,11 @@ aten = torch.ops.aten
 
 _CONVS = {aten.convolution.default, aten.conv2d.default, aten.conv1d.default, aten.conv3d.default}
 _MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default, aten.addmm.default}
+
+
+def _matmul_nbits():
+    from ..ir import quantized   # noqa: F401  (registers graphopt::matmul_nbits, whose MACs are a matmul's)
+    return torch.ops.graphopt.matmul_nbits.default
 
 
 def node_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int:
@@ -43,7 +49,7 @@ def node_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int:
         if transposed:                               # [C_in, C_out / groups, *kernel]: every input pixel
             return math.prod(_shape(node.args[0])) * math.prod(weight[1:])
         return math.prod(out) * math.prod(weight[1:])
-    if target in _MATMULS:
+    if target in _MATMULS or target is _matmul_nbits():
         x = node.args[1] if target is aten.addmm.default else node.args[0]
         xs = _shape(x)
         return math.prod(out) * xs[-1] if xs else 0

@@ -43,3 +43,13 @@ def test_lm_head_macs():
     tokens = small_inputs(bundle)[0].numel()
     vocab, hidden = bundle.model.lm_head.weight.shape
     assert node_macs(lm_head, gm) == tokens * vocab * hidden
+
+
+def test_compile_reports_macs_and_quantized_matmuls_keep_theirs():
+    bundle = graphopt.models.load("llama")
+    inputs = small_inputs(bundle)
+    plain = graphopt.compile(bundle.model, inputs, passes="default", backend="torch", progress=False)
+    int4 = graphopt.compile(bundle.model, inputs, passes="int4", backend="torch", progress=False)
+    assert plain.stats["macs_optimized"] == plain.stats["macs_captured"] > 0
+    assert any("matmul_nbits" in op for op in int4.stats["ops_optimized"])
+    assert int4.stats["macs_optimized"] == plain.stats["macs_optimized"]
