@@ -92,11 +92,14 @@ class ExportStats:
 
 
 # -- the layout rewrite ----------------------------------------------------------------------
-def alive_channels(analysis: ChannelAnalysis, plan: ChannelPlan) -> set[int]:
-    """The canonical channels producers still compute under `plan`."""
+def alive_channels(analysis: ChannelAnalysis, plan: ChannelPlan, placeholders: bool = True) -> set[int]:
+    """The canonical channels producers still compute under `plan`; with `placeholders`, one
+    channel of every producer that nobody reads (a conv/linear cannot have zero outputs)."""
     kept = set(analysis.needed) | plan.extra
     for channels in plan.keep.values():
         kept |= channels
+    if not placeholders:
+        return kept
     for p in analysis.producers:
         canon = analysis.canonical(p.channels)
         if not kept.intersection(canon):
@@ -125,6 +128,7 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
     """Rewrite `gm` to `plan`: drop channels nobody keeps, order blocks by rank, give each
     consumer its kept channels by full read, slice or gather. Returns what it did."""
     kept = alive_channels(analysis, plan)
+    placeholder = kept - alive_channels(analysis, plan, placeholders=False)
     block_of = {c: b for b, block in enumerate(analysis.blocks()) for c in block}
 
     def positions(channels: list[int]) -> list[int]:
@@ -157,7 +161,11 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         index = positions(c.channels)
         canon = analysis.canonical(c.channels)
         read = [j for j, pos in enumerate(index) if canon[pos] in plan.keep[i]]
-        read, zeros = _widen(read, len(index), plan.slack)
+        placeholders = {j for j, pos in enumerate(index) if canon[pos] in placeholder}
+        if placeholders and _is_range(wider := sorted(set(read) | placeholders)) and \
+                (len(wider) == len(index) or not _is_range(read)):
+            read = wider            # read a placeholder channel through a zero column, not around it by a copy
+        read, zeros = _widen([j for j in read if j not in placeholders], len(index), plan.slack, read)
         stats.consumer_columns_before += len(c.channels)
         stats.consumer_columns_after += len(read) - len(zeros)
         stats.zero_columns += len(zeros)
@@ -191,7 +199,7 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
             continue
         axis = analysis.layouts[c.input].axis
         with graph.inserting_before(c.node):
-            if read == list(range(read[0], read[0] + len(read))):
+            if _is_range(read):
                 stats.consumers_slice += 1
                 narrowed = graph.call_function(aten.slice.Tensor, (c.input, axis, read[0], read[0] + len(read)))
             else:
@@ -212,21 +220,27 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
     return stats
 
 
-def _widen(read: list[int], width: int, slack: float) -> tuple[list[int], list[int]]:
+def _is_range(xs: list[int]) -> bool:
+    return xs == list(range(xs[0], xs[0] + len(xs))) if xs else True
+
+
+def _widen(read: list[int], width: int, slack: float, wider: list[int] | None = None) -> tuple[list[int], list[int]]:
     """Trade a copy for a few zero weight columns: with slack s, a consumer keeping k of
     `width` channels reads all of them if width <= (1+s)k (no op at all), or the smallest
     range covering its channels if that range <= (1+s)k (a slice instead of a gather). The
-    channels it did not keep get zero columns, so outputs are unchanged."""
-    if not read or len(read) == width or slack <= 0:
-        return read, []
+    channels it did not keep get zero columns, so outputs are unchanged. `wider` (a superset
+    of `read`) is what it reads without slack."""
+    wider = read if wider is None else wider
+    kept = set(read)
+    if not wider or len(wider) == width or slack <= 0:
+        return wider, [k for k, j in enumerate(wider) if j not in kept]
     limit = (1 + slack) * len(read)
     if width <= limit:
         wide = list(range(width))
-    elif read[-1] - read[0] + 1 <= limit:
-        wide = list(range(read[0], read[-1] + 1))
+    elif wider[-1] - wider[0] + 1 <= limit:
+        wide = list(range(wider[0], wider[-1] + 1))
     else:
-        return read, []
-    kept = set(read)
+        return wider, [k for k, j in enumerate(wider) if j not in kept]
     return wide, [k for k, j in enumerate(wide) if j not in kept]
 
 

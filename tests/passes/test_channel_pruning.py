@@ -277,3 +277,19 @@ def test_flops_budget_lands_close_to_its_target_with_16_channel_steps(name):
         pruned = ChannelPruning(ratio=ratio, budget="flops")(copy.deepcopy(gm)).graph_module
         removed = 1 - _layer_macs(pruned, ChannelAnalysis(pruned)) / before
         assert ratio <= removed < ratio + 0.015, (ratio, removed)   # one uniform ratio alone overshot by 20 points
+
+
+def test_a_producer_nobody_reads_keeps_a_placeholder_channel_read_as_zeros_not_copied_around():
+    from graphopt.models.cnn import SmallDenseNet
+    torch.manual_seed(0)
+    inputs = (torch.randn(1, 3, 32, 32),)
+    gm = capture(SmallDenseNet(growth=16, layers_per_block=6).eval(), inputs).graph_module
+    prune = ChannelPruning(ratio=0.5, mode="constrained", budget="flops")
+    analysis = ChannelAnalysis(gm)
+    plan, _ = prune.plan(gm, analysis)
+    from graphopt.passes.channel_pruning import alive_channels
+    assert alive_channels(analysis, plan) - alive_channels(analysis, plan, placeholders=False)   # whole blocks dropped
+    reference = _masked(gm, analysis, plan.keep)(*inputs)[0]
+    out = PassManager([prune], [VerifyInstrument(inputs)]).run(gm).graph_module(*inputs)[0]
+    assert_close_to_scale(out, reference, 1e-5)
+    assert prune.stats.consumers_slice == prune.stats.consumers_gather == 0 < prune.stats.zero_columns
