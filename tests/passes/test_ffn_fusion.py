@@ -59,7 +59,7 @@ def test_fused_ffn_equals_the_sum_of_the_parallel_ffns(name):
     out_weight = next(t for n, t in fused.named_buffers() if n.endswith("fused_out_weight"))
     assert sorted(out_weight.shape) == sorted((hidden, 3 * width))
     sequential = gm(*inputs)[0]
-    assert float((sequential - expected).abs().max()) > 1e-4    # parallelization is the approximation
+    assert float((sequential - expected).detach().abs().max()) > 1e-4    # parallelization is the approximation
 
 
 def test_fusing_part_of_a_run_lowers_to_onnxruntime():
