@@ -85,16 +85,18 @@ class ExportStats:
     consumer_columns_after: int = 0
     constants_rewritten: int = 0
     zero_columns: int = 0              # columns a consumer reads as zeros to avoid a copy (slack)
+    producers_removed: int = 0         # layers whose whole output nobody keeps, taken out of concatenations
 
     @property
     def changed(self) -> bool:
-        return self.constants_rewritten + self.consumers_slice + self.consumers_gather > 0
+        return self.constants_rewritten + self.consumers_slice + self.consumers_gather + self.producers_removed > 0
 
 
 # -- the layout rewrite ----------------------------------------------------------------------
 def alive_channels(analysis: ChannelAnalysis, plan: ChannelPlan, placeholders: bool = True) -> set[int]:
     """The canonical channels producers still compute under `plan`; with `placeholders`, one
-    channel of every producer that nobody reads (a conv/linear cannot have zero outputs)."""
+    channel of every producer that nobody reads and that cannot leave the graph (a conv/linear
+    cannot have zero outputs; one that only feeds concatenations leaves them instead)."""
     kept = set(analysis.needed) | plan.extra
     for channels in plan.keep.values():
         kept |= channels
@@ -102,9 +104,13 @@ def alive_channels(analysis: ChannelAnalysis, plan: ChannelPlan, placeholders: b
         return kept
     for p in analysis.producers:
         canon = analysis.canonical(p.channels)
-        if not kept.intersection(canon):
-            kept.add(canon[0])      # a conv/linear cannot have zero outputs; nobody reads this one
+        if not kept.intersection(canon) and not _only_concatenated(p.node):
+            kept.add(canon[0])
     return kept
+
+
+def _only_concatenated(node: fx.Node) -> bool:
+    return bool(node.users) and all(u.target is aten.cat.default for u in node.users)
 
 
 def plan_cost(analysis: ChannelAnalysis, plan: ChannelPlan, full: dict[fx.Node, int]) -> int:
@@ -147,10 +153,13 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         if index != list(range(size)):
             edits.setdefault((node, arg), []).append((dim, index, None))
 
+    removed = [p for p in analysis.producers if not positions(p.channels)]     # only concatenated (see alive_channels)
     for p in analysis.producers:
         index = positions(p.channels)
         stats.producer_channels_before += len(p.channels)
         stats.producer_channels_after += len(index)
+        if not index:
+            continue
         edit(p.node, p.node.args.index(p.weight), p.out_dim, index, len(p.channels))
         if p.bias is not None:
             edit(p.node, p.node.args.index(p.bias), 0, index, len(p.channels))
@@ -208,6 +217,10 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
                 narrowed = graph.call_function(aten.index_select.default, (c.input, axis, idx))
         narrowed.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in c.node.meta})
         c.node.update_arg(c.node.args.index(c.input), narrowed)
+    for p in removed:                               # its block leaves the concatenations; DCE drops the layer
+        for cat in list(p.node.users):
+            cat.update_arg(0, [t for t in cat.args[0] if t is not p.node])
+    stats.producers_removed = len(removed)
     for shape_arg in analysis.shape_args:
         node = shape_arg.node
         shape = list(node.args[1])
@@ -404,7 +417,9 @@ class ChannelPruning(Pass):
                f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
             f"a gather: {s.consumers_gather}" + (f"; {s.zero_columns} zero columns read instead of copies"
-                                                  if s.zero_columns else ""),
+                                                  if s.zero_columns else "")
+            + (f"; {s.producers_removed} layers whose whole output nobody keeps left their concatenations"
+               if s.producers_removed else ""),
         ]
         notes = [f"{seg.describe()}; {reason}" for seg in analysis.segments if seg.consumers
                  for reason in analysis.explain(seg)[:1]]

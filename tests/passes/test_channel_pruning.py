@@ -280,16 +280,38 @@ def test_flops_budget_lands_close_to_its_target_with_16_channel_steps(name):
 
 
 def test_a_producer_nobody_reads_keeps_a_placeholder_channel_read_as_zeros_not_copied_around():
+    gm, inputs = _captured("resnet")
+    analysis = ChannelAnalysis(gm)
+    prune = ChannelPruning(ratio=0.5, channel_multiple=1)
+    plan = prune.choose(gm, analysis)
+    stem = next(p for p in analysis.producers if p.node.name == "conv2d")
+    stem_channels = set(analysis.canonical(stem.channels))
+    for keep in plan.keep.values():              # no consumer keeps the stem's stream: its conv keeps one
+        keep -= stem_channels
+    from graphopt.passes.channel_pruning import alive_channels, apply_plan
+    assert len(alive_channels(analysis, plan) - alive_channels(analysis, plan, placeholders=False)) == 1
+    reference = _masked(gm, analysis, plan.keep)(*inputs)[0]
+    stats = apply_plan(gm, analysis, plan)
+    gm.recompile()
+    assert_close_to_scale(gm(*inputs)[0], reference, 1e-5)
+    assert stats.zero_columns > 0
+
+
+def test_a_concatenated_layer_whose_output_nobody_keeps_leaves_the_graph():
     from graphopt.models.cnn import SmallDenseNet
     torch.manual_seed(0)
     inputs = (torch.randn(1, 3, 32, 32),)
     gm = capture(SmallDenseNet(growth=16, layers_per_block=6).eval(), inputs).graph_module
+    convs_before = sum(n.target is torch.ops.aten.conv2d.default for n in gm.graph.nodes)
     prune = ChannelPruning(ratio=0.5, mode="constrained", budget="flops")
     analysis = ChannelAnalysis(gm)
     plan, _ = prune.plan(gm, analysis)
-    from graphopt.passes.channel_pruning import alive_channels
-    assert alive_channels(analysis, plan) - alive_channels(analysis, plan, placeholders=False)   # whole blocks dropped
     reference = _masked(gm, analysis, plan.keep)(*inputs)[0]
-    out = PassManager([prune], [VerifyInstrument(inputs)]).run(gm).graph_module(*inputs)[0]
-    assert_close_to_scale(out, reference, 1e-5)
-    assert prune.stats.consumers_slice == prune.stats.consumers_gather == 0 < prune.stats.zero_columns
+    out = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm).graph_module
+    assert_close_to_scale(out(*inputs)[0], reference, 1e-5)
+    s = prune.stats
+    assert s.producers_removed > 0 and s.consumers_slice == s.consumers_gather == s.zero_columns == 0
+    convs = [n for n in out.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert len(convs) == convs_before - s.producers_removed
+    for node in convs[1:]:                       # every layer still in the blocked kernels' alignment
+        assert constant_value(out, node.args[1]).shape[0] % 16 == 0
