@@ -6,6 +6,7 @@ Rewrites (segments, producers and consumers from `analysis.channels`):
     consumer(x, W)            ->  consumer(index_select(x, kept), W[:, kept])   otherwise (a copy)
     producer(.., W, b)        ->  producer(.., W[used], b[used])          channels no reader needs
     per-channel constants     ->  the same channels, in the same order (batch norm, norm gains)
+    cat([.., producer(..), ..]) -> cat([.., ..])    a layer none of whose channels anyone keeps
 
 Pruning decides, per consumer, which input channels it keeps (lowest importance dropped).
 A producer drops a channel only when no consumer keeps it and nothing else needs it (a
@@ -15,6 +16,9 @@ consumer weight columns zeroed. Two modes:
                      consumers that would keep different channels cannot
     "unconstrained"  each consumer keeps its own channels; consumers whose kept channels are
                      not contiguous read them through a gather (a copy)
+`budget="flops"` / `"weights"` makes `ratio` a share of the layers' multiply-accumulates /
+weight elements instead, so constrained and unconstrained exports can be compared at equal
+compute (the channel ratio is searched; see `ChannelPruning.plan`).
 With `reorder=True` the channels of every block are laid out (producers' rows, per-channel
 constants and consumers' columns permuted alike) so that most consumers' kept channels are
 contiguous: a gather becomes a slice or disappears. The permutation is exact.
