@@ -168,6 +168,7 @@ def run_model(name: str, args) -> list[dict]:
         example, dynamic, calibration = (x_test[:1],), None, None
     rows = []
     unpruned, _ = compile_variant(model, example, None, dynamic)
+    base_macs = graph_cost(unpruned.graph_module).macs
     for sparsity in args.sparsity:
         compiled, dropped = {"unpruned": unpruned}, {"unpruned": 0.0}
         options_of = {v: None if o is None else dict(o, ratio=sparsity, exclude=tuple(args.exclude),
@@ -179,8 +180,7 @@ def run_model(name: str, args) -> list[dict]:
             if opts is not None and args.budget == "flops" and variant.startswith("unconstrained") and \
                     "constrained" in compiled:
                 # the constrained export overshoots the budget by a segment's step: match what it removed
-                opts["ratio"] = 1 - graph_cost(compiled["constrained"].graph_module).macs / \
-                    graph_cost(unpruned.graph_module).macs
+                opts["ratio"] = 1 - graph_cost(compiled["constrained"].graph_module).macs / base_macs
             if opts is not None:
                 compiled[variant], dropped[variant] = compile_variant(model, example, opts, dynamic, calibration)
                 print(f"  compiled {name} {sparsity:.0%} {variant}", file=sys.stderr)
@@ -197,7 +197,6 @@ def run_model(name: str, args) -> list[dict]:
             tvm_times = interleaved_medians({v: (lambda cm=cm: cm(*example)) for v, cm in built.items()},
                                             args.repeats, calls_per_round=calls)
         base_gather, base_slice = onnx_copies(compiled["unpruned"])
-        base_macs = graph_cost(compiled["unpruned"].graph_module).macs
         outputs = {}
         for variant, cm in compiled.items():
             if name == "smollm2":

@@ -456,11 +456,10 @@ class ChannelPruning(Pass):
         target = (1 - o.ratio) * sum(full.values())
         lo, hi = 0.0, 0.99
         best = self.choose(gm, analysis, rms, ratio=hi, scores=scores)
-        if plan_cost(analysis, best, full) > target:
+        if (least := plan_cost(analysis, best, full)) > target:
             raise GraphoptError(f"ChannelPruning cannot remove {o.ratio:.0%} of the {o.budget}: dropping 99% of "
-                                f"every consumer's channels removes "
-                                f"{1 - plan_cost(analysis, best, full) / sum(full.values()):.1%} (pinned channels, "
-                                "excluded layers, min_channels)")
+                                f"every consumer's channels removes {1 - least / sum(full.values()):.1%} "
+                                "(pinned channels, excluded layers, min_channels)")
         for _ in range(12):
             mid = (lo + hi) / 2
             candidate = self.choose(gm, analysis, rms, ratio=mid, scores=scores)
