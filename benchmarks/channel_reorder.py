@@ -63,6 +63,8 @@ VARIANTS = {
     "unconstrained-naive": dict(mode="unconstrained", reorder=False),
     "unconstrained-reordered": dict(mode="unconstrained", reorder=True),
     "unconstrained-reordered-slack": dict(mode="unconstrained", reorder=True, slack=0.25),
+    "grouped-naive": dict(mode="unconstrained", reorder=False, granularity=16),
+    "grouped-reordered": dict(mode="unconstrained", reorder=True, granularity=16),
 }
 
 
@@ -123,10 +125,10 @@ def finetune_graph(gm: torch.fx.GraphModule, batches, steps: int, lr: float = 3e
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def onnx_copies(cm) -> tuple[int, int]:
+def onnx_copies(cm) -> tuple[int, int, int]:
     model = onnx.load(os.path.join(cm.executable.workdir, "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    return ops.count("Gather"), ops.count("Slice")
+    return ops.count("Gather"), ops.count("Slice"), ops.count("Concat")
 
 
 def passes_for(options) -> list:
@@ -196,7 +198,7 @@ def run_model(name: str, args) -> list[dict]:
                      for v in compiled}
             tvm_times = interleaved_medians({v: (lambda cm=cm: cm(*example)) for v, cm in built.items()},
                                             args.repeats, calls_per_round=calls)
-        base_gather, base_slice = onnx_copies(compiled["unpruned"])
+        base_gather, base_slice, base_concat = onnx_copies(compiled["unpruned"])
         outputs = {}
         for variant, cm in compiled.items():
             if name == "smollm2":
@@ -216,12 +218,12 @@ def run_model(name: str, args) -> list[dict]:
             ref = outputs["unpruned"]
             agree = float(torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(outputs[variant], ref)])
                           .float().mean())
-            gathers, slices = onnx_copies(cm)
+            gathers, slices, concats = onnx_copies(cm)
             rows.append({
                 "name": f"{name} {sparsity:.0%} {variant}", "model": name, "sparsity": sparsity, "variant": variant,
                 "columns_dropped": dropped[variant],
                 "macs_removed": 1 - graph_cost(cm.graph_module).macs / base_macs,
-                "gathers": gathers - base_gather, "slices": slices - base_slice,
+                "gathers": gathers - base_gather, "slices": slices - base_slice, "concats": concats - base_concat,
                 "weights_mb": parameter_bytes(cm.graph_module) / 1e6,
                 "ort_ms": ort_times[variant] * 1e3, "ort_speedup": ort_times["unpruned"] / ort_times[variant],
                 **({"tvm_ms": tvm_times[variant] * 1e3, "tvm_speedup": tvm_times["unpruned"] / tvm_times[variant]}
@@ -232,12 +234,13 @@ def run_model(name: str, args) -> list[dict]:
             })
             if name != "smollm2" and args.finetune_steps:
                 rows[-1]["accuracy_finetuned"] = recovered
-        unc = [outputs[v] for v in ("unconstrained-naive", "unconstrained-reordered", "unconstrained-reordered-slack")
-               if v in outputs]
-        for other in unc[1:]:
-            for a, b in zip(unc[0], other):
-                err = float((a - b).abs().max() / a.abs().max())
-                assert err < 1e-4, f"reordering changed {name}'s outputs by {err:.2e}"
+        for family in (("unconstrained-naive", "unconstrained-reordered", "unconstrained-reordered-slack"),
+                       ("grouped-naive", "grouped-reordered")):
+            same = [outputs[v] for v in family if v in outputs]
+            for other in same[1:]:
+                for a, b in zip(same[0], other):
+                    err = float((a - b).abs().max() / a.abs().max())
+                    assert err < 1e-4, f"reordering changed {name}'s outputs by {err:.2e}"
     return rows
 
 

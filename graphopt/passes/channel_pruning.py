@@ -33,6 +33,7 @@ permutation-equivariant).
 from __future__ import annotations
 
 import fnmatch
+import operator
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,7 +41,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..analysis.channels import ChannelAnalysis, Consumer, input_channel_rms
+from ..analysis.channels import (_BATCH_NORMS, _BINARY, _CHANNELWISE, _POOLS, ChannelAnalysis, Consumer,
+                                 input_channel_rms)
 from ..analysis.cost import node_macs
 from ..errors import GraphoptError, PreconditionError
 from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
@@ -76,6 +78,8 @@ class ChannelPlan:
     rank: dict[int, int] = field(default_factory=dict)
     slack: float = 0.0                 # see `_widen`
     extra: set[int] = field(default_factory=set)   # computed by producers though no consumer keeps them
+    concat_reads: bool = False         # consumers read whole parts of concatenations as their own (`_PartReads`)
+    multiple: int = 16                 # the channel_multiple: a part splits only into pieces of multiples of it
 
 
 @dataclass
@@ -83,6 +87,7 @@ class ExportStats:
     consumers_full: int = 0
     consumers_slice: int = 0
     consumers_gather: int = 0
+    consumers_concat: int = 0          # read a concatenation of whole parts instead of a copy of a concatenation
     producer_channels_before: int = 0
     producer_channels_after: int = 0
     consumer_columns_before: int = 0
@@ -93,7 +98,8 @@ class ExportStats:
 
     @property
     def changed(self) -> bool:
-        return self.constants_rewritten + self.consumers_slice + self.consumers_gather + self.producers_removed > 0
+        return self.constants_rewritten + self.consumers_slice + self.consumers_gather + self.consumers_concat + \
+            self.producers_removed > 0
 
 
 # -- the layout rewrite ----------------------------------------------------------------------
@@ -158,6 +164,9 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
             edits.setdefault((node, arg), []).append((dim, index, None))
 
     removed = [p for p in analysis.producers if not positions(p.channels)]     # only concatenated (see alive_channels)
+    weight_args = {p.node: (p.node.args.index(p.weight), None if p.bias is None else p.node.args.index(p.bias),
+                            p.out_dim) for p in analysis.producers}
+    input_arg = {id(c): c.node.args.index(c.input) for c in analysis.consumers}
     for p in analysis.producers:
         index = positions(p.channels)
         stats.producer_channels_before += len(p.channels)
@@ -206,21 +215,31 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
     for old in replaced:
         if not old.users:
             graph.erase_node(old)
-    for c, read, width in reads:
-        if len(read) == width:
-            stats.consumers_full += 1
-            continue
+    part_reads = _PartReads(gm, analysis, lambda n: len(positions(analysis.layouts[n].channels)),
+                            plan.multiple, weight_args, lambda c: part_reads.readers(c.node)[0].args[input_arg[id(c)]])
+    narrowing = [(c, read) for c, read, width in reads if len(read) < width]
+    stats.consumers_full = len(reads) - len(narrowing)
+    if plan.concat_reads:
+        part_reads.split_parts(narrowing)
+    for c, read in narrowing:
+        readers = part_reads.readers(c.node)
+        source = readers[0].args[input_arg[id(c)]]
         axis = analysis.layouts[c.input].axis
-        with graph.inserting_before(c.node):
-            if _is_range(read):
+        with graph.inserting_before(readers[0]):
+            if plan.concat_reads and (narrowed := part_reads.read(c, read)) is not None:
+                stats.consumers_concat += 1
+            elif _is_range(read):
                 stats.consumers_slice += 1
-                narrowed = graph.call_function(aten.slice.Tensor, (c.input, axis, read[0], read[0] + len(read)))
+                narrowed = graph.call_function(aten.slice.Tensor, (source, axis, read[0], read[0] + len(read)))
             else:
                 stats.consumers_gather += 1
                 idx = graph.get_attr(add_constant(gm, f"{c.name}_kept_channels", torch.tensor(read, dtype=torch.long)))
-                narrowed = graph.call_function(aten.index_select.default, (c.input, axis, idx))
+                narrowed = graph.call_function(aten.index_select.default, (source, axis, idx))
         narrowed.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in c.node.meta})
-        c.node.update_arg(c.node.args.index(c.input), narrowed)
+        for node in readers:
+            node.update_arg(input_arg[id(c)], narrowed)
+    if stats.consumers_concat or part_reads.pieces:
+        _erase_unused(graph)
     for p in removed:                               # its block leaves the concatenations; DCE drops the layer
         for cat in list(p.node.users):
             cat.update_arg(0, [t for t in cat.args[0] if t is not p.node])
@@ -235,6 +254,194 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
             infer_meta(gm, node)
     remove_unused_attributes(gm)
     return stats
+
+
+def _chain_input(node: fx.Node, analysis: ChannelAnalysis, made: set[fx.Node] = frozenset()) -> fx.Node | None:
+    """The laid-out tensor `node` maps channel by channel (a norm, an activation, a pool, an
+    op with a constant), or None. `made`: concatenations made since the analysis, laid out
+    like `node`."""
+    x = node.args[0] if node.args else None
+    if node not in analysis.layouts or (x not in made and (
+            x not in analysis.layouts or analysis.layouts[x].axis != analysis.layouts[node].axis)):
+        return None
+    if any(a is not x and a.op != "get_attr" for a in node.all_input_nodes):
+        return None
+    if node.target is operator.getitem:
+        return x if node.args[1] == 0 else None
+    if node.target in _BATCH_NORMS or node.target in _BINARY or node.target in _CHANNELWISE or \
+            (node.target in _POOLS and node.target is not aten.max_pool2d_with_indices.default):
+        return x
+    return None
+
+
+class _PartReads:
+    """The reordered export's reads of concatenations (DenseNet-style segments).
+
+    A consumer that reads a concatenation (through norms and activations) keeping whole parts
+    of it reads a concatenation of just those parts, built from the producers' outputs, instead
+    of a gather from the full one: ONNX Runtime has no zero-copy slice, and a Gather or Slice
+    takes a tensor out of its blocked (NCHWc) layout and back, while a Concat of 16-aligned
+    parts stays in it. A part that consumers read in pieces (a stem or transition conv read a
+    group at a time) is split first: its producer becomes one conv per piece (the same MACs),
+    when every piece but the last is a multiple of `multiple` channels. Nested concatenations flatten;
+    the ones nobody reads any more are removed.
+    """
+
+    def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis, width: Callable[[fx.Node], int],
+                 multiple: int, weight_args: dict[fx.Node, tuple[int, int | None, int]],
+                 input_of: Callable[[Consumer], fx.Node]):
+        self.gm, self.analysis, self._width, self.multiple = gm, analysis, width, multiple
+        self.input_of = input_of                # a consumer's input now (a split part's is its pieces' concatenation)
+        self.weight_args = weight_args          # producer node -> (weight arg, bias arg, output dim)
+        self.widths: dict[fx.Node, int] = {}    # nodes made here -> channel count
+        self.splits: set[fx.Node] = set()       # concatenations of a split part's pieces
+        self.pieces: dict[fx.Node, list[fx.Node]] = {}   # a split producer -> the producers of its pieces
+        self.owner: dict[fx.Node, fx.Node] = {}          # and back
+
+    def width(self, node: fx.Node) -> int:
+        return self.widths[node] if node in self.widths else self._width(node)
+
+    def source(self, node: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+        """The channel-by-channel chain that ends at `node` (each link read only by the next),
+        source side first, and the node it starts from."""
+        chain = []
+        while node.target is not aten.cat.default:
+            prev = _chain_input(node, self.analysis, self.splits) \
+                if node.op == "call_function" and self._one_reader(node) else None
+            if prev is None:
+                break
+            chain.append(node)
+            node = prev
+        return chain[::-1], node
+
+    def readers(self, node: fx.Node) -> list[fx.Node]:
+        """What computes `node` now: the producers of its pieces if it was split."""
+        return self.pieces.get(node, [node])
+
+    def _one_reader(self, node: fx.Node) -> bool:
+        return len({self.owner.get(u, u) for u in node.users}) == 1
+
+    def leaves(self, node: fx.Node, axis: int) -> list[fx.Node]:
+        if node.target is aten.cat.default and (node in self.splits or (
+                node in self.analysis.layouts and self.analysis.layouts[node].axis == axis)):
+            return [leaf for part in node.args[0] for leaf in self.leaves(part, axis)]
+        return [node]
+
+    def _spans(self, c: Consumer, read: list[int]):
+        chain, src = self.source(self.input_of(c))
+        offset = 0
+        for leaf in self.leaves(src, self.analysis.layouts[c.input].axis):
+            w = self.width(leaf)
+            yield leaf, [j - offset for j in read if offset <= j < offset + w], w
+            offset += w
+
+    def split_parts(self, reads: list[tuple[Consumer, list[int]]]) -> None:
+        """Split the parts that consumers read in pieces into one producer per piece, where that
+        lets the consumer read whole parts only and every piece stays a multiple of channels."""
+        cuts: dict[fx.Node, set[int]] = {}
+        producer_of: dict[fx.Node, tuple | None] = {}
+        for c, read in reads:
+            wanted: dict[fx.Node, set[int]] = {}
+            for leaf, inside, w in self._spans(c, read):
+                if not inside or len(inside) == w:
+                    continue
+                member = set(inside)
+                marks = {k for k in range(1, w) if (k in member) != (k - 1 in member)}
+                if leaf not in producer_of:
+                    producer_of[leaf] = self._producer_chain(leaf)
+                if producer_of[leaf] is None or any(k % self.multiple for k in marks):
+                    break
+                wanted[leaf] = marks
+            else:
+                for leaf, marks in wanted.items():
+                    cuts.setdefault(leaf, set()).update(marks)
+        for leaf, marks in cuts.items():
+            bounds = [0, *sorted(marks), self.width(leaf)]
+            self._split(leaf, *producer_of[leaf], list(zip(bounds, bounds[1:])))
+
+    def _producer_chain(self, leaf: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+        """The producer `leaf` comes from and the channel-by-channel chain between them (each
+        link but `leaf` read only by the next), or None."""
+        chain, node = [], leaf
+        while node not in self.weight_args:
+            prev = _chain_input(node, self.analysis) if node.op == "call_function" and \
+                (node is leaf or len(node.users) == 1) else None
+            if prev is None:
+                return None
+            chain.append(node)
+            node = prev
+        return None if chain and len(node.users) != 1 else (node, chain[::-1])
+
+    def _split(self, leaf: fx.Node, producer: fx.Node, chain: list[fx.Node], pieces: list[tuple[int, int]]) -> None:
+        graph = self.gm.graph
+        w_arg, b_arg, out_dim = self.weight_args[producer]
+        rank = len(leaf.meta["val"].shape)
+        axis = self.analysis.layouts[leaf].axis
+        outs = []
+        with graph.inserting_before(leaf):
+            for a, b in pieces:
+                args = list(producer.args)
+                for k, dim in ((w_arg, out_dim), (b_arg, 0)):
+                    if k is not None and isinstance(args[k], fx.Node):
+                        value = constant_value(self.gm, args[k]).narrow(dim, a, b - a)
+                        args[k] = graph.get_attr(add_constant(self.gm, f"{args[k].target}_{a}_{b}", value))
+                x = graph.call_function(producer.target, tuple(args), dict(producer.kwargs))
+                x.meta.update({k: producer.meta[k] for k in ("nn_module_stack", "stack_trace") if k in producer.meta})
+                self.pieces.setdefault(producer, []).append(x)
+                self.owner[x] = producer
+                x = _replay(self.gm, chain, x, list(range(a, b)), axis, rank)
+                self.widths[x] = b - a
+                outs.append(x)
+            joined = graph.call_function(aten.cat.default, (outs, axis))
+        self.splits.add(joined)
+        self.widths[joined] = pieces[-1][1]
+        leaf.replace_all_uses_with(joined)
+        for node in [*reversed(chain), producer]:
+            graph.erase_node(node)
+
+    def read(self, c: Consumer, read: list[int]) -> fx.Node | None:
+        """`c`'s input as a concatenation of the whole parts it reads (inserted before it), or None."""
+        chain, _ = self.source(self.input_of(c))
+        axis = self.analysis.layouts[c.input].axis
+        chosen = []
+        for leaf, inside, w in self._spans(c, read):
+            if len(inside) == w and w:
+                chosen.append(leaf)
+            elif inside:
+                return None
+        x = chosen[0] if len(chosen) == 1 else self.gm.graph.call_function(aten.cat.default, (chosen, axis))
+        return _replay(self.gm, chain, x, read, axis, len(c.input.meta["val"].shape))
+
+
+def _replay(gm: fx.GraphModule, chain: list[fx.Node], x: fx.Node, index: list[int], axis: int, rank: int) -> fx.Node:
+    """`chain` (channel-by-channel ops, source side first) applied to `x`, which holds the
+    `index` positions of the chain's channels: per-channel constants keep those positions."""
+    graph = gm.graph
+    positions = torch.tensor(index, dtype=torch.long)
+    for node in chain:
+        per_channel = set(_BATCH_NORMS.get(node.target, ()))
+        args = [x if k == 0 else a for k, a in enumerate(node.args)]
+        for k, a in enumerate(args[1:], 1):
+            if not (isinstance(a, fx.Node) and a.op == "get_attr"):
+                continue
+            value = constant_value(gm, a)
+            dim = None if value is None else 0 if k in per_channel else axis - (rank - value.dim())
+            if dim is None or dim < 0 or value.shape[dim] == 1:
+                continue
+            args[k] = graph.get_attr(add_constant(gm, f"{a.target}_read", value.index_select(dim, positions)))
+        x = graph.call_function(node.target, tuple(args), dict(node.kwargs))
+        x.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
+    return x
+
+
+def _erase_unused(graph: fx.Graph) -> None:
+    """Remove pure computations nobody reads any more (chains and concatenations that reads of
+    whole parts left behind), and the constants only they read."""
+    orphans: set[fx.Node] = set()
+    for node in reversed(list(graph.nodes)):
+        if (node.op == "call_function" or node in orphans) and not node.users and not node.is_impure():
+            orphans.update(a for a in node.all_input_nodes if a.op == "get_attr")
+            graph.erase_node(node)
 
 
 def _is_range(xs: list[int]) -> bool:
@@ -369,6 +576,11 @@ class ChannelPruningOptions:
     # Runtime runs a conv in its fast blocked (NCHWc) layout only when both its input and
     # output channel counts are multiples of 16 (8 on AVX2) or below it.
     channel_multiple: int = 16
+    # Unconstrained: consumers keep or drop whole groups of this many channels of a block (a
+    # run of a producer's output channels). With 16 and DenseNet layers of 16 new channels, a
+    # consumer reads whole layers' outputs, and the reordered export reads them as one
+    # concatenation (no gather: ORT's blocked kernels keep their layout). 1: any channels.
+    granularity: int = 1
 
 
 class ChannelPruning(Pass):
@@ -389,8 +601,8 @@ class ChannelPruning(Pass):
             raise GraphoptError(f"ChannelPruning scope must be 'layer' or 'global', got {o.scope!r}")
         if not 0.0 <= o.ratio < 1.0:
             raise GraphoptError(f"ChannelPruning ratio must be in [0, 1), got {o.ratio}")
-        if o.channel_multiple < 1 or o.min_channels < 1:
-            raise GraphoptError("ChannelPruning channel_multiple and min_channels must be >= 1")
+        if o.channel_multiple < 1 or o.min_channels < 1 or o.granularity < 1:
+            raise GraphoptError("ChannelPruning channel_multiple, min_channels and granularity must be >= 1")
         if not callable(o.importance) and o.importance not in (*IMPORTANCE, ACTIVATION):
             raise GraphoptError(f"ChannelPruning importance must be one of {sorted(IMPORTANCE) + [ACTIVATION]} "
                                 "or a callable")
@@ -410,6 +622,7 @@ class ChannelPruning(Pass):
         macs_before, macs_after = sum(macs.values()), plan_cost(analysis, plan, macs)
         if self.options.reorder and self.options.mode == "unconstrained":
             plan.rank = reorder_ranks(analysis, plan.keep)
+            plan.concat_reads, plan.multiple = True, self.options.channel_multiple
         self.stats = s = apply_plan(gm, analysis, plan)
         changes = [
             f"{self.options.mode}{' + reordered' if plan.rank else ''}: consumer input channels "
@@ -420,7 +633,7 @@ class ChannelPruning(Pass):
             + ("" if ratios is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached with "
                f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
-            f"a gather: {s.consumers_gather}" + (f"; {s.zero_columns} zero columns read instead of copies"
+            f"a gather: {s.consumers_gather}, a concatenation of whole parts: {s.consumers_concat}" + (f"; {s.zero_columns} zero columns read instead of copies"
                                                   if s.zero_columns else "")
             + (f"; {s.producers_removed} layers whose whole output nobody keeps left their concatenations"
                if s.producers_removed else ""),
@@ -533,10 +746,15 @@ class ChannelPruning(Pass):
             return ChannelPlan(keep, slack=o.slack)
         if o.mode == "unconstrained":
             cut = _global_cut([s for s in scores.values()], ratio) if o.scope == "global" else None
+            groups_of = _channel_groups(analysis, o.granularity)
             for i, s in scores.items():
                 n_keep = max(o.min_channels, round((1 - ratio) * len(s))) if cut is None else \
                     max(o.min_channels, int((s > cut).sum()))
-                order = torch.argsort(s, descending=True, stable=True)[:_aligned(n_keep, len(s), o)].tolist()
+                n_keep = _aligned(n_keep, len(s), o)
+                if o.granularity > 1:
+                    keep[i] = _keep_groups(canon[i], s, n_keep, groups_of)
+                    continue
+                order = torch.argsort(s, descending=True, stable=True)[:n_keep].tolist()
                 keep[i] = {canon[i][j] for j in order}
             extra = self._align_producers(analysis, keep, _mean_scores(scores, canon))
             return ChannelPlan(keep, slack=o.slack, extra=extra)
@@ -602,6 +820,32 @@ class ChannelPruning(Pass):
 def _layers(analysis: ChannelAnalysis) -> dict[fx.Node, fx.Node]:
     """Every conv/linear/embedding the analysis knows (producers and consumers) -> its weight."""
     return {p.node: p.weight for p in analysis.producers} | {c.node: c.weight for c in analysis.consumers}
+
+
+def _channel_groups(analysis: ChannelAnalysis, granularity: int) -> dict[int, int]:
+    """Canonical channel -> its group: runs of `granularity` channels of a block whose size is a
+    multiple of it (a DenseNet layer's new channels, a stage's stream); other channels alone."""
+    group: dict[int, int] = {}
+    for block in analysis.blocks():
+        size = granularity if granularity > 1 and len(block) % granularity == 0 else 1
+        for k, ch in enumerate(block):
+            group[ch] = block[k - k % size]
+    return group
+
+
+def _keep_groups(channels: list[int], scores: torch.Tensor, n_keep: int, group_of: dict[int, int]) -> set[int]:
+    """A consumer's kept channels as whole groups, by mean score, best first, until at least
+    `n_keep` channels are kept."""
+    members: dict[int, list[int]] = {}
+    for j, ch in enumerate(channels):
+        members.setdefault(group_of.get(ch, ch), []).append(j)
+    ranked = sorted(members.values(), key=lambda js: -float(scores[js].mean()))
+    kept: list[int] = []
+    for js in ranked:
+        if len(kept) >= n_keep:
+            break
+        kept += js
+    return {channels[j] for j in kept}
 
 
 def _aligned(n: int, width: int, o: ChannelPruningOptions) -> int:

@@ -18,7 +18,7 @@ from ..conftest import assert_close_to_scale, small_inputs
 
 MODELS = ["resnet", "densenet", "llama", "qwen2", "gpt2"]
 MODES = [dict(mode="constrained"), dict(mode="unconstrained", reorder=False), dict(mode="unconstrained", reorder=True),
-         dict(mode="unconstrained", reorder=True, slack=0.5)]
+         dict(mode="unconstrained", reorder=True, slack=0.5), dict(mode="unconstrained", reorder=True, granularity=4)]
 
 
 @pytest.fixture(autouse=True)
@@ -225,10 +225,13 @@ def test_a_tied_embedding_and_lm_head_stay_one_tensor_when_permuted_alike():
     assert parameter_bytes(gm) == before
 
 
-def _layer_macs(gm, analysis):
+def _layer_macs(gm):
+    """MACs of the convs and linears (what the analysis's producers and consumers are here; a
+    split producer's pieces are new nodes)."""
     from graphopt.analysis.cost import node_macs
-    nodes = {p.node for p in analysis.producers} | {c.node for c in analysis.consumers}
-    return sum(node_macs(n, gm) for n in nodes)
+    aten = torch.ops.aten
+    layers = (aten.conv2d.default, aten.convolution.default, aten.linear.default, aten.addmm.default, aten.mm.default)
+    return sum(node_macs(n, gm) for n in gm.graph.nodes if n.target in layers)
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet", "llama"])
@@ -236,7 +239,7 @@ def _layer_macs(gm, analysis):
 def test_flops_budget_removes_at_least_the_requested_share_and_its_estimate_is_exact(name, mode):
     gm, inputs = _captured(name)
     analysis = ChannelAnalysis(gm)
-    before = _layer_macs(gm, analysis)
+    before = _layer_macs(gm)
     prune = ChannelPruning(ratio=0.3, mode=mode, budget="flops", scope="global", channel_multiple=1)
     plan, (low, high) = prune.plan(gm, analysis)
     from graphopt.analysis.cost import node_macs
@@ -244,7 +247,7 @@ def test_flops_budget_removes_at_least_the_requested_share_and_its_estimate_is_e
     estimate = plan_cost(analysis, plan, {n: node_macs(n, gm) for n in
                                           {p.node for p in analysis.producers} | {c.node for c in analysis.consumers}})
     result = prune(gm)
-    after = _layer_macs(result.graph_module, analysis)       # the same nodes, rewritten in place
+    after = _layer_macs(result.graph_module)
     assert after == pytest.approx(estimate, rel=1e-9)
     assert 0.3 <= 1 - after / before < 0.36 if name != "llama" else 0.3 <= 1 - after / before
     assert 0 <= low < high < 0.99
@@ -272,10 +275,10 @@ def test_flops_budget_that_cannot_be_met_is_a_one_line_error():
 def test_flops_budget_lands_close_to_its_target_with_16_channel_steps(name):
     gm, inputs = _captured(name)
     analysis = ChannelAnalysis(gm)
-    before = _layer_macs(gm, analysis)
+    before = _layer_macs(gm)
     for ratio in (0.25, 0.4):                 # the 16-wide ResNet stage cannot shrink: 45.7% at most
         pruned = ChannelPruning(ratio=ratio, budget="flops")(copy.deepcopy(gm)).graph_module
-        removed = 1 - _layer_macs(pruned, ChannelAnalysis(pruned)) / before
+        removed = 1 - _layer_macs(pruned) / before
         assert ratio <= removed < ratio + 0.015, (ratio, removed)   # one uniform ratio alone overshot by 20 points
 
 
@@ -315,3 +318,52 @@ def test_a_concatenated_layer_whose_output_nobody_keeps_leaves_the_graph():
     assert len(convs) == convs_before - s.producers_removed
     for node in convs[1:]:                       # every layer still in the blocked kernels' alignment
         assert constant_value(out, node.args[1]).shape[0] % 16 == 0
+
+
+def _densenet16():
+    from graphopt.models.cnn import SmallDenseNet
+    torch.manual_seed(0)
+    model = SmallDenseNet(growth=16, layers_per_block=4).eval()     # every part a multiple of 16 wide
+    inputs = (torch.randn(1, 3, 32, 32),)
+    return model, inputs
+
+
+def test_granularity_keeps_whole_groups_of_each_block():
+    model, inputs = _densenet16()
+    gm = capture(model, inputs).graph_module
+    analysis = ChannelAnalysis(gm)
+    keep = ChannelPruning(ratio=0.3, granularity=16).choose(gm, analysis).keep
+    groups = [set(block[k:k + 16]) for block in analysis.blocks() if len(block) % 16 == 0
+              for k in range(0, len(block), 16)]
+    dropped_somewhere = False
+    for i, c in enumerate(analysis.consumers):
+        mine = set(analysis.canonical(c.channels))
+        for group in groups:
+            if group <= mine:
+                assert group <= keep[i] or not group & keep[i], (c.name, "keeps part of a group")
+                dropped_somewhere |= not group & keep[i]
+    assert dropped_somewhere
+    with pytest.raises(GraphoptError, match="granularity must be >= 1"):
+        ChannelPruning(granularity=0)
+
+
+def test_reordered_export_reads_whole_parts_of_concatenations_instead_of_gathers():
+    model, inputs = _densenet16()
+    outs, stats, graphs = {}, {}, {}
+    for reorder in (False, True):
+        prune = ChannelPruning(ratio=0.3, granularity=16, reorder=reorder)
+        result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(
+            capture(model, inputs).graph_module)
+        graphs[reorder], stats[reorder] = result.graph_module, prune.stats
+        outs[reorder] = result.graph_module(*inputs)[0]
+    assert_close_to_scale(outs[True], outs[False], 1e-5)
+    assert stats[False].consumers_gather + stats[False].consumers_slice >= 5
+    assert stats[True].consumers_concat >= 5
+    copies = [n for n in graphs[True].graph.nodes
+              if n.target in (torch.ops.aten.index_select.default, torch.ops.aten.slice.Tensor)]
+    assert [n.args[0].target for n in copies] == [torch.ops.aten.view.default]    # only the classifier's, after the pool
+    assert _layer_macs(graphs[True]) == _layer_macs(graphs[False])                 # split producers: the same MACs
+    passes = lambda: [ChannelPruning(ratio=0.3, granularity=16), DeadCodeElimination()]      # noqa: E731
+    reference = graphopt.compile(model, inputs, passes=passes(), backend="torch", progress=False)
+    cm = graphopt.compile(model, inputs, passes=passes(), backend="onnxruntime", progress=False)
+    assert_close_to_scale(cm(*inputs), reference(*inputs), 1e-4)
