@@ -179,7 +179,7 @@ def run_model(name: str, args) -> list[dict]:
                                                      scope=args.scope)
                       for v, o in VARIANTS.items() if v in args.variants}
         for variant, opts in options_of.items():
-            if opts is not None and args.budget == "flops" and variant.startswith("unconstrained") and \
+            if opts is not None and args.budget == "flops" and opts["mode"] == "unconstrained" and \
                     "constrained" in compiled:
                 # the constrained export overshoots the budget by a segment's step: match what it removed
                 opts["ratio"] = 1 - graph_cost(compiled["constrained"].graph_module).macs / base_macs

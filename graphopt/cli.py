@@ -123,7 +123,8 @@ def _pass_list(args) -> list:
     if args.prune_channels:
         extra.append(ChannelPruning(ratio=args.prune_channels, mode=args.prune_mode, reorder=not args.no_reorder,
                                     importance=args.prune_importance, exclude=tuple(args.prune_exclude),
-                                    budget=args.prune_budget, scope=args.prune_scope))
+                                    budget=args.prune_budget, scope=args.prune_scope,
+                                    granularity=args.prune_granularity))
     at = 1 if passes and isinstance(passes[0], ConstantFolding) else 0
     passes[at:at] = extra
     if extra and not any(isinstance(p, DeadCodeElimination) for p in passes):
@@ -312,13 +313,14 @@ def cmd_channels(args) -> None:
         print(f"exports at {args.ratio:.0%} of each consumer's input channels dropped (L1):")
         for label, options in (("constrained", dict(mode="constrained")),
                                ("unconstrained, naive", dict(reorder=False)),
-                               ("unconstrained, reordered", dict(reorder=True))):
+                               ("unconstrained, reordered", dict(reorder=True)),
+                               ("16-groups, reordered", dict(reorder=True, granularity=16))):
             prune = ChannelPruning(ratio=args.ratio, **options)
             prune(_folded_graph(bundle, inputs))
             st = prune.stats
             print(f"  {label:26s} columns {st.consumer_columns_before} -> {st.consumer_columns_after}; "
-                  f"consumers reading all / a slice / a gather: {st.consumers_full} / {st.consumers_slice} / "
-                  f"{st.consumers_gather}")
+                  f"consumers reading all / a slice / a gather / concatenation parts: {st.consumers_full} / "
+                  f"{st.consumers_slice} / {st.consumers_gather} / {st.consumers_concat}")
 
 
 def cmd_models(args) -> None:
@@ -354,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prune-importance", default="l1", help="l1, l2 or activation")
     c.add_argument("--prune-exclude", nargs="*", default=[], help="consumers left whole (module paths, fnmatch)")
     c.add_argument("--no-reorder", action="store_true", help="skip UPSCALE channel reordering")
+    c.add_argument("--prune-granularity", type=int, default=1,
+                   help="unconstrained: consumers keep whole groups of this many channels of a block (16: "
+                        "whole 16-channel DenseNet layers, read as one concatenation without copies)")
     c.add_argument("--calibration-text", help="text for calibration (default: ../shared/corpus/calibration.txt)")
     c.add_argument("--calibration-tokens", type=int, default=2048, help="0 disables calibration")
     c.add_argument("--seq-len", type=int, default=128)

@@ -44,7 +44,9 @@ def test_channels_and_compile_with_channel_pruning(tmp_path, capsys):
     assert main(["channels", "--model", "densenet", "--ratio", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "3 channel segments, 2 with consumers" in out and "producers [stem, features.0.conv" in out
-    assert "constrained                columns 540 -> 403; consumers reading all / a slice / a gather: 10 / 0 / 0" in out
+    assert "constrained                columns 540 -> 403; consumers reading all / a slice / a gather / " \
+           "concatenation parts: 10 / 0 / 0 / 0" in out
+    assert "16-groups, reordered" in out
     assert main(["compile", "--model", "resnet", "--repeats", "1", "--prune-channels", "0.3",
                  "--out", str(tmp_path / "pruned")]) == 0
     out = capsys.readouterr().out

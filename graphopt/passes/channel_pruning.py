@@ -21,7 +21,16 @@ weight elements instead, so constrained and unconstrained exports can be compare
 compute (the channel ratio is searched; see `ChannelPruning.plan`).
 With `reorder=True` the channels of every block are laid out (producers' rows, per-channel
 constants and consumers' columns permuted alike) so that most consumers' kept channels are
-contiguous: a gather becomes a slice or disappears. The permutation is exact.
+contiguous: a gather becomes a slice or disappears. The permutation is exact. The reordered
+export also reads concatenations by their parts (`_PartReads`):
+    consumer(bn(cat(a, b, c))[kept])  ->  consumer(bn'(cat(a, c)))     kept = whole parts a, c
+    cat(.., conv(x, W), ..)           ->  cat(.., conv(x, W[:16]), conv(x, W[16:]), ..)
+                                          a part consumers read a 16-channel group at a time
+so no copy is left where ONNX Runtime would have to leave its blocked layout for a Gather or
+Slice and come back (a Concat of 16-aligned parts stays in it). `granularity=16` makes
+consumers keep whole 16-channel groups of each block, which is what lets DenseNet consumers
+read whole layers' outputs; with channel granularity they keep part of every layer's block
+and the gathers stay.
 Kept counts are rounded up to multiples of `channel_multiple` (default 16) wherever a
 layer's width is one: ONNX Runtime's blocked conv kernels need that, and a 30%-pruned conv
 of 22 channels measured slower than the unpruned one of 32.
