@@ -18,10 +18,14 @@ equal compute. Exports:
     unconstrained-naive      each consumer keeps its own channels; gathers where needed
     unconstrained-reordered  the same channels, laid out by UPSCALE's ordering
     (+ unconstrained-reordered-slack: consumers may read up to 25% zero columns to avoid a copy)
+    grouped-naive            unconstrained, but consumers keep whole 16-channel groups of a block
+                             (granularity=16: a DenseNet consumer keeps or drops whole layers)
+    grouped-reordered        the same channels; the reordered export reads concatenations by
+                             their parts (no gather; a part's conv split into 16-aligned pieces)
 Kept channel counts are rounded up to multiples of `--channel-multiple` (16: what ONNX
 Runtime's blocked conv kernels need), so `columns_dropped` (the share of consumer input
 channels actually dropped) is at or below the nominal sparsity.
-Columns: Gather/Slice ops in the exported ONNX graph (beyond the unpruned graph's), the
+Columns: Gather/Slice/Concat ops in the exported ONNX graph (beyond the unpruned graph's), the
 share of layer MACs removed, weight MB, median latency on ONNX Runtime, on TVM (with
 `--backends ... tvm`: copies fuse into the convolution that reads them) and on the torch backend (the pruned graph run eagerly,
 where a channel slice is a view and costs nothing, as in the paper's PyTorch measurements;
@@ -33,7 +37,7 @@ after pruning; `accuracy_finetuned` is the pruned graph's after `--finetune-step
 at `--finetune-lr` (the brief recovery a pruned model gets; the unpruned row gets the same
 steps, and since the CNNs are trained only briefly it gains too: compare with it); `agree` is top-1 agreement with the unpruned model. For SmolLM2-135M (real weights) accuracy is perplexity on ../shared/corpus/evaluation.txt
 (128-token windows) and agreement is next-token top-1 agreement; its latency is a 128-token
-prefill. Pruned and reordered exports of one sparsity compute the same function (checked).
+prefill. Naive and reordered exports of one sparsity and granularity compute the same function (checked).
 """
 from __future__ import annotations
 
@@ -276,7 +280,7 @@ def main() -> None:
         torch.set_num_threads(args.threads if name == "smollm2" else args.cnn_threads)
         rows += run_model(name, args)
         print_table([r for r in rows if r["model"] == name],
-                    ["name", "columns_dropped", "macs_removed", "gathers", "slices", "weights_mb", "ort_ms",
+                    ["name", "columns_dropped", "macs_removed", "gathers", "slices", "concats", "weights_mb", "ort_ms",
                      "ort_speedup", "tvm_ms", "tvm_speedup", "torch_ms", "torch_speedup",
                      "perplexity" if name == "smollm2" else "accuracy", "accuracy_finetuned", "agree"])
         print()

@@ -292,8 +292,8 @@ class _PartReads:
     takes a tensor out of its blocked (NCHWc) layout and back, while a Concat of 16-aligned
     parts stays in it. A part that consumers read in pieces (a stem or transition conv read a
     group at a time) is split first: its producer becomes one conv per piece (the same MACs),
-    when every piece but the last is a multiple of `multiple` channels. Nested concatenations flatten;
-    the ones nobody reads any more are removed.
+    when every piece but the last is a multiple of `multiple` channels. Nested concatenations
+    flatten; the ones nobody reads any more are removed.
     """
 
     def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis, width: Callable[[fx.Node], int],
@@ -642,8 +642,8 @@ class ChannelPruning(Pass):
             + ("" if ratios is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached with "
                f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
-            f"a gather: {s.consumers_gather}, a concatenation of whole parts: {s.consumers_concat}" + (f"; {s.zero_columns} zero columns read instead of copies"
-                                                  if s.zero_columns else "")
+            f"a gather: {s.consumers_gather}, a concatenation of whole parts: {s.consumers_concat}"
+            + (f"; {s.zero_columns} zero columns read instead of copies" if s.zero_columns else "")
             + (f"; {s.producers_removed} layers whose whole output nobody keeps left their concatenations"
                if s.producers_removed else ""),
         ]
