@@ -1,14 +1,17 @@
-"""Channel pruning with UPSCALE reordering on a ResNet-style CNN, a DenseNet-style CNN and a
+"""Channel pruning with UPSCALE reordering on a ResNet-style CNN, two DenseNet-style CNNs and a
 Llama-style transformer (its FFNs and the residual stream that q/k/v/gate/up read), and
 attention-head pruning on the transformer.
 
-    python examples/channel_pruning.py [--model resnet|densenet|llama|all] [--ratio 0.3]
+    python examples/channel_pruning.py [--model resnet|densenet|densenet16|llama|all] [--ratio 0.3]
 
 For each model: the channel segments the analysis finds (and why some channels are pinned),
-then three exports at the same ratio through ONNX Runtime: constrained (no copies),
-unconstrained without and with reordering; for the transformer also a head-pruned export
-(whole key/value groups, `AttentionHeadPruning`). The unconstrained exports compute the same
-function (checked here); reordering only changes how many consumers need a gather. The
+then five exports at the same ratio through ONNX Runtime: constrained (no copies),
+unconstrained without and with reordering, and the same two with consumers keeping whole
+16-channel groups (`granularity=16`); for the transformer also a head-pruned export (whole
+key/value groups, `AttentionHeadPruning`). On `densenet16`, whose layers add 16 channels each,
+the grouped reordered export reads every concatenation by its parts: no gathers. Naive and
+reordered exports compute the same function (checked here); reordering only changes how
+consumers read their channels (all, a slice, a gather, or concatenation parts). The
 models have random weights, so the output change (relative L2) is only indicative; see
 benchmarks/channel_reorder.py for trained CNNs and the real SmolLM2.
 """
@@ -27,7 +30,10 @@ EXPORTS = {
     "constrained": dict(mode="constrained"),
     "unconstrained": dict(mode="unconstrained", reorder=False),
     "unconstrained+reorder": dict(mode="unconstrained", reorder=True),
+    "16-groups": dict(mode="unconstrained", reorder=False, granularity=16),
+    "16-groups+reorder": dict(mode="unconstrained", reorder=True, granularity=16),
 }
+MODELS = ["resnet", "densenet", "densenet16", "llama"]
 
 
 def inputs_for(bundle):
@@ -61,8 +67,8 @@ def prune(name: str, ratio: float) -> dict:
         s = pruning.stats
         change = float((out - reference).norm() / reference.norm())
         print(f"  {label:22s} weights {cm.stats['parameter_bytes_optimized'] / 1e6:6.2f} MB; consumers reading "
-              f"all / a slice / a gather: {s.consumers_full:2d} / {s.consumers_slice:2d} / {s.consumers_gather:2d}; "
-              f"output change vs unpruned {change:.1%}")
+              f"all / a slice / a gather / concatenation parts: {s.consumers_full:2d} / {s.consumers_slice:2d} / "
+              f"{s.consumers_gather:2d} / {s.consumers_concat:2d}; output change vs unpruned {change:.1%}")
         results[label] = (out, s)
     if bundle.is_sequence_model:
         heads = AttentionHeadPruning(ratio=0.5, progress=False)    # ablation importance, global scope
@@ -76,18 +82,19 @@ def prune(name: str, ratio: float) -> dict:
         print(f"  {'heads 50%':22s} weights {cm.stats['parameter_bytes_optimized'] / 1e6:6.2f} MB; key/value groups "
               f"kept {kept} of {total}; output change vs unpruned {change:.1%}")
         results["heads"] = (out, heads.pruned)
-    naive, reordered = results["unconstrained"][0], results["unconstrained+reorder"][0]
-    assert torch.allclose(naive, reordered, rtol=1e-4, atol=1e-5 * float(naive.abs().max())), \
-        "reordering must not change outputs"
+    for naive_label in ("unconstrained", "16-groups"):
+        naive, reordered = results[naive_label][0], results[f"{naive_label}+reorder"][0]
+        assert torch.allclose(naive, reordered, rtol=1e-4, atol=1e-5 * float(naive.abs().max())), \
+            "reordering must not change outputs"
     return results
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="all", choices=["resnet", "densenet", "llama", "all"])
+    ap.add_argument("--model", default="all", choices=[*MODELS, "all"])
     ap.add_argument("--ratio", type=float, default=0.3)
     args = ap.parse_args(argv)
-    names = ["resnet", "densenet", "llama"] if args.model == "all" else [args.model]
+    names = MODELS if args.model == "all" else [args.model]
     return {name: prune(name, args.ratio) for name in names}
 
 
