@@ -54,7 +54,7 @@ from ..analysis.channels import (_BATCH_NORMS, _BINARY, _CHANNELWISE, _POOLS, Ch
                                  input_channel_rms)
 from ..analysis.cost import node_macs
 from ..errors import GraphoptError, PreconditionError
-from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
+from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
@@ -247,8 +247,6 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         narrowed.meta.update({k: c.node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in c.node.meta})
         for node in readers:
             node.update_arg(input_arg[id(c)], narrowed)
-    if stats.consumers_concat or part_reads.pieces:
-        _erase_unused(graph)
     for p in removed:                               # its block leaves the concatenations; DCE drops the layer
         for cat in list(p.node.users):
             cat.update_arg(0, [t for t in cat.args[0] if t is not p.node])
@@ -258,6 +256,8 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         shape = list(node.args[1])
         shape[shape_arg.index] = len(positions(analysis.layouts[node].channels))
         node.update_arg(1, shape)
+    if stats.consumers_concat or part_reads.pieces:        # the chains and concatenations they left behind
+        eliminate_dead_code(gm)
     for node in graph.nodes:
         if node.op == "call_function":
             infer_meta(gm, node)
@@ -441,16 +441,6 @@ def _replay(gm: fx.GraphModule, chain: list[fx.Node], x: fx.Node, index: list[in
         x = graph.call_function(node.target, tuple(args), dict(node.kwargs))
         x.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
     return x
-
-
-def _erase_unused(graph: fx.Graph) -> None:
-    """Remove pure computations nobody reads any more (chains and concatenations that reads of
-    whole parts left behind), and the constants only they read."""
-    orphans: set[fx.Node] = set()
-    for node in reversed(list(graph.nodes)):
-        if (node.op == "call_function" or node in orphans) and not node.users and not node.is_impure():
-            orphans.update(a for a in node.all_input_nodes if a.op == "get_attr")
-            graph.erase_node(node)
 
 
 def _is_range(xs: list[int]) -> bool:
