@@ -225,14 +225,13 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         if not old.users:
             graph.erase_node(old)
     part_reads = _PartReads(gm, analysis, lambda n: len(positions(analysis.layouts[n].channels)),
-                            plan.multiple, weight_args, lambda c: part_reads.readers(c.node)[0].args[input_arg[id(c)]])
+                            plan.multiple, weight_args, input_arg)
     narrowing = [(c, read) for c, read, width in reads if len(read) < width]
     stats.consumers_full = len(reads) - len(narrowing)
     if plan.concat_reads:
         part_reads.split_parts(narrowing)
     for c, read in narrowing:
-        readers = part_reads.readers(c.node)
-        source = readers[0].args[input_arg[id(c)]]
+        readers, source = part_reads.readers(c.node), part_reads.input_of(c)
         axis = analysis.layouts[c.input].axis
         with graph.inserting_before(readers[0]):
             if plan.concat_reads and (narrowed := part_reads.read(c, read)) is not None:
@@ -297,10 +296,9 @@ class _PartReads:
     """
 
     def __init__(self, gm: fx.GraphModule, analysis: ChannelAnalysis, width: Callable[[fx.Node], int],
-                 multiple: int, weight_args: dict[fx.Node, tuple[int, int | None, int]],
-                 input_of: Callable[[Consumer], fx.Node]):
+                 multiple: int, weight_args: dict[fx.Node, tuple[int, int | None, int]], input_arg: dict[int, int]):
         self.gm, self.analysis, self._width, self.multiple = gm, analysis, width, multiple
-        self.input_of = input_of                # a consumer's input now (a split part's is its pieces' concatenation)
+        self.input_arg = input_arg              # id(consumer) -> which argument of its node is its input
         self.weight_args = weight_args          # producer node -> (weight arg, bias arg, output dim)
         self.widths: dict[fx.Node, int] = {}    # nodes made here -> channel count
         self.splits: set[fx.Node] = set()       # concatenations of a split part's pieces
@@ -322,6 +320,10 @@ class _PartReads:
             chain.append(node)
             node = prev
         return chain[::-1], node
+
+    def input_of(self, c: Consumer) -> fx.Node:
+        """`c`'s input now (a split part's is the concatenation of its pieces)."""
+        return self.readers(c.node)[0].args[self.input_arg[id(c)]]
 
     def readers(self, node: fx.Node) -> list[fx.Node]:
         """What computes `node` now: the producers of its pieces if it was split."""
