@@ -338,8 +338,9 @@ class _PartReads:
             return [leaf for part in node.args[0] for leaf in self.leaves(part, axis)]
         return [node]
 
-    def _spans(self, c: Consumer, read: list[int]):
-        chain, src = self.source(self.input_of(c))
+    def _spans(self, c: Consumer, read: list[int], src: fx.Node | None = None):
+        """(part, `read` positions inside it, its width) for each part of what `c` reads."""
+        src = self.source(self.input_of(c))[1] if src is None else src
         offset = 0
         for leaf in self.leaves(src, self.analysis.layouts[c.input].axis):
             w = self.width(leaf)
@@ -412,10 +413,10 @@ class _PartReads:
 
     def read(self, c: Consumer, read: list[int]) -> fx.Node | None:
         """`c`'s input as a concatenation of the whole parts it reads (inserted before it), or None."""
-        chain, _ = self.source(self.input_of(c))
+        chain, src = self.source(self.input_of(c))
         axis = self.analysis.layouts[c.input].axis
         chosen = []
-        for leaf, inside, w in self._spans(c, read):
+        for leaf, inside, w in self._spans(c, read, src):
             if len(inside) == w and w:
                 chosen.append(leaf)
             elif inside:
