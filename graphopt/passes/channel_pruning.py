@@ -642,6 +642,12 @@ class ChannelPruning(Pass):
         ]
         notes = [f"{seg.describe()}; {reason}" for seg in analysis.segments if seg.consumers
                  for reason in analysis.explain(seg)[:1]]
+        dropped = 1 - s.consumer_columns_after / max(s.consumer_columns_before, 1)
+        if self.options.budget == "channels" and self.options.channel_multiple > 1 and dropped < 0.5 * self.options.ratio:
+            notes.insert(0, f"only {dropped:.1%} of the {self.options.ratio:.0%} asked for was dropped: kept counts "
+                            f"round up to multiples of channel_multiple={self.options.channel_multiple} in layers "
+                            "that narrow (constrained: per block); budget='flops' searches a ratio that reaches a "
+                            "share of the MACs, channel_multiple=1 drops exactly")
         return PassResult(gm, s.changed, changes, notes[:20])
 
     def _scores(self, gm, c: Consumer, rms: dict | None) -> torch.Tensor:

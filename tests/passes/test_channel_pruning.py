@@ -377,3 +377,9 @@ def test_flops_budget_with_whole_groups_removes_at_least_the_share():
     result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm)
     assert 1 - _layer_macs(result.graph_module) / before >= 0.3    # whole-group steps may overshoot (README)
     assert prune.stats.consumers_concat > 0 and prune.stats.consumers_gather == 0
+
+
+def test_a_ratio_the_16_channel_rounding_undoes_says_so():
+    model, inputs = _densenet16()
+    result = ChannelPruning(ratio=0.3, mode="constrained")(capture(model, inputs).graph_module)
+    assert result.notes[0].startswith("only 0.0% of the 30% asked for was dropped")
