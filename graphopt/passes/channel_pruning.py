@@ -644,10 +644,11 @@ class ChannelPruning(Pass):
                  for reason in analysis.explain(seg)[:1]]
         dropped = 1 - s.consumer_columns_after / max(s.consumer_columns_before, 1)
         if self.options.budget == "channels" and self.options.channel_multiple > 1 and dropped < 0.5 * self.options.ratio:
-            notes.insert(0, f"only {dropped:.1%} of the {self.options.ratio:.0%} asked for was dropped: kept counts "
-                            f"round up to multiples of channel_multiple={self.options.channel_multiple} in layers "
-                            "that narrow (constrained: per block); budget='flops' searches a ratio that reaches a "
-                            "share of the MACs, channel_multiple=1 drops exactly")
+            notes.insert(0, f"only {dropped:.1%} of the {self.options.ratio:.0%} asked for was dropped: pinned "
+                            "channels stay (below) and kept counts round up to multiples of channel_multiple="
+                            f"{self.options.channel_multiple} where a layer narrows (constrained: per block); "
+                            "budget='flops' searches a ratio that reaches a share of the MACs, channel_multiple=1 "
+                            "rounds nothing")
         return PassResult(gm, s.changed, changes, notes[:20])
 
     def _scores(self, gm, c: Consumer, rms: dict | None) -> torch.Tensor:
