@@ -76,6 +76,8 @@ class OnnxRuntimeBackend(Backend):
 def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) -> None:
     """Write the IR as ONNX with weights in one external data file beside it."""
     gm = captured.graph_module
+    if _broadcast_attention_heads(gm):
+        gm.recompile()
     kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
                   input_names=[s.name for s in captured.inputs],
                   output_names=[s.name for s in captured.outputs],
@@ -98,6 +100,35 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
                                      "register one in graphopt.backends.onnxruntime.CUSTOM_TRANSLATIONS") from exc
         first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         raise BackendError(f"ONNX export failed: {first}") from exc
+
+
+def _broadcast_attention_heads(gm: torch.fx.GraphModule) -> bool:
+    """Multi-query attention written as broadcasting (Falcon: one key/value head for all query
+    heads) is valid in torch, but torch.onnx's Attention translation asserts equal head counts.
+    One shared head becomes enable_gqa=True (the same values; ORT's Attention runs it as MQA);
+    any other broadcast of the leading dims becomes an explicit expand. In place, exact."""
+    aten, changed = torch.ops.aten, False
+    for node in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
+        query, key, value = (getattr(arg, "meta", {}).get("val") for arg in node.args[:3])
+        if query is None or key is None or value is None or query.dim() != 4:
+            continue
+        lead = tuple(query.shape[:2])
+        if tuple(key.shape[:2]) == lead and tuple(value.shape[:2]) == lead:
+            continue
+        if (not node.kwargs.get("enable_gqa") and key.shape[0] == value.shape[0] == query.shape[0]
+                and key.shape[1] == value.shape[1] == 1):
+            node.kwargs = {**node.kwargs, "enable_gqa": True}
+            changed = True
+            continue
+        for position, val in ((1, key), (2, value)):
+            if tuple(val.shape[:2]) == lead:
+                continue
+            with gm.graph.inserting_before(node):
+                expanded = gm.graph.call_function(aten.expand.default, (node.args[position], [*lead, -1, -1]))
+            expanded.meta["val"] = val.expand(*lead, -1, -1)
+            node.update_arg(position, expanded)
+            changed = True
+    return changed
 
 
 def _unsupported_op(message: str) -> str | None:

@@ -5,7 +5,8 @@ Lowering, step by step:
    codegen breaks: a cumsum over a bool tensor (Hugging Face's mask code) reached LLVM as an
    add on i1 and failed in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first;
    weights that passes made (plain attributes, buffers) become parameters, or the importer
-   would embed them as constants; static-size slices of dynamic dims become index_select.
+   would embed them as constants; static-size slices of dynamic dims become index_select;
+   negative indices are wrapped (TVM's take would read out of bounds).
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
@@ -31,6 +32,7 @@ import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
+from ..ir.graph import add_constant, constant_value
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
@@ -95,6 +97,7 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     or where it would embed weights in the library."""
     _register_tensor_attributes(gm)
     changed = _cast_bool_sums(gm)
+    changed = _nonnegative_indices(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     if changed:
         gm.recompile()
@@ -119,6 +122,58 @@ def _cast_bool_sums(gm: fx.GraphModule) -> bool:
         node.replace_input_with(source, cast)
         changed = True
     return changed
+
+
+def _nonnegative_indices(gm: fx.GraphModule) -> bool:
+    """x[..., [-2], :] (Falcon's multi-query key) indexes with a negative integer, which torch
+    wraps and TVM's take reads out of bounds: wrong outputs that change from call to call.
+    Constant index tensors are wrapped here; computed ones get where(i < 0, i + size, i)."""
+    aten, changed = torch.ops.aten, False
+    for node in list(gm.graph.nodes):     # (index_select rejects negative indices in torch)
+        if node.op != "call_function" or node.target is not aten.index.Tensor:
+            continue
+        index_vals = [getattr(index, "meta", {}).get("val") for index in node.args[1] if index is not None]
+        if getattr(node.args[0], "meta", {}).get("val") is None or any(
+                v is None or v.dtype == torch.bool for v in index_vals):
+            continue                      # a bool mask spans several dims: positions would shift
+        replacements = {}
+        for dim, index in enumerate(node.args[1]):
+            wrapped = None if index is None else _wrapped_index(gm, node, index, dim)
+            if wrapped is not None:
+                replacements[index] = wrapped
+        for old, new in replacements.items():
+            node.replace_input_with(old, new)
+            changed = True
+    return changed
+
+
+def _wrapped_index(gm: fx.GraphModule, user: fx.Node, index: fx.Node, dim: int) -> fx.Node | None:
+    """A node holding `index` with negative entries wrapped by the size of `user`'s source
+    along `dim`, or None if there is nothing to wrap."""
+    source = user.args[0]
+    size = source.meta["val"].shape[dim]
+    index_val = index.meta["val"]
+    value = constant_value(gm, index)
+    if value is not None:
+        if not bool((value < 0).any()):
+            return None
+        name = add_constant(gm, f"{index.target}_wrapped", torch.where(value < 0, value + size, value))
+        with gm.graph.inserting_before(user):
+            wrapped = gm.graph.get_attr(name)
+        wrapped.meta = dict(index.meta)
+        return wrapped
+    aten = torch.ops.aten
+    with gm.graph.inserting_before(user):
+        if not isinstance(size, int):
+            size = gm.graph.call_function(aten.sym_size.int, (source, dim))
+            size.meta["val"] = source.meta["val"].shape[dim]
+        negative = gm.graph.call_function(aten.lt.Scalar, (index, 0))
+        shifted = gm.graph.call_function(aten.add.Tensor, (index, size))
+        wrapped = gm.graph.call_function(aten.where.self, (negative, shifted, index))
+    negative.meta["val"] = index_val < 0
+    shifted.meta["val"] = index_val + 1
+    wrapped.meta = dict(index.meta)
+    return wrapped
 
 
 def _static_slices_of_dynamic_dims(gm: fx.GraphModule) -> bool:
@@ -174,6 +229,7 @@ def _register_tensor_attributes(gm: fx.GraphModule, min_elements: int = 4096) ->
                 and value.numel() >= min_elements):
             if attr in owner._buffers:
                 del owner._buffers[attr]
+                owner._non_persistent_buffers_set.discard(attr)   # or torch.export misses it
             else:
                 delattr(owner, attr)
             owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))

@@ -25,6 +25,21 @@ RANDOM_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=512)),
     "bert": ("BertConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                                 num_attention_heads=4, vocab_size=512, max_position_embeddings=512)),
+    # Falcon: one key/value head shared by broadcasting, picked out of a fused q/k/v by a
+    # negative index; attention and MLP in parallel.
+    "falcon": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                    vocab_size=512)),
+    # GPT-J: rotary tables in a non-persistent buffer, parallel attention and MLP.
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=512,
+                                rotary_dim=8)),
+    # Phi-3: fused q/k/v and gate/up projections.
+    "phi3": ("Phi3Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                max_position_embeddings=512, pad_token_id=0)),
+    # Gemma 2: sandwich norms, logit soft-capping, alternating sliding-window attention.
+    "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    vocab_size=512, max_position_embeddings=512, sliding_window=8)),
 }
 
 

@@ -7,7 +7,7 @@ from graphopt.errors import BackendError, InputSpecError
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs
 
-FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "resnet", "densenet"]
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "bert", "falcon", "gptj", "phi3", "gemma2", "resnet", "densenet"]
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
@@ -58,3 +58,25 @@ def test_op_without_onnx_translation_names_the_op():
     with pytest.raises(graphopt.UnsupportedOpError, match="zeta") as info:
         graphopt.compile(Unsupported(), (torch.rand(4) + 1,), progress=False)
     assert "\n" not in str(info.value)
+
+
+class _BroadcastAttention(torch.nn.Module):
+    """Attention whose key/value broadcast over the query's heads (multi-query) or batch."""
+
+    def forward(self, q, k, v, k_batch, v_batch):
+        shared_head = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        shared_batch = torch.nn.functional.scaled_dot_product_attention(q, k_batch, v_batch)
+        return shared_head, shared_batch
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_broadcast_key_value_heads_lower_exactly(backend):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, 16, generator=g)
+    k, v = torch.randn(2, 1, 8, 16, generator=g), torch.randn(2, 1, 8, 16, generator=g)
+    k_batch, v_batch = torch.randn(1, 4, 8, 16, generator=g), torch.randn(1, 4, 8, 16, generator=g)
+    inputs = (q, k, v, k_batch, v_batch)
+    model = _BroadcastAttention().eval()
+    cm = graphopt.compile(model, inputs, passes="none", backend=backend, progress=False)
+    for got, want in zip(cm(*inputs), model(*inputs), strict=True):
+        assert_close_to_scale(got, want, 1e-5)

@@ -12,7 +12,7 @@ from ..conftest import assert_close_to_scale, eager_outputs, run_artifact_withou
 tvm = pytest.importorskip("tvm")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "resnet", "densenet"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "falcon", "gptj", "phi3", "gemma2", "resnet", "densenet"])
 @pytest.mark.parametrize("preset", ["default", "none"])
 def test_families_match_eager(name, preset):
     bundle = graphopt.models.load(name)
@@ -157,3 +157,23 @@ def test_pruned_graphs_lower_and_match_the_torch_backend(name):
     cm = graphopt.compile(bundle.model, inputs, passes=passes, backend="tvm", progress=False)
     assert cm.stats["parameter_bytes_optimized"] < cm.stats["parameter_bytes_captured"]
     assert_close_to_scale(cm(*inputs), reference(*inputs), 1e-4)
+
+
+class _NegativeIndices(torch.nn.Module):
+    """Constant and computed negative indices, as torch wraps them."""
+
+    def forward(self, x, positions):
+        picked = x[:, [-1, 0, -3]]                        # a constant index tensor
+        computed = x[:, positions - 4]                     # computed at run time, some negative
+        return picked, computed
+
+
+@pytest.mark.parametrize("preset", ["none", "default"])   # default folds the constant index
+def test_negative_indices_are_wrapped_not_read_out_of_bounds(preset):
+    x = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([0, 3, 5, 1])
+    model = _NegativeIndices().eval()
+    cm = graphopt.compile(model, (x, positions), passes=preset, backend="tvm", progress=False)
+    for _ in range(3):                                     # out-of-bounds reads vary from call to call
+        for got, want in zip(cm(x, positions), model(x, positions), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
