@@ -14,6 +14,7 @@ import torch
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
+from ..ir.graph import reshape_views_of_attention
 from ..runtime import OrtRunner
 from .base import Backend, Executable
 from .onnx_translations import TRANSLATIONS
@@ -76,7 +77,7 @@ class OnnxRuntimeBackend(Backend):
 def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) -> None:
     """Write the IR as ONNX with weights in one external data file beside it."""
     gm = captured.graph_module
-    if _broadcast_attention_heads(gm):
+    if _broadcast_attention_heads(gm) | reshape_views_of_attention(gm):
         gm.recompile()
     kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
                   input_names=[s.name for s in captured.inputs],

@@ -6,7 +6,9 @@ Lowering, step by step:
    add on i1 and failed in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first;
    weights that passes made (plain attributes, buffers) become parameters, or the importer
    would embed them as constants; static-size slices of dynamic dims become index_select;
-   negative indices are wrapped (TVM's take would read out of bounds).
+   negative indices are wrapped (TVM's take would read out of bounds); views of attention
+   outputs become reshapes (see graphopt.ir.graph.reshape_views_of_attention); a pooling
+   stride left empty (= the kernel) is written out.
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
@@ -32,7 +34,7 @@ import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import add_constant, constant_value
+from ..ir.graph import add_constant, constant_value, reshape_views_of_attention
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
@@ -98,6 +100,8 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     _register_tensor_attributes(gm)
     changed = _cast_bool_sums(gm)
     changed = _nonnegative_indices(gm) or changed
+    changed = reshape_views_of_attention(gm) or changed
+    changed = _explicit_pool_strides(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     if changed:
         gm.recompile()
@@ -121,6 +125,22 @@ def _cast_bool_sums(gm: fx.GraphModule) -> bool:
             cast.meta["val"] = source_val.to(out.dtype)
         node.replace_input_with(source, cast)
         changed = True
+    return changed
+
+
+_POOLS = {torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool3d.default,
+          torch.ops.aten.max_pool2d_with_indices.default, torch.ops.aten.max_pool3d_with_indices.default,
+          torch.ops.aten.avg_pool1d.default, torch.ops.aten.avg_pool2d.default, torch.ops.aten.avg_pool3d.default}
+
+
+def _explicit_pool_strides(gm: fx.GraphModule) -> bool:
+    """max_pool2d(x, 2, ceil_mode=True) is captured with stride [] (meaning: the kernel size),
+    which TVM's importer rejects ("The input strides length is expected to be 2")."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _POOLS and len(node.args) > 2 and not node.args[2]:
+            node.update_arg(2, list(node.args[1]))
+            changed = True
     return changed
 
 

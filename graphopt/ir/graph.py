@@ -155,3 +155,40 @@ def _is_impure(node: fx.Node) -> bool:
 def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     """Remove nodes nobody reads that have no side effect; True if any went."""
     return gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+
+
+_LAYOUT_OPS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.transpose.int,
+               torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
+               torch.ops.aten.t.default, torch.ops.aten.alias.default}
+
+
+def reshape_views_of_attention(gm: fx.GraphModule) -> bool:
+    """The CPU attention kernel that ran at capture returns a (batch, seq, heads, dim) memory
+    layout, so `attn.transpose(1, 2).reshape(...)` (Swin) was captured as a view. Re-exporting
+    the IR (both backends do) traces attention with fake tensors, and torch.onnx then
+    decomposes it into math: each gives its own strides, and the view fails in one of them
+    ("Cannot view a tensor ..."). Such attention outputs are made contiguous (an Identity
+    once lowered) and the views that read them through layout-only ops become reshapes, so
+    every trace sees the same strides. In place; True if anything changed."""
+    aten = torch.ops.aten
+    changed = False
+    for attention in list(gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)):
+        views, frontier = [], list(attention.users)
+        while frontier:
+            node = frontier.pop()
+            if node.op == "call_function" and node.target in _LAYOUT_OPS:
+                if node.target is aten.view.default:
+                    views.append(node)
+                frontier.extend(node.users)
+        if not views:
+            continue
+        with gm.graph.inserting_after(attention):
+            contiguous = gm.graph.call_function(aten.clone.default, (attention,),
+                                                {"memory_format": torch.contiguous_format})
+        contiguous.meta = dict(attention.meta)
+        contiguous.meta["val"] = attention.meta["val"].contiguous()
+        attention.replace_all_uses_with(contiguous, delete_user_cb=lambda user: user is not contiguous)
+        for view in views:
+            view.target = aten.reshape.default
+        changed = True
+    return changed

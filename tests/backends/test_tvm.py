@@ -24,6 +24,16 @@ def test_families_match_eager(name, preset):
         assert_close_to_scale(got, want, 1e-4)
 
 
+@pytest.mark.parametrize("name", ["vit", "swin", "mobilenetv2", "mobilevit"])
+def test_vision_models_match_eager(name):
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    cm = graphopt.compile(bundle.model, inputs, backend="tvm", progress=False)
+    outs = cm(*inputs)
+    for got, want in zip(outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True):
+        assert_close_to_scale(got, want, 1e-4)
+
+
 def test_dynamic_dimension_and_its_limit():
     bundle = graphopt.models.load("resnet")
     inputs = bundle.example_inputs(batch=2)
