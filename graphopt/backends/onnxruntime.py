@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import reshape_views_of_attention
+from ..ir.graph import retry_with_reshapes
 from ..runtime import OrtRunner
 from .base import Backend, Executable
 from .onnx_translations import TRANSLATIONS
@@ -77,7 +77,7 @@ class OnnxRuntimeBackend(Backend):
 def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) -> None:
     """Write the IR as ONNX with weights in one external data file beside it."""
     gm = captured.graph_module
-    if _broadcast_attention_heads(gm) | reshape_views_of_attention(gm):
+    if _broadcast_attention_heads(gm):
         gm.recompile()
     kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
                   input_names=[s.name for s in captured.inputs],
@@ -91,7 +91,12 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
+            try:
+                program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - retried once if the cause is known
+                if not retry_with_reshapes(gm, exc):
+                    raise
+                program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
             program.save(path, external_data=True)
     except Exception as exc:
         message = str(exc)
@@ -114,10 +119,9 @@ def _broadcast_attention_heads(gm: torch.fx.GraphModule) -> bool:
         if query is None or key is None or value is None or query.dim() != 4:
             continue
         lead = tuple(query.shape[:2])
-        if tuple(key.shape[:2]) == lead and tuple(value.shape[:2]) == lead:
+        if node.kwargs.get("enable_gqa") or (tuple(key.shape[:2]) == lead and tuple(value.shape[:2]) == lead):
             continue
-        if (not node.kwargs.get("enable_gqa") and key.shape[0] == value.shape[0] == query.shape[0]
-                and key.shape[1] == value.shape[1] == 1):
+        if key.shape[0] == value.shape[0] == query.shape[0] and key.shape[1] == value.shape[1] == 1:
             node.kwargs = {**node.kwargs, "enable_gqa": True}
             changed = True
             continue

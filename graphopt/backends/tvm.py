@@ -6,9 +6,9 @@ Lowering, step by step:
    add on i1 and failed in CodeGenLLVM::CreateAdd, so bool inputs of sums are cast first;
    weights that passes made (plain attributes, buffers) become parameters, or the importer
    would embed them as constants; static-size slices of dynamic dims become index_select;
-   negative indices are wrapped (TVM's take would read out of bounds); views of attention
-   outputs become reshapes (see graphopt.ir.graph.reshape_views_of_attention); a pooling
-   stride left empty (= the kernel) is written out.
+   negative indices are wrapped (TVM's take would read out of bounds); a pooling stride left
+   empty (= the kernel) is written out. If re-exporting then fails on a view of an attention
+   output, those views become reshapes (graphopt.ir.graph.retry_with_reshapes).
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import add_constant, constant_value, reshape_views_of_attention
+from ..ir.graph import add_constant, constant_value, retry_with_reshapes
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
@@ -100,7 +100,6 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     _register_tensor_attributes(gm)
     changed = _cast_bool_sums(gm)
     changed = _nonnegative_indices(gm) or changed
-    changed = reshape_views_of_attention(gm) or changed
     changed = _explicit_pool_strides(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     if changed:
@@ -281,8 +280,12 @@ def import_relax(captured: CapturedModel):
     gm = prepare_graph(captured.graph_module)
     shapes = captured.dynamic_shapes()
     try:
-        program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes)
-        program = program.run_decompositions()
+        try:
+            program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions()
+        except Exception as exc:  # noqa: BLE001 - retried once if the cause is known
+            if not retry_with_reshapes(gm, exc):
+                raise
+            program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions()
         _positive_slice_dims(program.graph_module)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -192,3 +192,18 @@ def reshape_views_of_attention(gm: fx.GraphModule) -> bool:
             view.target = aten.reshape.default
         changed = True
     return changed
+
+
+def retry_with_reshapes(gm: fx.GraphModule, error: Exception) -> bool:
+    """After a re-export of `gm` failed with `error`: if a view of an attention output is the
+    cause, rewrite them (`reshape_views_of_attention`) and say the export may be retried.
+    Graphs that export as they are stay untouched."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    if not any("Cannot view a tensor" in text for text in chain) or not reshape_views_of_attention(gm):
+        return False
+    gm.recompile()
+    return True
