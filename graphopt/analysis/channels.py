@@ -174,6 +174,7 @@ class ChannelAnalysis:
         self.consumers: list[Consumer] = []
         self.params: list[ChannelParam] = []
         self.shape_args: list[ShapeArg] = []
+        self.group_args: list[ShapeArg] = []   # depthwise convs: `groups` (args[index]) is the channel count
         self._needed: dict[int, str] = {}
         self._frozen: dict[int, str] = {}
         self._blocks: list[list[int]] | None = None
@@ -322,6 +323,7 @@ class ChannelAnalysis:
                 self._param(node, 1, x)                      # depthwise: a per-channel kernel
                 if bias is not None:
                     self._param(node, 2, x)
+                self.group_args.append(ShapeArg(node, 8 if node.target is aten.convolution.default else 6))
                 return self._same(node, x)
             return self._freeze_inputs(node, [x] if x in self.layouts else [])
         if x in self.layouts and self.layouts[x].axis == 1:

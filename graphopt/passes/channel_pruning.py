@@ -255,6 +255,8 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
         shape = list(node.args[1])
         shape[shape_arg.index] = len(positions(analysis.layouts[node].channels))
         node.update_arg(1, shape)
+    for group_arg in analysis.group_args:        # a depthwise conv has one group per channel left
+        group_arg.node.update_arg(group_arg.index, len(positions(analysis.layouts[group_arg.node].channels)))
     if stats.consumers_concat or part_reads.pieces:        # the chains and concatenations they left behind
         eliminate_dead_code(gm)
     for node in graph.nodes:

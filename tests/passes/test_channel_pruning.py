@@ -383,3 +383,20 @@ def test_a_ratio_the_16_channel_rounding_undoes_says_so():
     model, inputs = _densenet16()
     result = ChannelPruning(ratio=0.3, mode="constrained")(capture(model, inputs).graph_module)
     assert result.notes[0].startswith("only 0.0% of the 30% asked for was dropped")
+
+
+@pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
+def test_depthwise_convolutions_keep_one_group_per_channel_left(mode):
+    gm, inputs = _captured("mobilevit")
+    prune = ChannelPruning(ratio=0.4, mode=mode)
+    analysis = ChannelAnalysis(gm)
+    assert analysis.group_args, "these models have depthwise convolutions"
+    reference = _masked(gm, analysis, prune.choose(gm, analysis).keep)(*inputs)[0]
+    groups_before = {a.node.name: a.node.args[a.index] for a in analysis.group_args}
+    result = PassManager([prune, DeadCodeElimination()], [VerifyInstrument(inputs)]).run(gm)
+    assert_close_to_scale(result.graph_module(*inputs)[0], reference, 1e-5)
+    depthwise = [n for n in result.graph_module.graph.nodes if n.name in groups_before and n.op == "call_function"]
+    kernels = {n.name: constant_value(result.graph_module, n.args[1]).shape[0] for n in depthwise}
+    for node in depthwise:                               # one group per channel the kernel still has
+        assert node.args[6] == kernels[node.name]
+    assert any(node.args[6] < groups_before[node.name] for node in depthwise)
