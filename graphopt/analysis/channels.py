@@ -271,6 +271,9 @@ class ChannelAnalysis:
             return self._same(node, x)
         if target in _POOLS and x in self.layouts and self.layouts[x].axis == 1:
             return self._same(node, x)
+        if target in (aten.pad.default, aten.constant_pad_nd.default) and x in self.layouts:
+            if self.layouts[x].axis < len(_shape(x)) - len(node.args[1]) // 2:
+                return self._same(node, x)               # pads spatial dims only (TF-style "same" padding)
         if target in _BATCH_NORMS and x in self.layouts and self.layouts[x].axis == 1:
             for i in _BATCH_NORMS[target]:
                 self._param(node, i, x)

@@ -385,9 +385,10 @@ def test_a_ratio_the_16_channel_rounding_undoes_says_so():
     assert result.notes[0].startswith("only 0.0% of the 30% asked for was dropped")
 
 
+@pytest.mark.parametrize("name", ["mobilevit", "mobilenetv2"])    # mobilenetv2: convs read through F.pad
 @pytest.mark.parametrize("mode", ["constrained", "unconstrained"])
-def test_depthwise_convolutions_keep_one_group_per_channel_left(mode):
-    gm, inputs = _captured("mobilevit")
+def test_depthwise_convolutions_keep_one_group_per_channel_left(name, mode):
+    gm, inputs = _captured(name)
     prune = ChannelPruning(ratio=0.4, mode=mode)
     analysis = ChannelAnalysis(gm)
     assert analysis.group_args, "these models have depthwise convolutions"
