@@ -190,7 +190,7 @@ def _wrapped_index(gm: fx.GraphModule, user: fx.Node, index: fx.Node, dim: int) 
         shifted = gm.graph.call_function(aten.add.Tensor, (index, size))
         wrapped = gm.graph.call_function(aten.where.self, (negative, shifted, index))
     negative.meta["val"] = index_val < 0
-    shifted.meta["val"] = index_val + 1
+    shifted.meta["val"] = index_val.clone()           # same shape and dtype as the index
     wrapped.meta = dict(index.meta)
     return wrapped
 
