@@ -6,6 +6,13 @@ graphopt (tvm) with the "default" and "fuse" presets.
 
 setup_s is the compile time (export, passes, lowering; for TVM the LLVM build too).
 
+Two rows bound what any exact fp32 rewrite can reach on this machine: "fp32 linear layers
+alone (torch)" runs just the model's linear layers (its weights, random activations of the
+prefill's shape), timed in the same rounds as the peers, so it is the part of eager's time
+spent in matrix products; "fp32 floor (MACs at peak GEMM rate)" is the graph's
+multiply-accumulates (graphopt.analysis.cost) divided by the best fp32 GEMM rate measured in
+this run (torch.mm on 2048 x 2048 matrices, the most favourable shape).
+
 All peers run in this process on the same tokens with the same thread count, and are timed
 round-robin (one call of each per round) so that load on a shared machine hits all alike;
 compare the ratios, not the absolute times.
@@ -24,8 +31,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
+from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
 from graphopt.runtime import OrtRunner  # noqa: E402
+
+
+def linear_layers_alone(model: torch.nn.Module, tokens: int):
+    """A callable doing exactly the model's linear layers for `tokens` tokens, nothing else."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(tokens, m.in_features) for m in layers]
+
+    def run():
+        with torch.no_grad():
+            for m, x in zip(layers, inputs):
+                torch.nn.functional.linear(x, m.weight, m.bias)
+    return run
+
+
+def peak_gemm_flops(size: int = 2048, calls: int = 10) -> float:
+    """The best fp32 FLOP/s torch.mm reaches on square matrices here, over 3 blocks of calls."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 2 * size ** 3 / best
 
 
 def main() -> None:
@@ -80,17 +113,22 @@ def main() -> None:
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)
         add(f"graphopt onnxruntime ({preset})", lambda cm=cm: cm(ids), start)
+        if preset == "default":
+            macs = graph_cost(cm.graph_module).macs     # the exact presets leave the MACs as they are
     for preset in () if args.skip_tvm else ("default", "fuse"):
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
                               backend_options={"threads": args.threads}, progress=False)
         add(f"graphopt tvm ({preset})", lambda cm=cm: cm(ids), start)
 
+    candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())
     medians = interleaved_medians(candidates, args.repeats)
+    medians["fp32 floor (MACs at peak GEMM rate)"] = 2 * macs / peak_gemm_flops()
     eager_ms = medians["torch eager"] * 1e3
     plain_ms = medians["onnxruntime (plain export)"] * 1e3
     rows = [{"name": name, "median_ms": s * 1e3, "speedup_vs_eager": eager_ms / (s * 1e3),
-             "speedup_vs_ort_plain": plain_ms / (s * 1e3), "setup_s": setup[name], "max_abs_diff": diffs[name]}
+             "speedup_vs_ort_plain": plain_ms / (s * 1e3), "setup_s": setup.get(name),
+             "max_abs_diff": diffs.get(name)}
             for name, s in medians.items()]
     print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "
           f"median of {args.repeats} interleaved rounds")
