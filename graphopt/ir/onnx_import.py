@@ -54,6 +54,15 @@ class _Static:
                                      "time (data-dependent shapes are not supported)")
         return [int(v) for v in np.asarray(value).reshape(-1)]
 
+    def floats(self, value, what: str) -> list[float]:
+        if value is None:
+            return []
+        value = self.static_arrays.get(id(value), value)
+        if isinstance(value, torch.Tensor):
+            raise UnsupportedOpError(f"{self.node_desc}: input '{what}' must be a constant known at import "
+                                     "time (data-dependent shapes are not supported)")
+        return [float(v) for v in np.asarray(value).reshape(-1)]
+
 
 def _reduce(fn):
     def op(s, a, x, axes=None):
@@ -131,6 +140,73 @@ def _pool(kind):
         return getattr(F, f"avg_pool{nd}d")(x, kernel, strides, pads[:nd], ceil,
                                             bool(a.get("count_include_pad", 0)))
     return op
+
+
+_INTERPOLATE = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
+                ("cubic", 2): "bicubic"}
+
+
+def _resize(s, a, x, roi=None, scales=None, sizes=None):
+    """ONNX Resize as F.interpolate, for the settings that have an exact torch equivalent;
+    anything else names the attribute that has none."""
+    def unsupported(what: str):
+        return UnsupportedOpError(f"{s.node_desc}: Resize with {what} is not supported")
+
+    nd = x.dim() - 2
+    mode = a.get("mode", "nearest")
+    transform = a.get("coordinate_transformation_mode", "half_pixel")
+    for key, default in (("antialias", 0), ("exclude_outside", 0), ("keep_aspect_ratio_policy", "stretch")):
+        if a.get(key, default) != default:
+            raise unsupported(f"{key}={a[key]}")
+    if a.get("axes") is not None and sorted(int(v) % x.dim() for v in a["axes"]) != list(range(2, x.dim())):
+        raise unsupported(f"axes={a['axes']} (only all spatial axes)")
+    if nd < 1:
+        raise unsupported(f"a {x.dim()}-d input")
+    size = s.ints(sizes, "sizes")
+    factors = s.floats(scales, "scales")
+    if size:
+        size = size[-nd:] if len(size) == nd else size
+        if len(size) == x.dim():
+            if size[:2] != list(x.shape[:2]):
+                raise unsupported(f"sizes {size} that change the batch or channel dims")
+            size = size[2:]
+        out = list(size)
+        scale_inv = [i / o for i, o in zip(x.shape[2:], out)]
+        kwargs = {"size": out}
+    elif factors:
+        factors = factors[-nd:] if len(factors) == nd else factors
+        if len(factors) == x.dim():
+            if factors[:2] != [1.0, 1.0]:
+                raise unsupported(f"scales {factors} that change the batch or channel dims")
+            factors = factors[2:]
+        out = [int(np.floor(i * f)) for i, f in zip(x.shape[2:], factors)]
+        scale_inv = [1 / f for f in factors]
+        kwargs = {"scale_factor": factors, "recompute_scale_factor": False}
+    else:
+        raise unsupported("neither scales nor sizes")
+    if mode == "nearest":
+        rule = a.get("nearest_mode", "round_prefer_floor")
+        if transform == "asymmetric" and rule == "floor":
+            return F.interpolate(x, mode="nearest", **kwargs)
+        if transform == "half_pixel" and rule in ("round_prefer_ceil", "round_prefer_floor"):
+            # torch's nearest-exact rounds halves up; with round_prefer_floor that is exact
+            # unless some output pixel lands exactly halfway between two input pixels
+            ties = [np.any(np.isclose(np.modf((np.arange(o) + 0.5) * r)[0], 0.0)) for o, r in zip(out, scale_inv)]
+            if rule == "round_prefer_ceil" or not any(ties):
+                return F.interpolate(x, mode="nearest-exact", **kwargs)
+        raise unsupported(f"mode=nearest, coordinate_transformation_mode={transform}, nearest_mode={rule}")
+    if (mode, nd) not in _INTERPOLATE:
+        raise unsupported(f"mode={mode} on a {x.dim()}-d input")
+    if mode == "cubic" and a.get("cubic_coeff_a", -0.75) != -0.75:
+        raise unsupported(f"cubic_coeff_a={a['cubic_coeff_a']} (torch's bicubic uses -0.75)")
+    if transform == "align_corners":
+        align = True
+    elif transform == "half_pixel" or (transform == "pytorch_half_pixel" and min(out) > 1):
+        align = False
+    else:
+        raise unsupported(f"mode={mode}, coordinate_transformation_mode={transform}"
+                          + (" and an output size of 1" if transform == "pytorch_half_pixel" else ""))
+    return F.interpolate(x, mode=_INTERPOLATE[(mode, nd)], align_corners=align, **kwargs)
 
 
 def _layer_norm(s, a, x, scale, bias=None):
@@ -235,7 +311,7 @@ OPS: dict[str, Callable] = {
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim, keepdim)),
     "ReduceMin": _reduce(lambda x, dim, keepdim: torch.amin(x, dim, keepdim)),
-    "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "SimplifiedLayerNormalization": _rms_norm,
+    "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "SimplifiedLayerNormalization": _rms_norm,
 }
 
 
@@ -264,9 +340,12 @@ class OnnxModule(torch.nn.Module):
         self.source = source
         self.static: dict[str, np.ndarray] = {}
         self.buffer_of: dict[str, str] = {}
+        # inputs read as numbers at import time even when they are floats (Resize's scales)
+        read_at_import = {n.input[k] for n in graph.node if n.op_type == "Resize"
+                          for k in (1, 2, 3) if k < len(n.input) and n.input[k]}
         for init in graph.initializer:
             array = numpy_helper.to_array(init)
-            if array.dtype.kind in "iub" and array.size <= 64:
+            if (array.dtype.kind in "iub" or init.name in read_at_import) and array.size <= 64:
                 self.static[init.name] = array
             else:
                 name = re.sub(r"\W", "_", init.name)

@@ -10,7 +10,7 @@ from graphopt.errors import CaptureError, UnsupportedOpError
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs
 
 
-@pytest.mark.parametrize("name", ["resnet", "bert", "llama"])
+@pytest.mark.parametrize("name", ["resnet", "bert", "llama", "mobilevit"])   # mobilevit: Resize
 def test_exported_onnx_imports_and_compiles(name, tmp_path):
     bundle = graphopt.models.load(name)
     inputs = small_inputs(bundle)
@@ -59,3 +59,54 @@ def test_wrong_number_of_example_inputs(tmp_path):
     cm = graphopt.capture(str(path), (torch.randn(2, 3),))
     x = torch.randn(2, 3)
     torch.testing.assert_close(cm(x)[0], torch.relu(x))
+
+
+def _resize_model(shape, attrs, scales=None, sizes=None):
+    """One Resize node; scales/sizes as initializers, as exporters write them."""
+    inits = [helper.make_tensor("roi", TensorProto.FLOAT, [0], [])]
+    if scales is not None:
+        inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [len(scales)], scales))
+    if sizes is not None:
+        inits.append(helper.make_tensor("sizes", TensorProto.INT64, [len(sizes)], sizes))
+    inputs = ["x", "roi", "scales" if scales is not None else ""] + (["sizes"] if sizes is not None else [])
+    node = helper.make_node("Resize", inputs, ["y"], name="up", **attrs)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.mark.parametrize("shape, attrs, scales, sizes", [
+    ((1, 3, 5, 6), dict(mode="linear"), [1, 1, 2, 2], None),
+    ((1, 3, 5, 6), dict(mode="linear", coordinate_transformation_mode="align_corners"), None, [1, 3, 7, 11]),
+    ((1, 3, 8, 9), dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), None, [1, 3, 3, 4]),
+    ((1, 3, 5, 6), dict(mode="cubic"), [1, 1, 2, 2], None),
+    ((1, 3, 5, 6), dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+     [1, 1, 2, 3], None),
+    ((1, 3, 5, 6), dict(mode="nearest", nearest_mode="round_prefer_ceil"), None, [1, 3, 9, 7]),
+    ((1, 3, 5, 6), dict(mode="nearest"), [1, 1, 2, 2], None),
+    ((2, 4, 7), dict(mode="linear"), [1, 1, 3], None),
+    ((1, 2, 3, 4, 5), dict(mode="linear", coordinate_transformation_mode="align_corners"), None, [1, 2, 5, 6, 7]),
+])
+def test_resize_matches_onnxruntime(shape, attrs, scales, sizes, tmp_path):
+    import onnxruntime as ort
+    path = tmp_path / "resize.onnx"
+    onnx.save(_resize_model(shape, attrs, scales, sizes), path)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = graphopt.capture(str(path), (x,))(x)[0]
+    assert tuple(got.shape) == want.shape
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-5, atol=1e-5)   # fp32 weights rounded apart
+
+
+@pytest.mark.parametrize("attrs, scales, match", [
+    (dict(mode="linear", coordinate_transformation_mode="asymmetric"), [1, 1, 2, 2],
+     "coordinate_transformation_mode=asymmetric"),
+    (dict(mode="nearest"), [1, 1, 0.5, 0.5], "nearest_mode=round_prefer_floor"),   # 8 -> 4: halfway points
+    (dict(mode="linear", antialias=1), [1, 1, 0.5, 0.5], "antialias=1"),
+    (dict(mode="linear"), [1, 2, 2, 2], "change the batch or channel dims"),
+])
+def test_resize_without_a_torch_equivalent_names_the_setting(attrs, scales, match, tmp_path):
+    path = tmp_path / "resize.onnx"
+    onnx.save(_resize_model((1, 3, 8, 8), attrs, scales), path)
+    with pytest.raises(UnsupportedOpError, match=rf"ONNX node 'up' \(op Resize.*{match}"):
+        graphopt.capture(str(path), (torch.randn(1, 3, 8, 8),))
