@@ -142,6 +142,47 @@ def _pool(kind):
     return op
 
 
+def _conv_transpose(s, a, x, w, b=None):
+    nd = w.dim() - 2
+    pads = a.get("pads", [0] * 2 * nd)
+    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise UnsupportedOpError(f"{s.node_desc}: ConvTranspose auto_pad={a['auto_pad']} is not supported")
+    if a.get("output_shape") is not None:
+        raise UnsupportedOpError(f"{s.node_desc}: ConvTranspose with output_shape is not supported (give pads and "
+                                 "output_padding)")
+    if pads[:nd] != pads[nd:]:
+        raise UnsupportedOpError(f"{s.node_desc}: ConvTranspose with asymmetric pads {pads} is not supported")
+    conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[nd]
+    return conv(x, w, b, a.get("strides", [1] * nd), pads[:nd], a.get("output_padding", [0] * nd),
+                a.get("group", 1), a.get("dilations", [1] * nd))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def _pad(s, a, x, pads, value=None, axes=None):
+    mode = a.get("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise UnsupportedOpError(f"{s.node_desc}: Pad mode={mode} is not supported")
+    widths = s.ints(pads, "pads")
+    axes = [ax % x.dim() for ax in s.ints(axes, "axes")] or list(range(x.dim()))
+    begin, end = dict(zip(axes, widths[:len(axes)])), dict(zip(axes, widths[len(axes):]))
+    padded = [ax for ax in axes if begin[ax] or end[ax]]
+    if mode != "constant" and (x.dim() not in (3, 4, 5) or min(padded, default=2) < 2):
+        raise UnsupportedOpError(f"{s.node_desc}: Pad mode={mode} pads only the spatial dims of a 3-d to 5-d "
+                                 f"input (here dims {padded} of {x.dim()})")
+    first = 2 if mode != "constant" else min(padded, default=x.dim() - 1)   # torch's non-constant pads: all spatial
+    flat = [p for ax in reversed(range(first, x.dim())) for p in (begin.get(ax, 0), end.get(ax, 0))]
+    if mode != "constant":
+        return F.pad(x, flat, mode=_PAD_MODES[mode])
+    fill = s.floats(value, "constant_value") if value is not None else [0.0]
+    return F.pad(x, flat, value=fill[0] if fill else 0.0)
+
+
+def _instance_norm(s, a, x, scale, bias):
+    return F.instance_norm(x, weight=scale, bias=bias, eps=a.get("epsilon", 1e-5))
+
+
 _INTERPOLATE = {("linear", 1): "linear", ("linear", 2): "bilinear", ("linear", 3): "trilinear",
                 ("cubic", 2): "bicubic"}
 
@@ -311,8 +352,17 @@ OPS: dict[str, Callable] = {
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim, keepdim)),
     "ReduceMin": _reduce(lambda x, dim, keepdim: torch.amin(x, dim, keepdim)),
+    "HardSwish": lambda s, a, x: F.hardswish(x),
+    "HardSigmoid": lambda s, a, x: torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0, 1),
+    "Softplus": lambda s, a, x: F.softplus(x), "Elu": lambda s, a, x: F.elu(x, a.get("alpha", 1.0)),
+    "PRelu": lambda s, a, x, slope: torch.where(x < 0, x * slope, x),
+    "ConvTranspose": _conv_transpose, "Pad": _pad, "InstanceNormalization": _instance_norm,
     "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "SimplifiedLayerNormalization": _rms_norm,
 }
+
+
+# Float inputs that are numbers at import time, not tensors: (op, input positions).
+_READ_AT_IMPORT = {"Resize": (1, 2, 3), "Pad": (2,)}
 
 
 def _gather_nd(s, a, x, indices):
@@ -341,8 +391,8 @@ class OnnxModule(torch.nn.Module):
         self.static: dict[str, np.ndarray] = {}
         self.buffer_of: dict[str, str] = {}
         # inputs read as numbers at import time even when they are floats (Resize's scales)
-        read_at_import = {n.input[k] for n in graph.node if n.op_type == "Resize"
-                          for k in (1, 2, 3) if k < len(n.input) and n.input[k]}
+        read_at_import = {n.input[k] for n in graph.node for k in _READ_AT_IMPORT.get(n.op_type, ())
+                          if k < len(n.input) and n.input[k]}
         for init in graph.initializer:
             array = numpy_helper.to_array(init)
             if (array.dtype.kind in "iub" or init.name in read_at_import) and array.size <= 64:

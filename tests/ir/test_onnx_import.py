@@ -1,4 +1,5 @@
 """ONNX files import into the same IR and compile like PyTorch models."""
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -6,6 +7,7 @@ from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.errors import CaptureError, UnsupportedOpError
+from graphopt.models.cnn import randomise_batchnorm
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs
 
@@ -110,3 +112,70 @@ def test_resize_without_a_torch_equivalent_names_the_setting(attrs, scales, matc
     onnx.save(_resize_model((1, 3, 8, 8), attrs, scales), path)
     with pytest.raises(UnsupportedOpError, match=rf"ONNX node 'up' \(op Resize.*{match}"):
         graphopt.capture(str(path), (torch.randn(1, 3, 8, 8),))
+
+
+def _one_node_model(op_type, shape, attrs, constants=()):
+    """`op_type` on input x and the named constants (numpy arrays, as initializers)."""
+    from onnx import numpy_helper
+    inits = [numpy_helper.from_array(value, name) for name, value in constants]
+    node = helper.make_node(op_type, ["x", *(name for name, _ in constants)], ["y"], name="n", **attrs)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
+
+
+_rng = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("op_type, shape, attrs, constants", [
+    ("Pad", (1, 3, 4, 5), {}, [("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1])), ("value", np.array(1.5, np.float32))]),
+    ("Pad", (1, 3, 4, 5), dict(mode="reflect"), [("pads", np.array([0, 0, 1, 2, 0, 0, 2, 1]))]),
+    ("Pad", (1, 3, 4, 5), dict(mode="edge"), [("pads", np.array([0, 0, 0, 3, 0, 0, 0, 0]))]),
+    ("Pad", (2, 3, 4), {}, [("pads", np.array([0, 1, -1, 0, 0, 2]))]),                        # crop and pad
+    ("HardSigmoid", (2, 7), dict(alpha=0.3, beta=0.4), []),
+    ("HardSwish", (2, 7), {}, []),
+    ("Softplus", (2, 7), {}, []),
+    ("Elu", (2, 7), dict(alpha=0.7), []),
+    ("PRelu", (1, 4, 3, 3), {}, [("slope", _rng.random((4, 1, 1), dtype=np.float32))]),
+    ("InstanceNormalization", (2, 4, 5, 5), dict(epsilon=1e-3),
+     [("scale", _rng.random(4, dtype=np.float32)), ("bias", _rng.random(4, dtype=np.float32))]),
+    ("ConvTranspose", (1, 4, 5, 5), dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], group=2),
+     [("w", _rng.standard_normal((4, 3, 3, 3), dtype=np.float32)), ("b", _rng.standard_normal(6, dtype=np.float32))]),
+])
+def test_cnn_ops_match_onnxruntime(op_type, shape, attrs, constants, tmp_path):
+    import onnxruntime as ort
+    path = tmp_path / f"{op_type}.onnx"
+    onnx.save(_one_node_model(op_type, shape, attrs, constants), path)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = graphopt.capture(str(path), (x,))(x)[0]
+    assert tuple(got.shape) == want.shape
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_exported_mobile_cnn_ops_import_and_compile(backend, tmp_path):
+    """hardswish, depthwise conv, squeeze-excite, GroupNorm (InstanceNormalization), ConvTranspose,
+    bilinear upsampling (Resize), ceil-mode pooling: a torch.onnx export of them compiles."""
+    from ..backends.test_end_to_end import CommonCnnOps
+    pytest.importorskip("tvm") if backend == "tvm" else None
+    model = CommonCnnOps().eval()
+    with torch.no_grad():
+        randomise_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 30, 30, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "cnn.onnx")
+    torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
+    cm = graphopt.compile(path, (x,), backend=backend, progress=False)
+    assert_close_to_scale(cm(x), model(x), 1e-5)
+
+
+@pytest.mark.parametrize("op_type, attrs, constants, match", [
+    ("Pad", dict(mode="reflect"), [("pads", np.array([0, 1, 0, 0, 0, 1, 0, 0]))], r"pads only the spatial dims"),
+    ("ConvTranspose", dict(output_shape=[10, 10]), [("w", np.ones((3, 2, 3, 3), np.float32))], "output_shape"),
+    ("ConvTranspose", dict(pads=[0, 0, 1, 1]), [("w", np.ones((3, 2, 3, 3), np.float32))], "asymmetric pads"),
+])
+def test_cnn_op_settings_without_a_torch_equivalent_name_themselves(op_type, attrs, constants, match, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_one_node_model(op_type, (1, 3, 5, 5), attrs, constants), path)
+    with pytest.raises(UnsupportedOpError, match=rf"ONNX node 'n' \(op {op_type}.*{match}"):
+        graphopt.capture(str(path), (torch.randn(1, 3, 5, 5),))
