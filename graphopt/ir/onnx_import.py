@@ -45,23 +45,18 @@ class _Static:
         self.num_outputs = num_outputs
         self.static_arrays: dict[int, np.ndarray] = {}
 
-    def ints(self, value, what: str) -> list[int]:
-        if value is None:
-            return []
+    def _known(self, value, what: str) -> np.ndarray:
         value = self.static_arrays.get(id(value), value)
         if isinstance(value, torch.Tensor):
             raise UnsupportedOpError(f"{self.node_desc}: input '{what}' must be a constant known at import "
                                      "time (data-dependent shapes are not supported)")
-        return [int(v) for v in np.asarray(value).reshape(-1)]
+        return np.asarray(value).reshape(-1)
+
+    def ints(self, value, what: str) -> list[int]:
+        return [] if value is None else [int(v) for v in self._known(value, what)]
 
     def floats(self, value, what: str) -> list[float]:
-        if value is None:
-            return []
-        value = self.static_arrays.get(id(value), value)
-        if isinstance(value, torch.Tensor):
-            raise UnsupportedOpError(f"{self.node_desc}: input '{what}' must be a constant known at import "
-                                     "time (data-dependent shapes are not supported)")
-        return [float(v) for v in np.asarray(value).reshape(-1)]
+        return [] if value is None else [float(v) for v in self._known(value, what)]
 
 
 def _reduce(fn):
@@ -205,8 +200,10 @@ def _resize(s, a, x, roi=None, scales=None, sizes=None):
         raise unsupported(f"a {x.dim()}-d input")
     size = s.ints(sizes, "sizes")
     factors = s.floats(scales, "scales")
+    for given, what in ((size, "sizes"), (factors, "scales")):
+        if given and len(given) not in (nd, x.dim()):
+            raise unsupported(f"{len(given)} {what} for a {x.dim()}-d input")
     if size:
-        size = size[-nd:] if len(size) == nd else size
         if len(size) == x.dim():
             if size[:2] != list(x.shape[:2]):
                 raise unsupported(f"sizes {size} that change the batch or channel dims")
@@ -215,7 +212,6 @@ def _resize(s, a, x, roi=None, scales=None, sizes=None):
         scale_inv = [i / o for i, o in zip(x.shape[2:], out)]
         kwargs = {"size": out}
     elif factors:
-        factors = factors[-nd:] if len(factors) == nd else factors
         if len(factors) == x.dim():
             if factors[:2] != [1.0, 1.0]:
                 raise unsupported(f"scales {factors} that change the batch or channel dims")
@@ -357,7 +353,8 @@ OPS: dict[str, Callable] = {
     "Softplus": lambda s, a, x: F.softplus(x), "Elu": lambda s, a, x: F.elu(x, a.get("alpha", 1.0)),
     "PRelu": lambda s, a, x, slope: torch.where(x < 0, x * slope, x),
     "ConvTranspose": _conv_transpose, "Pad": _pad, "InstanceNormalization": _instance_norm,
-    "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm, "SimplifiedLayerNormalization": _rms_norm,
+    "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm,
+    "SimplifiedLayerNormalization": _rms_norm,
 }
 
 
@@ -390,7 +387,6 @@ class OnnxModule(torch.nn.Module):
         self.source = source
         self.static: dict[str, np.ndarray] = {}
         self.buffer_of: dict[str, str] = {}
-        # inputs read as numbers at import time even when they are floats (Resize's scales)
         read_at_import = {n.input[k] for n in graph.node for k in _READ_AT_IMPORT.get(n.op_type, ())
                           if k < len(n.input) and n.input[k]}
         for init in graph.initializer:
