@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import retry_with_reshapes
+from ..ir.graph import export_retrying_with_reshapes
 from ..runtime import OrtRunner
 from .base import Backend, Executable
 from .onnx_translations import TRANSLATIONS
@@ -91,12 +91,8 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
             warnings.simplefilter("ignore")
-            try:
-                program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - retried once if the cause is known
-                if not retry_with_reshapes(gm, exc):
-                    raise
-                program = torch.onnx.export(gm, captured.example_inputs, **kwargs)
+            program = export_retrying_with_reshapes(gm, lambda: torch.onnx.export(gm, captured.example_inputs,
+                                                                                  **kwargs))
             program.save(path, external_data=True)
     except Exception as exc:
         message = str(exc)

@@ -8,7 +8,7 @@ Lowering, step by step:
    would embed them as constants; static-size slices of dynamic dims become index_select;
    negative indices are wrapped (TVM's take would read out of bounds); a pooling stride left
    empty (= the kernel) is written out. If re-exporting then fails on a view of an attention
-   output, those views become reshapes (graphopt.ir.graph.retry_with_reshapes).
+   output, those views become reshapes (graphopt.ir.graph.export_retrying_with_reshapes).
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
@@ -34,7 +34,7 @@ import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import add_constant, constant_value, retry_with_reshapes
+from ..ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
@@ -280,12 +280,8 @@ def import_relax(captured: CapturedModel):
     gm = prepare_graph(captured.graph_module)
     shapes = captured.dynamic_shapes()
     try:
-        try:
-            program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions()
-        except Exception as exc:  # noqa: BLE001 - retried once if the cause is known
-            if not retry_with_reshapes(gm, exc):
-                raise
-            program = torch.export.export(gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions()
+        program = export_retrying_with_reshapes(gm, lambda: torch.export.export(
+            gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions())
         _positive_slice_dims(program.graph_module)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -4,10 +4,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Callable, TypeVar
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+
+T = TypeVar("T")
 
 
 def fetch_attr(gm: fx.GraphModule, target: str):
@@ -194,16 +197,19 @@ def reshape_views_of_attention(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def retry_with_reshapes(gm: fx.GraphModule, error: Exception) -> bool:
-    """After a re-export of `gm` failed with `error`: if a view of an attention output is the
-    cause, rewrite them (`reshape_views_of_attention`) and say the export may be retried.
-    Graphs that export as they are stay untouched."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(str(error))
-        error = error.__cause__ or error.__context__
-    if not any("Cannot view a tensor" in text for text in chain) or not reshape_views_of_attention(gm):
-        return False
+def export_retrying_with_reshapes(gm: fx.GraphModule, export: Callable[[], T]) -> T:
+    """`export()` (a re-export of `gm`); if it fails because of a view of an attention output,
+    rewrite those views (`reshape_views_of_attention`) and export once more. Graphs that
+    export as they are stay untouched."""
+    try:
+        return export()
+    except Exception as error:  # noqa: BLE001 - retried once if the cause is known
+        chain, seen, cause = [], set(), error
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        if not any("Cannot view a tensor" in text for text in chain) or not reshape_views_of_attention(gm):
+            raise
     gm.recompile()
-    return True
+    return export()

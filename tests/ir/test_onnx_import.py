@@ -65,16 +65,11 @@ def test_wrong_number_of_example_inputs(tmp_path):
 
 def _resize_model(shape, attrs, scales=None, sizes=None):
     """One Resize node; scales/sizes as initializers, as exporters write them."""
-    inits = [helper.make_tensor("roi", TensorProto.FLOAT, [0], [])]
-    if scales is not None:
-        inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [len(scales)], scales))
+    inputs = [("roi", np.zeros(0, np.float32)),
+              ("scales", np.array(scales, np.float32)) if scales is not None else ("", None)]
     if sizes is not None:
-        inits.append(helper.make_tensor("sizes", TensorProto.INT64, [len(sizes)], sizes))
-    inputs = ["x", "roi", "scales" if scales is not None else ""] + (["sizes"] if sizes is not None else [])
-    node = helper.make_node("Resize", inputs, ["y"], name="up", **attrs)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    return helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
+        inputs.append(("sizes", np.array(sizes, np.int64)))
+    return _one_node_model("Resize", shape, attrs, inputs, name="up")
 
 
 @pytest.mark.parametrize("shape, attrs, scales, sizes", [
@@ -114,11 +109,12 @@ def test_resize_without_a_torch_equivalent_names_the_setting(attrs, scales, matc
         graphopt.capture(str(path), (torch.randn(1, 3, 8, 8),))
 
 
-def _one_node_model(op_type, shape, attrs, constants=()):
-    """`op_type` on input x and the named constants (numpy arrays, as initializers)."""
+def _one_node_model(op_type, shape, attrs, constants=(), name="n"):
+    """`op_type` on input x and the named constants (numpy arrays, as initializers; an empty
+    name leaves that optional input out)."""
     from onnx import numpy_helper
-    inits = [numpy_helper.from_array(value, name) for name, value in constants]
-    node = helper.make_node(op_type, ["x", *(name for name, _ in constants)], ["y"], name="n", **attrs)
+    inits = [numpy_helper.from_array(value, key) for key, value in constants if key]
+    node = helper.make_node(op_type, ["x", *(key for key, _ in constants)], ["y"], name=name, **attrs)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     return helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
