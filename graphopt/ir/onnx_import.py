@@ -246,6 +246,42 @@ def _resize(s, a, x, roi=None, scales=None, sizes=None):
     return F.interpolate(x, mode=_INTERPOLATE[(mode, nd)], align_corners=align, **kwargs)
 
 
+def _attention(s, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
+    """ONNX Attention (opset 23) as scaled_dot_product_attention: 4-d or 3-d (heads in the
+    last dim) inputs, grouped key/value heads, a boolean or additive mask (shorter masks are
+    padded as the spec says), causal masking, past keys/values (present ones as outputs)."""
+    def unsupported(what: str):
+        return UnsupportedOpError(f"{s.node_desc}: Attention with {what} is not supported")
+
+    if a.get("softcap", 0.0):
+        raise unsupported(f"softcap={a['softcap']}")
+    if s.num_outputs > 3 or any(r is not None for r in rest):
+        raise unsupported("the qk_matmul_output output or nonpad_kv_seqlen")
+    flat = q.dim() == 3
+    if flat:
+        q_heads, kv_heads = a.get("q_num_heads"), a.get("kv_num_heads")
+        if not q_heads or not kv_heads:
+            raise unsupported("3-d inputs and no q_num_heads/kv_num_heads")
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], n, -1).transpose(1, 2)
+                   for t, n in ((q, q_heads), (k, kv_heads), (v, kv_heads)))
+    if past_key is not None:
+        k, v = torch.cat([past_key, k], dim=2), torch.cat([past_value, v], dim=2)
+    total, q_len = k.shape[2], q.shape[2]
+    if mask is not None and mask.shape[-1] < total:
+        fill = False if mask.dtype == torch.bool else float("-inf")
+        mask = F.pad(mask, (0, total - mask.shape[-1]), value=fill)
+    causal = bool(a.get("is_causal", 0))
+    if causal and mask is not None:               # torch takes one or the other: fold causality into the mask
+        allowed = torch.ones(q_len, total, dtype=torch.bool).tril()
+        mask = mask & allowed if mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
+        causal = False
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a.get("scale"),
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    if flat:
+        y = y.transpose(1, 2).reshape(y.shape[0], q_len, -1)
+    return y if s.num_outputs <= 1 else (y, k, v)[:s.num_outputs]
+
+
 def _layer_norm(s, a, x, scale, bias=None):
     axis = a.get("axis", -1) % x.dim()
     return F.layer_norm(x, x.shape[axis:], scale, bias, a.get("epsilon", 1e-5))
@@ -353,7 +389,7 @@ OPS: dict[str, Callable] = {
     "Softplus": lambda s, a, x: F.softplus(x), "Elu": lambda s, a, x: F.elu(x, a.get("alpha", 1.0)),
     "PRelu": lambda s, a, x, slope: torch.where(x < 0, x * slope, x),
     "ConvTranspose": _conv_transpose, "Pad": _pad, "InstanceNormalization": _instance_norm,
-    "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm,
+    "Attention": _attention, "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm,
     "SimplifiedLayerNormalization": _rms_norm,
 }
 

@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper
 
 import graphopt
@@ -175,3 +176,74 @@ def test_cnn_op_settings_without_a_torch_equivalent_name_themselves(op_type, att
     onnx.save(_one_node_model(op_type, (1, 3, 5, 5), attrs, constants), path)
     with pytest.raises(UnsupportedOpError, match=rf"ONNX node 'n' \(op {op_type}.*{match}"):
         graphopt.capture(str(path), (torch.randn(1, 3, 5, 5),))
+
+
+def _attention_model(shapes, attrs, outputs=1):
+    """One opset-23 Attention node; `shapes` maps its inputs (q, k, v, mask, past_key,
+    past_value; None = left out) to (shape, onnx dtype)."""
+    names = ["q", "k", "v", "mask", "past_key", "past_value"][:len(shapes)]
+    inputs = [helper.make_tensor_value_info(n, dtype, list(shape)) for n, (shape, dtype) in zip(names, shapes) if shape]
+    node = helper.make_node("Attention", [n if shape else "" for n, (shape, _) in zip(names, shapes)],
+                            ["y", "present_key", "present_value"][:outputs], name="attn", **attrs)
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output]
+    return helper.make_model(helper.make_graph([node], "g", inputs, outs), opset_imports=[helper.make_opsetid("", 23)])
+
+
+F32, BOOL = TensorProto.FLOAT, TensorProto.BOOL
+
+
+@pytest.mark.parametrize("shapes, attrs, outputs", [
+    ([((1, 4, 6, 8), F32), ((1, 4, 6, 8), F32), ((1, 4, 6, 8), F32), ((1, 1, 6, 6), BOOL)], {}, 1),
+    ([((2, 4, 5, 8), F32), ((2, 2, 5, 8), F32), ((2, 2, 5, 8), F32)], dict(is_causal=1, scale=0.3), 1),   # GQA
+    ([((1, 5, 32), F32), ((1, 7, 16), F32), ((1, 7, 16), F32), ((1, 5, 7), F32)],
+     dict(q_num_heads=4, kv_num_heads=2), 1),                                                           # 3-d, additive
+    ([((1, 2, 3, 8), F32), ((1, 2, 3, 8), F32), ((1, 2, 3, 8), F32), ((1, 1, 3, 7), BOOL),
+      ((1, 2, 4, 8), F32), ((1, 2, 4, 8), F32)], {}, 3),                       # past keys/values, present out
+    ([((1, 2, 4, 8), F32), ((1, 2, 4, 8), F32), ((1, 2, 4, 8), F32), ((1, 1, 4, 4), F32)], dict(is_causal=1), 1),
+])
+def test_attention_matches_onnxruntime(shapes, attrs, outputs, tmp_path):
+    import onnxruntime as ort
+    path = tmp_path / "attention.onnx"
+    onnx.save(_attention_model(shapes, attrs, outputs), path)
+    g = torch.Generator().manual_seed(0)
+    feeds = [torch.rand(*shape, generator=g) > 0.3 if dtype == BOOL else torch.randn(*shape, generator=g)
+             for shape, dtype in shapes]
+    if shapes[3:4] and shapes[3][1] == BOOL:
+        feeds[3][..., 0] = True                     # every query sees at least one key
+    names = [i.name for i in onnx.load(path).graph.input]
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {n: t.numpy() for n, t in zip(names, feeds)})
+    got = graphopt.capture(str(path), tuple(feeds))(*feeds)
+    assert len(got) == outputs
+    for g_out, w_out in zip(got, want):
+        torch.testing.assert_close(g_out, torch.from_numpy(w_out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_opset23_transformer_export_imports(backend, tmp_path):
+    """torch.onnx at opset 23 (graphopt's own artifacts too) writes attention as one Attention node."""
+    pytest.importorskip("tvm") if backend == "tvm" else None
+    bundle = graphopt.models.load("qwen2")                 # grouped-query attention
+    inputs = small_inputs(bundle)
+    path = str(tmp_path / "qwen2.onnx")
+    torch.onnx.export(bundle.model, inputs, path, dynamo=True, verbose=False, opset_version=23)
+    assert "Attention" in {n.op_type for n in onnx.load(path, load_external_data=False).graph.node}
+    cm = graphopt.compile(path, inputs, backend=backend, progress=False)
+    outs = cm(*inputs)
+    assert_close_to_scale(outs[0] if isinstance(outs, tuple) else outs, eager_outputs(bundle.model, inputs)[0], 1e-4)
+
+
+def test_attention_mask_shorter_than_the_keys_is_padded_with_false(tmp_path):
+    """The spec pads a short mask to the total length with -inf / False (ONNX Runtime 1.32
+    rejects such masks, so the reference here is the same node given the padded mask)."""
+    qkv = [((1, 2, 3, 8), F32)] * 3
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 8, generator=g) for _ in range(3))
+    short = torch.rand(1, 1, 3, 2, generator=g) > 0.5
+    short[..., 0] = True
+    outputs = []
+    for mask in (short, F.pad(short, (0, 1), value=False)):
+        path = tmp_path / f"attention{mask.shape[-1]}.onnx"
+        onnx.save(_attention_model([*qkv, (tuple(mask.shape), BOOL)], {}), path)
+        outputs.append(graphopt.capture(str(path), (q, k, v, mask))(q, k, v, mask)[0])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
