@@ -282,6 +282,16 @@ def _attention(s, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
     return y if s.num_outputs <= 1 else (y, k, v)[:s.num_outputs]
 
 
+def _cumsum(s, a, x, axis):
+    (dim,) = s.ints(axis, "axis")
+    if a.get("reverse", 0):
+        x = x.flip(dim)
+    y = torch.cumsum(x, dim)
+    if a.get("exclusive", 0):
+        y = y - x
+    return y.flip(dim) if a.get("reverse", 0) else y
+
+
 def _layer_norm(s, a, x, scale, bias=None):
     axis = a.get("axis", -1) % x.dim()
     return F.layer_norm(x, x.shape[axis:], scale, bias, a.get("epsilon", 1e-5))
@@ -380,7 +390,7 @@ OPS: dict[str, Callable] = {
     "Min": lambda s, a, *xs: _fold(torch.minimum, xs), "Clip": _clip, "Trilu": _trilu,
     "Expand": lambda s, a, x, shape: x * torch.ones(s.ints(shape, "shape"), dtype=x.dtype)
     if x.dtype != torch.bool else x.expand(torch.broadcast_shapes(x.shape, tuple(s.ints(shape, "shape")))),
-    "Range": _range, "ConstantOfShape": _constant_of_shape,
+    "Range": _range, "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim, keepdim)),
     "ReduceMin": _reduce(lambda x, dim, keepdim: torch.amin(x, dim, keepdim)),

@@ -138,8 +138,10 @@ _rng = np.random.default_rng(0)
      [("scale", _rng.random(4, dtype=np.float32)), ("bias", _rng.random(4, dtype=np.float32))]),
     ("ConvTranspose", (1, 4, 5, 5), dict(strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1], group=2),
      [("w", _rng.standard_normal((4, 3, 3, 3), dtype=np.float32)), ("b", _rng.standard_normal(6, dtype=np.float32))]),
+    ("CumSum", (2, 5, 3), {}, [("axis", np.array(1))]),                                    # RoBERTa's positions
+    ("CumSum", (2, 5, 3), dict(exclusive=1, reverse=1), [("axis", np.array(-1))]),
 ])
-def test_cnn_ops_match_onnxruntime(op_type, shape, attrs, constants, tmp_path):
+def test_single_ops_match_onnxruntime(op_type, shape, attrs, constants, tmp_path):
     import onnxruntime as ort
     path = tmp_path / f"{op_type}.onnx"
     onnx.save(_one_node_model(op_type, shape, attrs, constants), path)
