@@ -151,6 +151,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     """
     if isinstance(model, (str, os.PathLike)):
         from .onnx_import import import_onnx
+        if dynamic_dims:
+            raise CaptureError(f"{os.fspath(model)}: ONNX files import with static shapes (the example inputs fix "
+                               "every dim), so dynamic_dims cannot be honoured; compile the PyTorch model for "
+                               "dynamic dims, or compile the file once per input shape")
         model, example_inputs = import_onnx(model, example_inputs)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module or an .onnx path, got {type(model).__name__}")

@@ -54,6 +54,13 @@ def test_unreadable_or_missing_file(tmp_path):
         graphopt.capture(str(tmp_path / "nope.onnx"), (torch.randn(2, 3),))
 
 
+def test_dynamic_dims_are_refused_for_onnx_files(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_model_with("Relu"), path)
+    with pytest.raises(CaptureError, match="m.onnx: ONNX files import with static shapes"):
+        graphopt.capture(str(path), (torch.randn(2, 3),), dynamic_dims={0: {0: "batch"}})
+
+
 def test_wrong_number_of_example_inputs(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_model_with("Relu"), path)
