@@ -1,6 +1,7 @@
 """Command line: `graphopt compile | inspect | bench | eval | superweights | sublayers | channels | models`.
 
     graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
+    graphopt compile --model model.onnx --dim batch=1 --dim sequence=128 --out dist/model
     graphopt inspect dist/smollm2
     graphopt bench dist/smollm2
     graphopt eval --model smollm2 --artifact dist/smollm2
@@ -19,6 +20,13 @@ from .errors import GraphoptError
 def _median_ms(fn, repeats: int) -> float:
     from .timing import median_seconds
     return median_seconds(fn, repeats, warmup=1) * 1e3
+
+
+def _dim_size(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not name or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}")
+    return name, int(size)
 
 
 def _example_inputs(bundle, seq_len: int):
@@ -64,23 +72,36 @@ def cmd_compile(args) -> None:
 
     torch.set_num_threads(args.threads or os.cpu_count())
     print(f"loading {args.model} ...", file=sys.stderr)
-    bundle = graphopt.models.load(args.model)
-    inputs = _example_inputs(bundle, args.seq_len)
-    model = bundle.model
+    onnx_file = args.model.endswith(".onnx")
+    if onnx_file:            # the reference is ONNX Runtime on the file as given
+        from .ir.onnx_import import example_inputs_for
+        from .runtime import OrtRunner
+        from .specs import dtype_name
+        model = args.model
+        inputs = example_inputs_for(model, dict(args.dim))
+        original = OrtRunner(model, [graphopt.TensorSpec(f"input{i}", tuple(x.shape), dtype_name(x))
+                                     for i, x in enumerate(inputs)], [], args.threads)
+        reference, reference_name = (lambda: [torch.from_numpy(o) for o in original.run(inputs)]), \
+            "onnxruntime on the file"
+    else:
+        bundle = graphopt.models.load(args.model)
+        inputs = _example_inputs(bundle, args.seq_len)
+        model = bundle.model
+        reference, reference_name = (lambda: flat_tensors(model(*inputs))), "torch eager"
     instruments = [PrintOnChangeInstrument()]
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
     passes = _pass_list(args)
     lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
                 and not args.prune_heads)
-    calibration = None if lossless else _calibration_batches(bundle, args)
+    calibration = None if lossless or onnx_file else _calibration_batches(bundle, args)
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
                           backend_options={"threads": args.threads} if args.backend in ("onnxruntime", "tvm") else None)
     with torch.no_grad():
-        eager_out = flat_tensors(model(*inputs))[0]
-        eager_ms = _median_ms(lambda: model(*inputs), args.repeats)
+        eager_out = reference()[0]
+        eager_ms = _median_ms(reference, args.repeats)
     out = cm(*inputs)
     out = out[0] if isinstance(out, tuple) else out
     compiled_ms = _median_ms(lambda: cm(*inputs), args.repeats)
@@ -93,9 +114,9 @@ def cmd_compile(args) -> None:
     print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
     print(f"  compute            {s['macs_captured'] / 1e9:.3f} -> {s['macs_optimized'] / 1e9:.3f} GMAC per call "
           "(convolutions, linear layers, matmuls, attention)")
-    print(f"  latency (median of {args.repeats})  torch eager {eager_ms:.1f} ms -> graphopt {args.backend} "
+    print(f"  latency (median of {args.repeats})  {reference_name} {eager_ms:.1f} ms -> graphopt {args.backend} "
           f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
-    print(f"  max |diff| vs eager {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
+    print(f"  max |diff| vs {reference_name} {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
     print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
@@ -332,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="graphopt", description="Compile neural networks into smaller, faster artifacts.")
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model, print what it gained, save an artifact")
-    c.add_argument("--model", default="smollm2", help="a name from `graphopt models`")
+    c.add_argument("--model", default="smollm2", help="a name from `graphopt models`, or an .onnx file")
+    c.add_argument("--dim", action="append", default=[], type=_dim_size, metavar="NAME=SIZE",
+                   help="an .onnx file's named input dim (repeat: --dim batch=1 --dim sequence=128)")
     c.add_argument("--backend", default="onnxruntime")
     c.add_argument("--passes", default="default", help="preset name: none, default, fuse, int8, int4")
     c.add_argument("--skip-sublayers", type=int, default=0, help="remove this many attention/FFN sublayers")

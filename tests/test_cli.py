@@ -63,3 +63,24 @@ def test_compile_with_head_pruning(tmp_path, capsys):
                  "--out", str(tmp_path / "heads")]) == 0
     out = capsys.readouterr().out
     assert "attention_head_pruning   changed" in out and "kept key/value groups" in out
+
+
+def test_compile_an_onnx_file_with_named_dims(tmp_path, capsys):
+    import re
+
+    import torch
+
+    import graphopt
+    bundle = graphopt.models.load("llama")
+    path = str(tmp_path / "llama.onnx")
+    torch.onnx.export(bundle.model, bundle.example_inputs(seq_len=16), path, dynamo=True, verbose=False,
+                      input_names=["input_ids"], dynamic_shapes=({1: torch.export.Dim("sequence")},))
+    assert main(["compile", "--model", path, "--repeats", "1"]) == 1
+    assert "input 'input_ids' dim 1 is 'sequence': give its size (--dim sequence=SIZE)" in capsys.readouterr().err
+    out = tmp_path / "art"
+    assert main(["compile", "--model", path, "--dim", "sequence=24", "--repeats", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "inputs input_ids: int64[1, 24]" in text and "onnxruntime on the file" in text
+    relative = float(re.search(r"relative ([0-9.e+-]+)\)", text).group(1))
+    assert relative <= 1e-5
+    assert graphopt.load(str(out)).inputs[0].name == "input_ids"

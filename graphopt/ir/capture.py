@@ -79,6 +79,9 @@ def _output_names(out: Any) -> list[str]:
 
 
 def _input_names(model: torch.nn.Module, count: int) -> list[str]:
+    if isinstance(getattr(model, "input_names", None), list):      # an imported ONNX graph's own names
+        names = list(model.input_names)[:count]
+        return names + [f"input{i}" for i in range(len(names), count)]
     try:
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -171,8 +174,11 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     try:
         with _no_kv_cache(model), torch.no_grad():
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
-            out_names = _output_names(raw)
             flat = flat_tensors(raw)
+            out_names = _output_names(raw)
+            own = getattr(model, "output_names", None)                  # an imported ONNX graph's own names
+            if isinstance(own, list) and len(own) == len(flat) and len(set(own)) == len(own):
+                out_names = list(own)
             try:
                 program = torch.export.export(wrapper, args,
                                               dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))

@@ -315,7 +315,7 @@ def _range(s, a, start, limit, delta):
             raise UnsupportedOpError(f"{s.node_desc}: Range '{what}' must be constant")
         return np.asarray(v).item()
     return torch.arange(scalar(start, "start"), scalar(limit, "limit"), scalar(delta, "delta"),
-                        dtype=torch.from_numpy(np.asarray(s.static_arrays.get(id(start), 0))).dtype)
+                        dtype=torch.from_numpy(np.zeros(0, np.asarray(s.static_arrays.get(id(start), 0)).dtype)).dtype)
 
 
 def _constant_of_shape(s, a, shape):
@@ -503,16 +503,55 @@ class OnnxModule(torch.nn.Module):
                      for n in self.output_names)
 
 
-def import_onnx(path: str | os.PathLike, example_inputs):
-    """Load an .onnx file as an OnnxModule; returns (module, example inputs as a tuple)."""
+def _load(path: str, external_data: bool = True):
     import onnx
-    path = os.fspath(path)
     if not os.path.isfile(path):
         raise CaptureError(f"ONNX file {path} not found")
     try:
-        model = onnx.load(path)
+        return onnx.load(path, load_external_data=external_data)
     except Exception as exc:
         raise CaptureError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
+
+
+def example_inputs_for(path: str | os.PathLike, dims: dict[str, int] | None = None,
+                       seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Example inputs for an ONNX file's graph inputs: fixed dims from the file, named (or
+    unnamed) dims from `dims` (name -> size). Float inputs are N(0, 1); integer inputs are
+    0..99 (token ids every vocabulary has), or all ones when named like a mask."""
+    path = os.fspath(path)
+    graph = _load(path, external_data=False).graph
+    init_names = {i.name for i in graph.initializer}
+    generator = torch.Generator().manual_seed(seed)
+    dims = dims or {}
+    inputs = []
+    for value in graph.input:
+        if value.name in init_names:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = []
+        for k, d in enumerate(tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            elif d.dim_param in dims:
+                shape.append(int(dims[d.dim_param]))
+            else:
+                raise CaptureError(f"{path}: input '{value.name}' dim {k} is "
+                                   f"{repr(d.dim_param) if d.dim_param else 'unnamed'}: give its size "
+                                   f"(--dim {d.dim_param or 'NAME'}=SIZE)")
+        dtype = _torch_dtype(tensor_type.elem_type)
+        if dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(dtype))
+        elif "mask" in value.name.lower():
+            inputs.append(torch.ones(shape, dtype=dtype))
+        else:
+            inputs.append(torch.randint(0, 100, shape, generator=generator).to(dtype))
+    return tuple(inputs)
+
+
+def import_onnx(path: str | os.PathLike, example_inputs):
+    """Load an .onnx file as an OnnxModule; returns (module, example inputs as a tuple)."""
+    path = os.fspath(path)
+    model = _load(path)
     module = OnnxModule(model, os.path.basename(path))
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
