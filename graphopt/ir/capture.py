@@ -176,9 +176,6 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             flat = flat_tensors(raw)
             out_names = _output_names(raw)
-            own = getattr(model, "output_names", None)                  # an imported ONNX graph's own names
-            if isinstance(own, list) and len(own) == len(flat) and len(set(own)) == len(own):
-                out_names = list(own)
             try:
                 program = torch.export.export(wrapper, args,
                                               dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
@@ -198,6 +195,10 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
         model.train(was_training)
     gm = program.module()
     gm.meta["graphopt_source"] = source
+    own = getattr(model, "output_names", None)                          # an imported ONNX graph's own names
+    taken = {n.name for n in gm.graph.nodes if n.op != "placeholder"}   # a re-export names values after nodes
+    if isinstance(own, list) and len(own) == len(flat) and len(set(own)) == len(own) and not taken & set(own):
+        out_names = list(own)
     inputs = [TensorSpec(n, tuple(dynamic_dims.get(i, {}).get(d, int(s)) for d, s in enumerate(a.shape)), dtype_name(a))
               for i, (n, a) in enumerate(zip(names, args))]
     out_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="output")[0].args[0]]

@@ -388,8 +388,7 @@ OPS: dict[str, Callable] = {
     "Not": lambda s, a, x: ~x, "And": lambda s, a, x, y: x & y, "Or": lambda s, a, x, y: x | y,
     "IsNaN": lambda s, a, x: torch.isnan(x), "Max": lambda s, a, *xs: _fold(torch.maximum, xs),
     "Min": lambda s, a, *xs: _fold(torch.minimum, xs), "Clip": _clip, "Trilu": _trilu,
-    "Expand": lambda s, a, x, shape: x * torch.ones(s.ints(shape, "shape"), dtype=x.dtype)
-    if x.dtype != torch.bool else x.expand(torch.broadcast_shapes(x.shape, tuple(s.ints(shape, "shape")))),
+    "Expand": lambda s, a, x, shape: x.expand(torch.broadcast_shapes(x.shape, tuple(s.ints(shape, "shape")))),
     "Range": _range, "ConstantOfShape": _constant_of_shape, "CumSum": _cumsum,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim, keepdim)),
@@ -399,6 +398,7 @@ OPS: dict[str, Callable] = {
     "Softplus": lambda s, a, x: F.softplus(x), "Elu": lambda s, a, x: F.elu(x, a.get("alpha", 1.0)),
     "PRelu": lambda s, a, x, slope: torch.where(x < 0, x * slope, x),
     "ConvTranspose": _conv_transpose, "Pad": _pad, "InstanceNormalization": _instance_norm,
+    "_linear": lambda s, a, x, w, b=None: F.linear(x, w, b),      # MatMul/Gemm by a constant (OnnxModule)
     "Attention": _attention, "Resize": _resize, "LayerNormalization": _layer_norm, "RMSNormalization": _rms_norm,
     "SimplifiedLayerNormalization": _rms_norm,
 }
@@ -457,6 +457,62 @@ class OnnxModule(torch.nn.Module):
             if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in OPS:
                 raise UnsupportedOpError(f"{desc} in {source} is not supported by graphopt's ONNX importer")
             self.nodes.append((desc, node.op_type, list(node.input), list(node.output), _attrs(node)))
+        self._as_linear_layers()
+
+    def _buffer(self, name: str, rank: int) -> torch.Tensor | None:
+        """The floating-point initializer `name` if it has `rank` dims, else None."""
+        value = getattr(self, self.buffer_of[name]) if name in self.buffer_of else None
+        return value if value is not None and value.is_floating_point() and value.dim() == rank else None
+
+    def _as_linear_layers(self) -> None:
+        """MatMul / Gemm by a constant matrix (and an Add of a constant bias right after a
+        MatMul) become one linear layer, captured as an nn.Linear would be, so the passes that
+        find linear layers (fusion, quantization, head and channel pruning) see them."""
+        readers: dict[str, list[int]] = {}
+        transposed: dict[str, str] = {}      # Transpose outputs of a constant matrix (a tied LM head) -> it
+        for i, (_, op, inputs, outputs, attrs) in enumerate(self.nodes):
+            for name in inputs:
+                readers.setdefault(name, []).append(i)
+            if op == "Transpose" and self._buffer(inputs[0], 2) is not None and attrs.get("perm", [1, 0]) == [1, 0]:
+                transposed[outputs[0]] = inputs[0]
+        merged = set()
+        for i, (desc, op, inputs, outputs, attrs) in enumerate(self.nodes):
+            if op == "MatMul" and len(inputs) == 2 and inputs[1] in transposed:
+                self.nodes[i] = (desc, "_linear", [inputs[0], transposed[inputs[1]]], outputs, {})   # x @ W.T
+                continue
+            if op not in ("MatMul", "Gemm") or len(inputs) < 2 or (weight := self._buffer(inputs[1], 2)) is None:
+                continue
+            bias = None
+            if op == "Gemm":
+                if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                    continue
+                weight = weight if attrs.get("transB", 0) else weight.t()
+                if len(inputs) > 2 and inputs[2]:
+                    bias = inputs[2]
+                    if (b := self._buffer(bias, 1)) is None or b.numel() != weight.shape[0]:
+                        continue
+            else:
+                weight = weight.t()
+                users = readers.get(outputs[0], [])
+                if len(users) == 1 and outputs[0] not in self.output_names and self.nodes[users[0]][1] == "Add":
+                    add = self.nodes[users[0]]
+                    other = [name for name in add[2] if name != outputs[0]]
+                    if len(other) == 1 and (b := self._buffer(other[0], 1)) is not None and \
+                            b.numel() == weight.shape[0]:
+                        bias, outputs = other[0], add[3]
+                        merged.add(users[0])
+            name = f"{self.buffer_of[inputs[1]]}_linear"
+            while hasattr(self, name):
+                name += "_"
+            self.register_buffer(name, weight.contiguous())
+            self.buffer_of[name] = name
+            self.nodes[i] = (desc, "_linear", [inputs[0], name] + ([bias] if bias else []), outputs, {})
+        self.nodes = [node for i, node in enumerate(self.nodes) if i not in merged]
+        used = {name for _, _, inputs, _, _ in self.nodes for name in inputs} | set(self.output_names)
+        for onnx_name, attr in list(self.buffer_of.items()):
+            if onnx_name not in used:
+                delattr(self, attr)
+                del self.buffer_of[onnx_name]
 
     @staticmethod
     def _constant(node) -> np.ndarray:

@@ -1,4 +1,6 @@
 """ONNX files import into the same IR and compile like PyTorch models."""
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -256,3 +258,26 @@ def test_attention_mask_shorter_than_the_keys_is_padded_with_false(tmp_path):
         onnx.save(_attention_model([*qkv, (tuple(mask.shape), BOOL)], {}), path)
         outputs.append(graphopt.capture(str(path), (q, k, v, mask))(q, k, v, mask)[0])
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_passes_see_linear_layers_and_attention_of_an_onnx_graph(tmp_path):
+    """MatMul by a constant becomes a linear layer and opset-23 Attention an attention node,
+    so head pruning works on an imported graph: it equals the PyTorch model with the dropped
+    heads' output-projection columns zeroed."""
+    from graphopt.passes import AttentionHeadPruning, ConstantFolding, DeadCodeElimination
+    bundle = graphopt.models.load("llama")
+    inputs = small_inputs(bundle)
+    path = str(tmp_path / "llama.onnx")
+    torch.onnx.export(bundle.model, inputs, path, dynamo=True, verbose=False, opset_version=23)
+    captured = graphopt.capture(path, inputs)
+    linears = [n for n in captured.graph_module.graph.nodes if n.target is torch.ops.aten.linear.default]
+    assert len(linears) == 7 * len(bundle.model.model.layers) + 1          # q k v o gate up down, lm_head
+    heads = AttentionHeadPruning(ratio=0.5, importance="l2")
+    cm = graphopt.compile(path, inputs, passes=[ConstantFolding(), heads, DeadCodeElimination()],
+                          backend="torch", progress=False)
+    assert len(heads.pruned) == len(bundle.model.model.layers)
+    masked = copy.deepcopy(bundle.model)
+    with torch.no_grad():
+        for layer, pruned in zip(masked.model.layers, heads.pruned.values()):
+            layer.self_attn.o_proj.weight[:, pruned.dropped_query_columns()] = 0
+    assert_close_to_scale(cm(*inputs), eager_outputs(masked, inputs)[0], 1e-5)
