@@ -14,6 +14,7 @@ from .analysis.cost import graph_cost
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
 from .passes.instruments import Instrument, QualityInstrument
+from .errors import GraphoptError
 from .specs import check_inputs
 
 
@@ -26,6 +27,9 @@ class CompiledModel:
         self.executable = executable
         self.records = records
         self.stats = stats
+        self.task: dict[str, Any] | None = None        # the manifest's task section (text generation)
+        self.extra_files: dict[str, bytes] = {}         # written beside the backend's files
+        self._generator = None
 
     @property
     def backend(self) -> str:
@@ -47,6 +51,14 @@ class CompiledModel:
         check_inputs(self.captured.inputs, args)
         outs = self.executable.run(args)
         return outs[0] if len(outs) == 1 else outs
+
+    def generate(self, prompt, **options):
+        """Text generation in process, as graphopt.load(path).generate (task="text-generation")."""
+        if self._generator is None:
+            from .generation import generator_for
+            self._generator = generator_for("(in memory)", {"task": self.task, "backend": self.backend},
+                                            getattr(self.executable, "runner", None), self.extra_files)
+        return self._generator.generate(prompt, **options)
 
     def save(self, directory: str) -> str:
         from .artifact import save
@@ -75,11 +87,17 @@ def _resolve_passes(passes: str | Sequence[Pass] | None) -> list[Pass]:
     return list(passes)
 
 
-def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Sequence[Pass] | None = "default",
+def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: str | Sequence[Pass] | None = "default",
             backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
-            calibration: Sequence[Any] | None = None, progress: bool = True) -> CompiledModel:
+            calibration: Sequence[Any] | None = None, progress: bool = True, task: str | None = None,
+            tokenizer: Any = None) -> CompiledModel:
     """Capture `model`, run `passes` (a preset name or a list of Pass instances), lower to `backend`.
+
+    `task="text-generation"` compiles a Hugging Face causal LM for generation instead of one
+    forward pass (graphopt.text_generation): no example inputs (the graph's are made from the
+    config), `tokenizer` (a fast Hugging Face tokenizer) travels in the artifact, `calibration`
+    is token id windows [batch, tokens], and the result has .generate(prompt, ...).
 
     `verify=True` runs the graph before and after each pass on `example_inputs` and fails
     with the pass's name if outputs move beyond its declared tolerance. `calibration` is a
@@ -87,6 +105,18 @@ def compile(model: torch.nn.Module | str, example_inputs: Any, passes: str | Seq
     activation-weighted clipping, layer skipping); with it, every lossy pass's quality cost
     on the first batches is recorded in its pass record (`quality`) and the manifest.
     """
+    if task is not None:
+        from .text_generation import TASKS, compile_text_generation
+        if task not in TASKS:
+            raise GraphoptError(f"unknown task '{task}'; available: {', '.join(TASKS)}")
+        if example_inputs is not None or dynamic_dims is not None:
+            raise GraphoptError(f"task '{task}' makes its own example inputs and dynamic dims; pass neither")
+        return compile_text_generation(model, tokenizer, passes, backend, calibration, verify=verify,
+                                       instruments=instruments, backend_options=backend_options, progress=progress)
+    if tokenizer is not None:
+        raise GraphoptError("tokenizer= is for task='text-generation'")
+    if example_inputs is None:
+        raise GraphoptError("compile() needs example_inputs (or task='text-generation' for a causal LM)")
     backend_impl = get_backend(backend, **dict(backend_options or {}))
     pass_list = _resolve_passes(passes)
     stages = tqdm(total=3, desc="capture", unit="stage", disable=not progress, leave=False)

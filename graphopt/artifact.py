@@ -49,6 +49,9 @@ def save(compiled, directory: str) -> str:
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
     try:
         backend_info = compiled.executable.save_files(staging)
+        for name, data in (getattr(compiled, "extra_files", None) or {}).items():
+            with open(os.path.join(staging, name), "wb") as f:
+                f.write(data)
         files = {name: {"bytes": os.path.getsize(os.path.join(staging, name)),
                         "sha256": _sha256(os.path.join(staging, name))}
                  for name in sorted(os.listdir(staging))}
@@ -62,6 +65,7 @@ def save(compiled, directory: str) -> str:
             "outputs": [s.to_json() for s in compiled.outputs],
             "passes": [r.to_json() for r in compiled.records],
             "stats": compiled.stats,
+            **({"task": compiled.task} if getattr(compiled, "task", None) else {}),
             "versions": _versions(),
             "files": files,
         }
@@ -128,6 +132,18 @@ class LoadedModel:
         self.runner = runner
         self.inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
+
+    @property
+    def task(self) -> str | None:
+        """'text-generation' for a generation artifact, None for a forward pass."""
+        return (self.manifest.get("task") or {}).get("name")
+
+    def generate(self, prompt, **options):
+        """Generated text for `prompt` (see graphopt.generation.TextGenerator.generate)."""
+        if getattr(self, "_generator", None) is None:
+            from .generation import generator_for
+            self._generator = generator_for(self.directory, self.manifest, self.runner)
+        return self._generator.generate(prompt, **options)
 
     def __call__(self, *args):
         outs = self.runner.run(args)

@@ -4,6 +4,9 @@ custom_translation_table.
     graphopt.matmul_nbits(x, packed, scales, zero_points)  ->  com.microsoft.MatMulNBits
     graphopt.embedding_nbits(ids, packed, ...)             ->  Gather + unpack + dequantize
                                                               (standard ONNX ops only)
+    graphopt.kv_attention(q, k, v, past_k, past_v, ...)    ->  com.microsoft.GroupQueryAttention
+                                                              (in place when past and present
+                                                              are bound to one buffer)
 The packed tensors are the initializers as they are: MatMulNBits reads our layout directly,
 and a tied embedding shares them with the LM head instead of keeping an fp32 copy.
 """
@@ -13,6 +16,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
+from ..ir.kv_attention import KV_ATTENTION
 from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
 
 MICROSOFT = Opset("com.microsoft", 1)
@@ -27,11 +31,27 @@ _MATMUL_NBITS_SCHEMA = OpSchema(
     attributes=[_attr(name, OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size", "accuracy_level")],
 )
 _MatMulNBits = Op(MICROSOFT, "MatMulNBits", _MATMUL_NBITS_SCHEMA)
+_GQA_SCHEMA = OpSchema(
+    "GroupQueryAttention", "com.microsoft", 1,
+    inputs=[_param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")]
+    + [_param("seqlens_k", "M"), _param("total_sequence_length", "M")],
+    outputs=[_param("output", "T"), _param("present_key", "T"), _param("present_value", "T")],
+    type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+    attributes=[_attr("num_heads", OpSchema.AttrType.INT, ""), _attr("kv_num_heads", OpSchema.AttrType.INT, ""),
+                _attr("scale", OpSchema.AttrType.FLOAT, "")],
+)
+_GroupQueryAttention = Op(MICROSOFT, "GroupQueryAttention", _GQA_SCHEMA)
 
 
 def matmul_nbits(x, packed, scales, zero_points, bits: int, block_size: int, k: int, accuracy_level: int):
     return _MatMulNBits(x, packed, scales, zero_points, K=k, N=packed.shape[0], bits=bits,
                         block_size=block_size, accuracy_level=accuracy_level)
+
+
+def kv_attention(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
+                 kv_num_heads: int, scale: float):
+    return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length,
+                                num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
 
 
 def _unpack_nibbles(packed):
@@ -56,4 +76,4 @@ def embedding_nbits(indices, packed, scales, zero_points, bits: int, block_size:
     return op.Slice(op.Reshape(values, flat_shape), [0], [k], [-1])
 
 
-TRANSLATIONS = {MATMUL_NBITS: matmul_nbits, EMBEDDING_NBITS: embedding_nbits}
+TRANSLATIONS = {MATMUL_NBITS: matmul_nbits, EMBEDDING_NBITS: embedding_nbits, KV_ATTENTION: kv_attention}

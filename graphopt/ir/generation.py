@@ -1,0 +1,161 @@
+"""Hugging Face causal LMs as one text-generation graph: prompt and decode steps alike.
+
+    graph = GenerationGraph(model)
+    logits, *present = graph(input_ids, position_ids, seqlens_k, total_length, logit_positions, *past)
+
+input_ids / position_ids [B, S] are this call's tokens and their positions (S = the prompt's
+length, or 1 per decode step); seqlens_k / total_length describe the cache after the call
+(see graphopt.ir.kv_attention); logit_positions [B, K] picks the positions whose next-token
+logits are computed (the last prompt token when generating, every position for perplexity),
+so the LM head never runs on the whole prompt; past is k0, v0, k1, v1, ... each
+[B, kv_heads, capacity, head_dim] and present the same buffers with this call's keys and
+values written in. The model's attention is swapped for graphopt.kv_attention during capture
+(a registered attention function), so every other node is the model's own and every pass
+applies; the backends lower kv_attention to an in-place cache update.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import GraphoptError
+from .kv_attention import KV_ATTENTION
+
+ATTENTION = "graphopt_kv"
+INPUT_NAMES = ("input_ids", "position_ids", "seqlens_k", "total_length", "logit_positions")
+# Architectures whose forward is embed -> decoder layers -> norm -> LM head and whose attention
+# goes through the attention interface with no window, sink or soft-cap (checked in _refuse).
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class _CacheState:
+    def __init__(self, past, seqlens_k, total_length):
+        self.past, self.seqlens_k, self.total_length = past, seqlens_k, total_length
+        self.present: list = [None] * len(past)
+
+
+def _kv_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           sliding_window=None, softcap=None, graphopt_cache=None, **kwargs):
+    if graphopt_cache is None:
+        raise GraphoptError(f"attention '{ATTENTION}' runs only inside graphopt.ir.generation.GenerationGraph")
+    if sliding_window is not None or softcap is not None or dropout:
+        raise GraphoptError(f"{type(module).__name__}: sliding-window, soft-capped or dropout attention has no "
+                            "text-generation lowering yet")
+    batch, heads, seq, head_dim = query.shape
+    kv_heads = key.shape[1]
+    layer = module.layer_idx
+    state = graphopt_cache
+    out, present_key, present_value = KV_ATTENTION(
+        query.transpose(1, 2).reshape(batch, seq, heads * head_dim),
+        key.transpose(1, 2).reshape(batch, seq, kv_heads * head_dim),
+        value.transpose(1, 2).reshape(batch, seq, kv_heads * head_dim),
+        state.past[2 * layer], state.past[2 * layer + 1], state.seqlens_k, state.total_length,
+        heads, kv_heads, float(scaling if scaling is not None else head_dim ** -0.5))
+    state.present[2 * layer], state.present[2 * layer + 1] = present_key, present_value
+    return out.reshape(batch, seq, heads, head_dim), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION, _kv_attention_function)
+
+
+@contextlib.contextmanager
+def _attention_swapped(model: torch.nn.Module):
+    _register_attention()
+    config = model.config
+    old = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _refuse(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise GraphoptError(f"text generation supports {', '.join(SUPPORTED_TYPES)} causal LMs; "
+                            f"{type(model).__name__} is '{kind}'")
+    for attr in ("sliding_window", "final_logit_softcapping", "attn_logit_softcapping"):
+        value = getattr(config, attr, None)
+        if value and (attr != "sliding_window" or getattr(config, "use_sliding_window", True)):
+            raise GraphoptError(f"{type(model).__name__}: config.{attr}={value} has no text-generation lowering yet")
+    if getattr(config, "rope_scaling", None) and (config.rope_scaling or {}).get("rope_type") not in (None, "default"):
+        raise GraphoptError(f"{type(model).__name__}: rope scaling {config.rope_scaling} is untested for generation")
+
+
+class GenerationGraph(torch.nn.Module):
+    """A causal LM's prompt/decode step with its KV cache as explicit buffers (see module doc)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        _refuse(model)
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.layers = int(model.config.num_hidden_layers)
+
+    @property
+    def input_names(self) -> list[str]:
+        names = list(INPUT_NAMES)
+        for layer in range(self.layers):
+            names += [f"past_key.{layer}", f"past_value.{layer}"]
+        return names
+
+    @property
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for layer in range(self.layers):
+            names += [f"present_key.{layer}", f"present_value.{layer}"]
+        return names
+
+    def forward(self, input_ids, position_ids, seqlens_k, total_length, logit_positions, *past):
+        if len(past) != 2 * self.layers:
+            raise GraphoptError(f"a generation step of this model takes {2 * self.layers} cache buffers "
+                                f"(keys and values of {self.layers} layers), got {len(past)}")
+        state = _CacheState(past, seqlens_k, total_length)
+        with _attention_swapped(self.model):
+            out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                               graphopt_cache=state)
+        hidden = out[0]
+        picked = hidden.gather(1, logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        return (self.lm_head(picked), *state.present)
+
+
+def cache_shape(config, batch: int, capacity: int) -> tuple[int, int, int, int]:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return batch, int(config.num_key_value_heads), capacity, int(head_dim)
+
+
+def prompt_inputs(config, input_ids: torch.Tensor, capacity: int | None = None, kept: int | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """The inputs of a prompt call on full-length rows `input_ids` [B, S] with an empty cache of
+    `capacity` positions (default S); logits at the last `kept` positions (default all)."""
+    batch, seq = input_ids.shape
+    capacity = capacity or seq
+    kept = seq if kept is None else kept
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq).contiguous()
+    keep = positions[:, seq - kept:]
+    past = [torch.zeros(cache_shape(config, batch, capacity), dtype=dtype)
+            for _ in range(2 * int(config.num_hidden_layers))]
+    return (input_ids, positions, torch.full((batch,), seq - 1, dtype=torch.int32),
+            torch.tensor(seq, dtype=torch.int32), keep.contiguous(), *past)
+
+
+def example_inputs(config) -> tuple[torch.Tensor, ...]:
+    """Capture inputs: every dynamic dim at a distinct size >= 2 (torch.export specialises
+    sizes 0 and 1 and must not see two dims equal by accident)."""
+    ids = torch.randint(0, int(config.vocab_size), (2, 6), generator=torch.Generator().manual_seed(0))
+    return prompt_inputs(config, ids, capacity=9, kept=3)
+
+
+def dynamic_dims(layers: int) -> dict[int, dict[int, str]]:
+    """dynamic_dims for GenerationGraph inputs: batch, tokens, kept positions, cache capacity."""
+    dims = {0: {0: "batch", 1: "tokens"}, 1: {0: "batch", 1: "tokens"}, 2: {0: "batch"},
+            4: {0: "batch", 1: "kept"}}
+    for i in range(2 * layers):
+        dims[len(INPUT_NAMES) + i] = {0: "batch", 2: "capacity"}
+    return dims

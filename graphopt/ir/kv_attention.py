@@ -1,0 +1,60 @@
+"""Causal attention over a preallocated KV cache: the graphopt op a generation graph uses.
+
+    out, present_key, present_value = torch.ops.graphopt.kv_attention(
+        query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale)
+
+query [B, S, Hq*D], key/value [B, S, Hkv*D] are this call's tokens (rotary already applied);
+past_key/past_value [B, Hkv, M, D] are the cache buffers, M their capacity. seqlens_k [B]
+(int32) holds each row's total length minus one after this call, total_length (int32, 0-d)
+the batch's longest total length. A call is a prompt when S == total_length: every row starts
+at position 0 (rows shorter than S are right-padded; their padding writes cache slots that
+later tokens overwrite before anyone reads them). Otherwise row b's tokens go to positions
+seqlens_k[b] + 1 - S onwards. present = past with this call's keys/values written in; query
+position s of row b attends causally to cache positions 0 .. past_b + s.
+
+These are ONNX Runtime's com.microsoft.GroupQueryAttention semantics: its CPU kernel writes
+in place when present and past are one buffer (I/O binding), so a token costs no cache copy.
+The torch implementation here is the reference (it clones the buffers).
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("graphopt::kv_attention", mutates_args=())
+def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+                 past_value: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor,
+                 num_heads: int, kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seq, _ = query.shape
+    capacity, head_dim = past_key.shape[2], past_key.shape[3]
+    prompt = seq == int(total_length)
+    q = query.reshape(batch, seq, num_heads, head_dim).transpose(1, 2)
+    k = key.reshape(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(past_key.dtype)
+    v = value.reshape(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(past_value.dtype)
+    present_key, present_value = past_key.clone(), past_value.clone()
+    out = query.new_zeros(batch, num_heads, seq, head_dim)
+    group = num_heads // kv_num_heads
+    for b in range(batch):
+        total = int(seqlens_k[b]) + 1
+        start = 0 if prompt else total - seq
+        if start < 0 or start + seq > capacity:
+            raise ValueError(f"kv_attention: row {b} writes cache positions {start}..{start + seq - 1}, "
+                             f"outside the cache's {capacity} positions")
+        present_key[b, :, start:start + seq] = k[b]
+        present_value[b, :, start:start + seq] = v[b]
+        keys = present_key[b, :, :start + seq].float().repeat_interleave(group, 0)
+        values = present_value[b, :, :start + seq].float().repeat_interleave(group, 0)
+        scores = (q[b].float() @ keys.transpose(-1, -2)) * scale
+        visible = torch.arange(start + seq).unsqueeze(0) <= (start + torch.arange(seq)).unsqueeze(1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out[b] = (torch.softmax(scores, -1) @ values).to(query.dtype)
+    return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_key, present_value
+
+
+@kv_attention.register_fake
+def _kv_attention_fake(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads,
+                       scale):
+    return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
+
+
+KV_ATTENTION = torch.ops.graphopt.kv_attention.default

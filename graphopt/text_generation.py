@@ -1,0 +1,77 @@
+"""compile(..., task="text-generation"): a Hugging Face causal LM -> a generation artifact.
+
+The artifact holds one ONNX graph (graphopt.ir.generation.GenerationGraph: prompt and decode
+step are the same graph with a dynamic token count, so there is one copy of the weights on
+disk and in memory), the tokenizer's tokenizer.json, and a manifest "task" section with what
+the torch-free runtime (graphopt.generation) needs: layers, cache shape, positions, special
+tokens and the chat template. Every pass and preset applies as for any graph; calibration
+windows of token ids become prompt calls that score every position.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .errors import GraphoptError
+from .generation import TASK
+from .ir.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
+
+TASKS = (TASK,)
+
+
+def _token_ids(value, name: str) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, dict[str, bytes]]:
+    """The manifest's task section and the extra files (tokenizer.json) of a generation artifact."""
+    config = model.config
+    _, kv_heads, _, head_dim = cache_shape(config, 1, 1)
+    generation_config = getattr(model, "generation_config", None)
+    eos = _token_ids(getattr(generation_config, "eos_token_id", None), "eos") or \
+        _token_ids(getattr(config, "eos_token_id", None), "eos")
+    section = {"name": TASK, "layers": int(config.num_hidden_layers), "kv_heads": kv_heads, "head_dim": head_dim,
+               "max_positions": int(config.max_position_embeddings), "vocab_size": int(config.vocab_size),
+               "cache_dtype": "float32", "eos_token_ids": eos,
+               "pad_token_id": getattr(config, "pad_token_id", None), "tokenizer": None}
+    files: dict[str, bytes] = {}
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise GraphoptError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; "
+                                "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        files["tokenizer.json"] = backend.to_str().encode("utf-8")
+        section["tokenizer"] = "tokenizer.json"
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(int(tokenizer.eos_token_id))
+        section.update(chat_template=getattr(tokenizer, "chat_template", None) or None,
+                       bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
+        if section["pad_token_id"] is None and tokenizer.pad_token_id is not None:
+            section["pad_token_id"] = int(tokenizer.pad_token_id)
+    return section, files
+
+
+def compile_text_generation(model: torch.nn.Module, tokenizer: Any | None, passes, backend: str,
+                            calibration: Sequence[Any] | None, **options):
+    """See graphopt.compile(task="text-generation")."""
+    from .api import compile as compile_graph
+    if backend != "onnxruntime":
+        raise GraphoptError(f"task '{TASK}' lowers to onnxruntime only (its in-place KV cache is ONNX Runtime's "
+                            f"GroupQueryAttention); got backend '{backend}'")
+    graph = GenerationGraph(model)
+    config = model.config
+    batches = None
+    if calibration:
+        batches = []
+        for item in calibration:
+            ids = item[0] if isinstance(item, (tuple, list)) else item
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise GraphoptError("text-generation calibration batches are token id tensors [batch, tokens]")
+            batches.append(prompt_inputs(config, ids))
+    compiled = compile_graph(graph, example_inputs(config), passes, backend,
+                             dynamic_dims=dynamic_dims(graph.layers), calibration=batches, **options)
+    compiled.task, compiled.extra_files = task_section(model, tokenizer)
+    return compiled
