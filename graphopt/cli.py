@@ -1,11 +1,13 @@
-"""Command line: `graphopt compile | inspect | bench | eval | superweights | sublayers | channels | models`.
+"""Command line: `graphopt compile | generate | inspect | bench | eval | superweights | sublayers | channels | models`.
 
     graphopt compile --model smollm2 --backend onnxruntime --out dist/smollm2
+    graphopt compile --model smollm2 --task text-generation --passes int4 --out dist/smollm2-gen
+    graphopt generate dist/smollm2-gen --prompt "Tell me about cats." --chat
     graphopt compile --model model.onnx --dim batch=1 --dim sequence=128 --out dist/model
     graphopt inspect dist/smollm2
     graphopt bench dist/smollm2
     graphopt eval --model smollm2 --artifact dist/smollm2
-`inspect` and `bench` need only numpy and onnxruntime.
+`generate`, `inspect` and `bench` need only numpy and onnxruntime (and tokenizers to generate).
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ def cmd_compile(args) -> None:
 
     torch.set_num_threads(args.threads or os.cpu_count())
     print(f"loading {args.model} ...", file=sys.stderr)
+    if args.task:
+        return _compile_task(args)
     onnx_file = args.model.endswith(".onnx")
     if onnx_file:            # the reference is ONNX Runtime on the file as given
         from .ir.onnx_import import example_inputs_for
@@ -121,6 +125,60 @@ def cmd_compile(args) -> None:
     if args.out:
         path = cm.save(args.out)
         print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+
+
+def _compile_task(args) -> None:
+    """compile --task text-generation: a generation artifact, checked against the eager model's
+    next-token logits on a window of evaluation text."""
+    import torch
+
+    import graphopt
+    from .passes import PrintOnChangeInstrument
+    if args.model.endswith(".onnx"):
+        raise GraphoptError(f"--task {args.task} compiles a Hugging Face causal LM by name, not an .onnx file")
+    if args.dynamic_seq:
+        raise GraphoptError(f"--task {args.task} makes every length dynamic already; drop --dynamic-seq")
+    bundle = graphopt.models.load(args.model)
+    if not bundle.is_sequence_model:
+        raise GraphoptError(f"--task {args.task} needs a causal language model; {args.model} is not one")
+    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
+    calibration = None if lossless else _calibration_batches(bundle, args)
+    cm = graphopt.compile(bundle.model, passes=_pass_list(args), backend=args.backend, task=args.task,
+                          tokenizer=bundle.tokenizer, calibration=calibration, verify=not args.no_verify,
+                          instruments=[PrintOnChangeInstrument()],
+                          backend_options={"threads": args.threads} if args.threads else None)
+    ids = _example_inputs(bundle, args.seq_len)[0]
+    with torch.no_grad():
+        eager = bundle.model(input_ids=ids).logits
+    from .generation import generator_for
+    ours = torch.from_numpy(generator_for("(in memory)", {"task": cm.task, "backend": cm.backend},
+                                          cm.executable.runner, cm.extra_files).next_token_logits(ids.numpy()))
+    diff, scale = float((ours - eager).abs().max()), float(eager.abs().max())
+    s = cm.stats
+    print(cm.summary())
+    print(f"\n{args.model} for {args.task}: one graph for prompt and decode, cache in place")
+    print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
+    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print(f"  next-token logits on {ids.shape[1]} tokens: max |diff| vs torch eager {diff:.2e} "
+          f"(scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
+    print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    if args.out:
+        path = cm.save(args.out)
+        print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+        print(f"  try: graphopt generate {args.out} --prompt \"Tell me about cats.\" --chat")
+
+
+def cmd_generate(args) -> None:
+    from .artifact import load
+    lm = load(args.artifact, threads=args.threads)
+    pieces = lm.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop or None,
+                         chat=args.chat, stream=True)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(lm._generator.stats.line(), file=sys.stderr)
 
 
 def _pass_list(args) -> list:
@@ -357,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dim", action="append", default=[], type=_dim_size, metavar="NAME=SIZE",
                    help="an .onnx file's named input dim (repeat: --dim batch=1 --dim sequence=128)")
     c.add_argument("--backend", default="onnxruntime")
+    c.add_argument("--task", choices=["text-generation"],
+                   help="text-generation: prompt and decode steps with an in-place KV cache, tokenizer included")
     c.add_argument("--passes", default="default", help="preset name: none, default, fuse, int8, int4")
     c.add_argument("--skip-sublayers", type=int, default=0, help="remove this many attention/FFN sublayers")
     c.add_argument("--skip-method", default="finercut", help="tail, bi, finercut, finercut-oneshot")
@@ -392,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-dir", help="write the graph before/after each changing pass here")
     c.add_argument("--out", help="artifact directory to write")
     c.set_defaults(func=cmd_compile)
+    g = sub.add_parser("generate", help="stream text from a text-generation artifact")
+    g.add_argument("artifact")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    g.add_argument("--threads", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
     i = sub.add_parser("inspect", help="show an artifact's manifest: passes, sizes, specs, versions")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")

@@ -276,6 +276,32 @@ class TextGenerator:
                       int(lengths.max()), np.zeros((batch, 1), dtype=np.int64))
             stats.decode_seconds = time.perf_counter() - decode_start
 
+    def next_token_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Logits [B, S, V] at every position of full-length rows `ids` [B, S] (one prompt
+        call on an empty cache): what perplexity is computed from."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        batch, seq = ids.shape
+        positions = np.ascontiguousarray(np.broadcast_to(np.arange(seq), (batch, seq)))
+        feeds = {"input_ids": ids, "position_ids": positions,
+                 "seqlens_k": np.full(batch, seq - 1, dtype=np.int32), "total_length": np.array(seq, dtype=np.int32),
+                 "logit_positions": positions}
+        cache = np.zeros((batch, self.kv_heads, seq, self.head_dim), dtype=self.cache_dtype)
+        for layer in range(self.layers):
+            feeds[f"past_key.{layer}"] = feeds[f"past_value.{layer}"] = cache
+        return self.session.run(["logits"], feeds)[0]
+
+    def perplexity(self, windows: Sequence[np.ndarray]) -> float:
+        """exp(mean next-token negative log-likelihood) over token windows (each [1, S] or [S])."""
+        total, count = 0.0, 0
+        for window in windows:
+            ids = np.asarray(window, dtype=np.int64).reshape(1, -1)
+            logits = self.next_token_logits(ids)[0, :-1].astype(np.float64)
+            top = logits.max(-1, keepdims=True)
+            logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+            total += float((logz - logits[np.arange(len(logits)), ids[0, 1:]]).sum())
+            count += len(logits)
+        return float(np.exp(total / count))
+
     # ----- onnxruntime
     def _bind_cache(self, batch: int, capacity: int):
         io = self.session.io_binding()

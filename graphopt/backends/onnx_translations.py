@@ -25,7 +25,8 @@ MICROSOFT = Opset("com.microsoft", 1)
 _param, _attr = OpSchema.FormalParameter, OpSchema.Attribute
 _MATMUL_NBITS_SCHEMA = OpSchema(
     "MatMulNBits", "com.microsoft", 1,
-    inputs=[_param("A", "T1"), _param("B", "T2"), _param("scales", "T1"), _param("zero_points", "T2")],
+    inputs=[_param("A", "T1"), _param("B", "T2"), _param("scales", "T1"),
+            _param("zero_points", "T2", param_option=OpSchema.FormalParameterOption.Optional)],
     outputs=[_param("Y", "T1")],
     type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], "")],
     attributes=[_attr(name, OpSchema.AttrType.INT, "") for name in ("K", "N", "bits", "block_size", "accuracy_level")],
@@ -44,6 +45,9 @@ _GroupQueryAttention = Op(MICROSOFT, "GroupQueryAttention", _GQA_SCHEMA)
 
 
 def matmul_nbits(x, packed, scales, zero_points, bits: int, block_size: int, k: int, accuracy_level: int):
+    if zero_points.shape[0] == 0:        # every zero point 2**(bits-1): MatMulNBits's default
+        return _MatMulNBits(x, packed, scales, K=k, N=packed.shape[0], bits=bits, block_size=block_size,
+                            accuracy_level=accuracy_level)
     return _MatMulNBits(x, packed, scales, zero_points, K=k, N=packed.shape[0], bits=bits,
                         block_size=block_size, accuracy_level=accuracy_level)
 
@@ -66,12 +70,15 @@ def embedding_nbits(indices, packed, scales, zero_points, bits: int, block_size:
     n, n_blocks = packed.shape[0], packed.shape[1]
     rows = op.Gather(packed, indices, axis=0)                              # [*ids, nb, blob]
     codes = _unpack_nibbles(rows) if bits == 4 else rows                   # [*ids, nb, bs]
-    table_zp = op.Reshape(zero_points, [n, -1])
-    zp = op.Gather(table_zp, indices, axis=0)
-    if bits == 4:
-        zp = op.Slice(_unpack_nibbles(zp), [0], [n_blocks], [-1])
-    scale = op.Gather(op.Reshape(scales, [n, n_blocks]), indices, axis=0)  # [*ids, nb]
-    values = op.Mul(op.Sub(op.Cast(codes, to=1), op.Unsqueeze(op.Cast(zp, to=1), [-1])), op.Unsqueeze(scale, [-1]))
+    if zero_points.shape[0] == 0:
+        zp = op.Constant(value_int=1 << (bits - 1))
+    else:
+        zp = op.Gather(op.Reshape(zero_points, [n, -1]), indices, axis=0)
+        if bits == 4:
+            zp = op.Slice(_unpack_nibbles(zp), [0], [n_blocks], [-1])
+        zp = op.Unsqueeze(op.Cast(zp, to=1), [-1])
+    scale = op.Cast(op.Gather(op.Reshape(scales, [n, n_blocks]), indices, axis=0), to=1)  # [*ids, nb]
+    values = op.Mul(op.Sub(op.Cast(codes, to=1), op.CastLike(zp, scale)), op.Unsqueeze(scale, [-1]))
     flat_shape = op.Concat(op.Shape(indices), op.Constant(value_ints=[n_blocks * block_size]), axis=0)
     return op.Slice(op.Reshape(values, flat_shape), [0], [k], [-1])
 

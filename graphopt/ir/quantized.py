@@ -5,9 +5,19 @@ a weight W [N, K] is cut into row-aligned blocks of `block_size` along K (the la
 padded), each block gets a float scale and an unsigned zero point, and
     W[n, k] = (q[n, k] - zero_point[n, k // block_size]) * scale[n, k // block_size]
 with q in [0, 2**bits). `packed` is uint8 [N, n_blocks, block_size * bits // 8], low nibble
-first for 4 bits; `scales` is float32 [N * n_blocks]; `zero_points` is uint8, two per byte
-(low nibble first, rows padded to whole bytes) for 4 bits, one per byte for 8 bits.
+first for 4 bits; `scales` is float32 (or float16, to store half the bytes) [N * n_blocks];
+`zero_points` is uint8, two per byte (low nibble first, rows padded to whole bytes) for 4
+bits, one per byte for 8 bits, or empty: every zero point is 2**(bits - 1).
 Per-channel quantization is one block per row where K allows it (see per_channel_block_size).
+
+Grids (`quantize_weight(grid=...)`):
+  "minmax"    the block's range widened to contain 0, an integer zero point;
+  "offset"    the block's exact range: W = q * scale + minimum[n, block], a float minimum per
+              block (llama.cpp's Q4_1 grid; a GGUF Q4_1 model's dequantized weights come back
+              exactly). MatMulNBits has integer zero points only, so the graph computes
+              matmul_nbits(x, q, scale) + blocksum(x) @ (minimum + 2**(bits-1) * scale).T;
+  "symmetric" W = (q - 2**(bits-1)) * scale with scale = absmax / (2**(bits-1) - 1)
+              (llama.cpp's Q8_0 grid for 8 bits).
 
 `torch.ops.graphopt.matmul_nbits(x, packed, scales, zero_points, bits, block_size, k,
 accuracy_level)` computes x @ W.T in fp32 (the reference semantics). `accuracy_level` is
@@ -49,6 +59,7 @@ class QuantizedWeight:
     bits: int
     block_size: int
     k: int
+    minimums: torch.Tensor | None = None    # [N, n_blocks], grid "offset" (scales' dtype)
 
     @property
     def n(self) -> int:
@@ -60,10 +71,22 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zero_points))
+        parts = (self.packed, self.scales, self.zero_points) + ((self.minimums,) if self.minimums is not None else ())
+        return sum(t.numel() * t.element_size() for t in parts)
 
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.packed, self.scales, self.zero_points, self.bits, self.block_size, self.k)
+        w = dequantize(self.packed, self.scales, self.zero_points, self.bits, self.block_size, self.k)
+        if self.minimums is not None:
+            w = w + block_offsets(self.scales, self.minimums, self.bits).t().repeat_interleave(
+                self.block_size, dim=1)[:, :self.k]
+        return w
+
+
+def block_offsets(scales: torch.Tensor, minimums: torch.Tensor, bits: int) -> torch.Tensor:
+    """The "offset" grid's per-block constant on top of (q - 2**(bits-1)) * scale, as
+    [n_blocks, N] float32: minimum + 2**(bits-1) * scale, transposed for blocksum(x) @ it."""
+    n, n_blocks = minimums.shape
+    return (minimums.float() + (1 << (bits - 1)) * scales.float().reshape(n, n_blocks)).t()
 
 
 def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
@@ -82,7 +105,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_zero_points(zero_points: torch.Tensor, bits: int, n: int, n_blocks: int) -> torch.Tensor:
-    """Packed zero points -> uint8 [N, n_blocks]."""
+    """Packed zero points -> uint8 [N, n_blocks] (empty: all 2**(bits - 1))."""
+    if zero_points.numel() == 0:
+        return torch.full((n, n_blocks), 1 << (bits - 1), dtype=torch.uint8)
     if bits == 8:
         return zero_points.reshape(n, n_blocks)
     return _unpack_nibbles(zero_points.reshape(n, -1))[:, :n_blocks]
@@ -92,7 +117,7 @@ def dequantize(packed, scales, zero_points, bits: int, block_size: int, k: int) 
     n, n_blocks = packed.shape[0], packed.shape[1]
     codes = unpack_codes(packed, bits).float()                                   # [N, nb, bs]
     zp = unpack_zero_points(zero_points, bits, n, n_blocks).float().unsqueeze(-1)
-    w = (codes - zp) * scales.reshape(n, n_blocks, 1)
+    w = (codes - zp) * scales.float().reshape(n, n_blocks, 1)
     return w.reshape(n, n_blocks * block_size)[:, :k]
 
 
@@ -139,9 +164,14 @@ def _codes(blocks, scale, zero_point, bits):
     return torch.round(blocks / scale + zero_point).clamp(0, (1 << bits) - 1)
 
 
+GRIDS = ("minmax", "offset", "symmetric")
+
+
 def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: str = "none",
-                    zscore: float = 4.0, channel_weights: torch.Tensor | None = None) -> QuantizedWeight:
-    """Round-to-nearest quantization of w [N, K] in row-aligned blocks.
+                    zscore: float = 4.0, channel_weights: torch.Tensor | None = None, grid: str = "minmax",
+                    scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+    """Round-to-nearest quantization of w [N, K] in row-aligned blocks on `grid` (see the
+    module docstring); scales (and minimums) stored as `scale_dtype`.
 
     clip: "none" (grid spans each block's min..max); "mse" (per block, shrink the range by
     the factor in CLIP_SHRINKS that minimises the block's squared reconstruction error,
@@ -161,7 +191,15 @@ def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: st
         w = torch.clamp(w, mean - zscore * std, mean + zscore * std)
     elif clip not in ("none", "mse"):
         raise ValueError(f"clip must be 'none', 'mse' or 'zscore', got {clip!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {grid!r}")
     blocks = _blocks(w, block_size)
+    if grid != "minmax":
+        if clip != "none":
+            raise ValueError(f"grid {grid!r} takes clip='none' (it reproduces a grid, it does not search one)")
+        if grid == "offset" and k % block_size:
+            raise ValueError(f"grid 'offset' needs blocks that divide K ({k} % {block_size} != 0)")
+        return _quantize_fixed_grid(blocks, bits, block_size, k, grid, scale_dtype)
     if clip == "mse":
         importance = torch.ones(k) if channel_weights is None else channel_weights.detach().float().clamp(min=0)
         importance = torch.cat([importance, importance.new_zeros((-k) % block_size)]).reshape(1, -1, block_size)
@@ -169,6 +207,29 @@ def quantize_weight(w: torch.Tensor, bits: int, block_size: int | None, clip: st
     else:
         scale, zero_point = _grid(blocks.amin(dim=-1, keepdim=True), blocks.amax(dim=-1, keepdim=True), bits)
     return _pack(_codes(blocks, scale, zero_point, bits), scale, zero_point, bits, block_size, k)
+
+
+def _quantize_fixed_grid(blocks, bits: int, block_size: int, k: int, grid: str, scale_dtype) -> QuantizedWeight:
+    """The "offset" and "symmetric" grids; scale and minimum rounded to `scale_dtype` first,
+    so the codes are computed against the grid that is stored."""
+    qmax, middle = (1 << bits) - 1, 1 << (bits - 1)
+    n = blocks.shape[0]
+    if grid == "offset":
+        lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        scale = ((hi - lo) / qmax).to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        lo = lo.to(scale_dtype).float()
+        codes = torch.round((blocks - lo) / scale).clamp(0, qmax)
+        minimums = lo.reshape(n, -1).to(scale_dtype).contiguous()
+    else:
+        scale = (blocks.abs().amax(-1, keepdim=True) / (middle - 1)).to(scale_dtype).float()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = (torch.round(blocks / scale) + middle).clamp(0, qmax)
+        minimums = None
+    codes = codes.to(torch.uint8)
+    packed = _pack_nibbles(codes) if bits == 4 else codes
+    return QuantizedWeight(packed.contiguous(), scale.reshape(-1).to(scale_dtype).contiguous(),
+                           torch.zeros(0, dtype=torch.uint8), bits, block_size, k, minimums)
 
 
 def _pack(codes, scale, zero_point, bits: int, block_size: int, k: int) -> QuantizedWeight:
@@ -259,13 +320,13 @@ def embedding_nbits(indices: torch.Tensor, packed: torch.Tensor, scales: torch.T
     flat = indices.reshape(-1)
     codes = unpack_codes(packed.index_select(0, flat), bits).float()
     zp = unpack_zero_points(zero_points, bits, n, n_blocks).index_select(0, flat).float().unsqueeze(-1)
-    rows = (codes - zp) * scales.reshape(n, n_blocks).index_select(0, flat).unsqueeze(-1)
+    rows = (codes - zp) * scales.float().reshape(n, n_blocks).index_select(0, flat).unsqueeze(-1)
     return rows.reshape(*indices.shape, n_blocks * block_size)[..., :k]
 
 
 @embedding_nbits.register_fake
 def _embedding_nbits_fake(indices, packed, scales, zero_points, bits, block_size, k):
-    return scales.new_empty((*indices.shape, k))
+    return scales.new_empty((*indices.shape, k), dtype=torch.float32)
 
 
 EMBEDDING_NBITS = torch.ops.graphopt.embedding_nbits.default

@@ -53,6 +53,10 @@ class WeightQuantizationOptions:
     embeddings: bool = True             # quantize embedding tables too
     head_bits: int | None = 8           # embeddings, tied heads and output heads: per-channel at these
                                         # bits (None: same scheme as the other layers)
+    head_group_size: int | None = None  # their blocks (None: one scale per output channel)
+    grid: str = "minmax"                # "minmax" | "offset" | "symmetric" (graphopt.ir.quantized), rtn only
+    head_grid: str = "minmax"
+    scale_dtype: str = "float32"        # "float16" stores scales (and minimums) in half the bytes
     layer_overrides: dict = field(default_factory=dict)   # {pattern: (bits, group_size) or None=fp32}
     exclude: tuple = ()                 # fnmatch patterns of layers kept in fp32
     accuracy_level: int = 4             # ONNX Runtime MatMulNBits: 4 = int8 activations in the kernel
@@ -79,6 +83,11 @@ class WeightQuantization(Pass):
         if self.options.method == "gptq" and not ctx.calibration:
             raise PreconditionError(f"{self.name}: method='gptq' needs calibration batches "
                                     "(graphopt.compile(..., calibration=[...]))")
+        if self.options.method == "gptq" and self.options.grid != "minmax":
+            raise PreconditionError(f"{self.name}: method='gptq' uses the 'minmax' grid, got grid={self.options.grid!r}")
+        if self.options.scale_dtype not in ("float32", "float16"):
+            raise PreconditionError(f"{self.name}: scale_dtype must be 'float32' or 'float16', "
+                                    f"got {self.options.scale_dtype!r}")
         bits = {self.options.bits} | {v[0] for v in self.options.layer_overrides.values() if v}
         if not bits <= {4, 8}:
             raise PreconditionError(f"{self.name}: bits must be 4 or 8, got {sorted(bits)}")
@@ -129,8 +138,9 @@ class WeightQuantization(Pass):
                 continue
             layer = layer_name(node)
             scheme = self.scheme(layer)
+            grid = o.grid
             if scheme is not None and node in heads and o.head_bits is not None:
-                scheme = (o.head_bits, None)
+                scheme, grid = (o.head_bits, o.head_group_size), o.head_grid
             if scheme is None:
                 skipped.append(layer)
                 continue
@@ -143,7 +153,7 @@ class WeightQuantization(Pass):
             else:
                 weight, transposed = lw
             sws = restore.get(node.name, []) if not is_embedding else []
-            key = (weight.data_ptr(), transposed, bits, group, tuple((s.row, s.col) for s in sws))
+            key = (weight.data_ptr(), transposed, bits, group, grid, tuple((s.row, s.col) for s in sws))
             if key not in cache:
                 w = weight.detach().float()
                 if sws:
@@ -154,10 +164,11 @@ class WeightQuantization(Pass):
                 if o.method == "gptq" and observed is not None and node not in heads:
                     q = gptq_quantize(w, observed.hessian, bits, group, clip=o.clip)
                 else:
-                    q = quantize_weight(w, bits, group, o.clip, o.zscore,
-                                        channel_weights=observed.input_mean_sq if observed is not None else None)
-                names = tuple(add_constant(gm, f"{layer}_{part}_q{bits}", getattr(q, part))
-                              for part in ("packed", "scales", "zero_points"))
+                    q = quantize_weight(w, bits, group, o.clip if grid == "minmax" else "none", o.zscore,
+                                        channel_weights=observed.input_mean_sq if observed is not None else None,
+                                        grid=grid, scale_dtype=getattr(torch, o.scale_dtype))
+                parts = ("packed", "scales", "zero_points") + (("minimums",) if q.minimums is not None else ())
+                names = tuple(add_constant(gm, f"{layer}_{part}_q{bits}", getattr(q, part)) for part in parts)
                 cache[key] = (q, names)
                 bytes_before += weight.numel() * weight.element_size()
                 bytes_after += q.nbytes
@@ -171,6 +182,7 @@ class WeightQuantization(Pass):
                 counts["linear"] += 1
             changes.append(f"{layer}: {'embedding' if is_embedding else 'linear'} "
                            f"[{q.n}x{q.k}] -> int{bits} {'per-channel' if group is None else f'g{group}'}"
+                           + (f" {grid} grid" if grid != "minmax" else "")
                            + (f", {len(sws)} super weight(s) restored" if sws else "")
                            + (", fp32 compute (activation outliers)" if node.name in fp32_compute else ""))
         if changes:
@@ -190,10 +202,16 @@ class WeightQuantization(Pass):
         graph = gm.graph
         x, bias = linear_input(node), linear_bias(node)
         with graph.inserting_before(node):
-            packed, scales, zps = self._getattrs(gm, names)
+            packed, scales, zps, *minimums = self._getattrs(gm, names)
+            new_nodes = []
+            if q.scales.dtype != torch.float32:
+                scales = graph.call_function(aten._to_copy.default, (scales,), {"dtype": torch.float32})
+                new_nodes.append(scales)
             out = graph.call_function(MATMUL_NBITS, (x, packed, scales, zps, q.bits, q.block_size, q.k,
                                                      accuracy_level))
-            new_nodes = [out]
+            new_nodes.append(out)
+            if minimums:
+                out = self._add_block_offsets(graph, x, out, scales, minimums[0], q, new_nodes)
             if super_weights:
                 dequantized = q.dequantize()
                 cols = torch.tensor([s.col for s in super_weights], dtype=torch.long)
@@ -211,6 +229,21 @@ class WeightQuantization(Pass):
                 out = graph.call_function(aten.add.Tensor, (out, bias))
                 new_nodes.append(out)
         self._finish(gm, node, new_nodes, out)
+
+    @staticmethod
+    def _add_block_offsets(graph, x, out, scales, minimums, q: QuantizedWeight, new_nodes):
+        """out + blocksum(x) @ (minimum + 2**(bits-1) * scale).T: the "offset" grid's float
+        minimum per block, which MatMulNBits (integer zero points) cannot hold."""
+        n_blocks = q.k // q.block_size
+        call = graph.call_function
+        mins = call(aten._to_copy.default, (minimums,), {"dtype": torch.float32})
+        scaled = call(aten.mul.Tensor, (call(aten.view.default, (scales, [q.n, n_blocks])), float(1 << (q.bits - 1))))
+        offsets = call(aten.t.default, (call(aten.add.Tensor, (mins, scaled)),))
+        sums = call(aten.sum.dim_IntList, (call(aten.unflatten.int, (x, -1, [n_blocks, q.block_size])), [-1]))
+        result = call(aten.add.Tensor, (out, call(aten.matmul.default, (sums, offsets))))
+        new_nodes += [mins, scaled.args[0], scaled, offsets.args[0], offsets, sums.args[0], sums,
+                      result.args[1], result]
+        return result
 
     def _replace_embedding(self, gm, node, q: QuantizedWeight, names):
         graph = gm.graph
