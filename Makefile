@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 STAMP = .setup.stamp
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench bench-generate llama-bench genai-model clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PIP) install -r requirements.txt
@@ -17,6 +17,8 @@ demo: $(STAMP)
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --out dist/smollm2
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend onnxruntime --seq-len 128 --passes int4 --out dist/smollm2-int4
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --backend tvm --seq-len 128 --passes fuse --out dist/smollm2-tvm
+	$(PYTHON) -m graphopt.cli compile --model smollm2 --task text-generation --passes int4 --out dist/smollm2-gen
+	$(PYTHON) -m graphopt.cli generate dist/smollm2-gen --chat --max-new-tokens 48 --prompt "What is a compiler?"
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q
@@ -29,6 +31,28 @@ test-all: test test-slow
 bench: $(STAMP)
 	$(PYTHON) benchmarks/prefill.py
 	$(PYTHON) benchmarks/quantization.py
+
+# Peers of benchmarks/generate.py (benchmark steps, never test steps): llama.cpp's llama-bench
+# from the llama-cpp-python source package (~10 min on 2 cores), ONNX Runtime GenAI's int4
+# model of SmolLM2 from its model builder.
+PEERS = dist/peers
+llama-bench: $(PEERS)/llama-bench
+$(PEERS)/llama-bench:
+	mkdir -p $(PEERS)/src
+	$(PIP) download --no-binary :all: --no-deps llama-cpp-python -d $(PEERS)/src
+	tar xzf $(PEERS)/src/llama_cpp_python-*.tar.gz -C $(PEERS)/src
+	cmake -S $$(ls -d $(PEERS)/src/llama_cpp_python-*/vendor/llama.cpp) -B $(PEERS)/llama-build \
+		-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+	cmake --build $(PEERS)/llama-build --target llama-bench -j2
+	ln -sf llama-build/bin/llama-bench $(PEERS)/llama-bench
+
+genai-model: $(STAMP)
+	$(PIP) install onnxruntime-genai
+	test -f $(PEERS)/genai-int4/genai_config.json || $(PYTHON) benchmarks/generate.py --prepare-genai
+
+bench-generate: $(STAMP) llama-bench genai-model
+	$(PYTHON) benchmarks/generate.py --json dist/generate.json
 
 clean:
 	rm -rf dist $(STAMP) .pytest_cache

@@ -15,7 +15,7 @@ import graphopt
 from graphopt.errors import ArtifactError, GraphoptError
 from graphopt.generation import Sampler
 
-MODELS = ["llama", "qwen2", "mistral"]
+MODELS = ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("mistral", marks=pytest.mark.slow)]
 
 
 def byte_tokenizer(vocab_size: int):
@@ -77,6 +77,22 @@ def test_greedy_equals_hugging_face_generate_for_a_batch_of_prompt_lengths(name,
     ours = tokens_of(generator, rows, 24)
     for row, got in zip(rows, ours):
         assert got == hf_greedy(model, row, 24)
+
+
+@pytest.mark.slow
+def test_qwen3_keeps_its_own_rotary_after_the_q_k_norms(tmp_path):
+    import transformers
+    config = transformers.Qwen3Config(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.eos_token_id = None
+    cm = graphopt.compile(model, task="text-generation", progress=False)
+    from graphopt.generation import generator_for
+    generator = generator_for("(mem)", {"task": cm.task, "backend": cm.backend}, cm.executable.runner, cm.extra_files)
+    rows = [[5, 9, 100, 7, 3], [42, 17]]
+    for row, got in zip(rows, tokens_of(generator, rows, 16)):
+        assert got == hf_greedy(model, row, 16)
 
 
 def test_prompt_logits_equal_eager_at_every_position(llama_artifact):

@@ -35,11 +35,12 @@ _MatMulNBits = Op(MICROSOFT, "MatMulNBits", _MATMUL_NBITS_SCHEMA)
 _GQA_SCHEMA = OpSchema(
     "GroupQueryAttention", "com.microsoft", 1,
     inputs=[_param(name, "T") for name in ("query", "key", "value", "past_key", "past_value")]
-    + [_param("seqlens_k", "M"), _param("total_sequence_length", "M")],
+    + [_param("seqlens_k", "M"), _param("total_sequence_length", "M")]
+    + [_param(name, "T", param_option=OpSchema.FormalParameterOption.Optional) for name in ("cos_cache", "sin_cache")],
     outputs=[_param("output", "T"), _param("present_key", "T"), _param("present_value", "T")],
     type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
     attributes=[_attr("num_heads", OpSchema.AttrType.INT, ""), _attr("kv_num_heads", OpSchema.AttrType.INT, ""),
-                _attr("scale", OpSchema.AttrType.FLOAT, "")],
+                _attr("scale", OpSchema.AttrType.FLOAT, ""), _attr("do_rotary", OpSchema.AttrType.INT, "")],
 )
 _GroupQueryAttention = Op(MICROSOFT, "GroupQueryAttention", _GQA_SCHEMA)
 
@@ -53,9 +54,13 @@ def matmul_nbits(x, packed, scales, zero_points, bits: int, block_size: int, k: 
 
 
 def kv_attention(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
-                 kv_num_heads: int, scale: float):
-    return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length,
-                                num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
+                 kv_num_heads: int, scale: float, cos_cache=None, sin_cache=None):
+    if cos_cache is None:
+        return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length,
+                                    num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
+    return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache,
+                                sin_cache, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1,
+                                _num_outputs=3)
 
 
 def _unpack_nibbles(packed):

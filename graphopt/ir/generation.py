@@ -9,9 +9,11 @@ length, or 1 per decode step); seqlens_k / total_length describe the cache after
 logits are computed (the last prompt token when generating, every position for perplexity),
 so the LM head never runs on the whole prompt; past is k0, v0, k1, v1, ... each
 [B, kv_heads, capacity, head_dim] and present the same buffers with this call's keys and
-values written in. The model's attention is swapped for graphopt.kv_attention during capture
-(a registered attention function), so every other node is the model's own and every pass
-applies; the backends lower kv_attention to an in-place cache update.
+values written in. During capture each attention module runs graphopt.kv_attention on its
+own q/k/v projections, which also applies the rotary embedding from a [max_positions, D/2]
+table (ONNX Runtime's GroupQueryAttention does it inside; models with q/k norms, as Qwen3,
+keep the model's rotary and swap only the attention function). Every other node is the
+model's own, so every pass applies; the backends lower kv_attention to an in-place update.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ INPUT_NAMES = ("input_ids", "position_ids", "seqlens_k", "total_length", "logit_
 # Architectures whose forward is embed -> decoder layers -> norm -> LM head and whose attention
 # goes through the attention interface with no window, sink or soft-cap (checked in _refuse).
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Their attention is q/k/v projections -> rotary -> attention -> o_proj, nothing in between.
+ROTARY_INSIDE = ("llama", "mistral", "qwen2")
 
 
 class _CacheState:
@@ -54,6 +58,35 @@ def _kv_attention_function(module, query, key, value, attention_mask, dropout=0.
         heads, kv_heads, float(scaling if scaling is not None else head_dim ** -0.5))
     state.present[2 * layer], state.present[2 * layer + 1] = present_key, present_value
     return out.reshape(batch, seq, heads, head_dim), None
+
+
+def _attention_with_rotary(module, state, cos_cache, sin_cache):
+    """A replacement forward for a Llama-style attention module: projections, then
+    kv_attention with the rotary table (positions come from the cache state)."""
+    config = module.config
+    heads, kv_heads = int(config.num_attention_heads), int(config.num_key_value_heads)
+
+    def forward(hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        layer = module.layer_idx
+        out, present_key, present_value = KV_ATTENTION(
+            module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states),
+            state.past[2 * layer], state.past[2 * layer + 1], state.seqlens_k, state.total_length,
+            heads, kv_heads, float(module.scaling), cos_cache, sin_cache)
+        state.present[2 * layer], state.present[2 * layer + 1] = present_key, present_value
+        return module.o_proj(out), None
+    return forward
+
+
+@contextlib.contextmanager
+def _attention_modules_replaced(decoder, state, cos_cache, sin_cache):
+    modules = [layer.self_attn for layer in decoder.layers]
+    for module in modules:
+        module.forward = _attention_with_rotary(module, state, cos_cache, sin_cache)
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
 
 
 def _register_attention() -> None:
@@ -97,6 +130,11 @@ class GenerationGraph(torch.nn.Module):
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.layers = int(model.config.num_hidden_layers)
+        self.rotary_inside = model.config.model_type in ROTARY_INSIDE
+        if self.rotary_inside:
+            cos, sin = rotary_tables(self.decoder, int(model.config.max_position_embeddings))
+            self.register_buffer("cos_cache", cos)
+            self.register_buffer("sin_cache", sin)
 
     @property
     def input_names(self) -> list[str]:
@@ -117,12 +155,23 @@ class GenerationGraph(torch.nn.Module):
             raise GraphoptError(f"a generation step of this model takes {2 * self.layers} cache buffers "
                                 f"(keys and values of {self.layers} layers), got {len(past)}")
         state = _CacheState(past, seqlens_k, total_length)
-        with _attention_swapped(self.model):
+        swap = _attention_modules_replaced(self.decoder, state, self.cos_cache, self.sin_cache) \
+            if self.rotary_inside else _attention_swapped(self.model)
+        with swap:
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                                graphopt_cache=state)
         hidden = out[0]
         picked = hidden.gather(1, logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return (self.lm_head(picked), *state.present)
+
+
+def rotary_tables(decoder, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, D/2] from the model's own rotary module (its scaling included)."""
+    dummy = torch.zeros(1, 1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = decoder.rotary_emb(dummy, position_ids=torch.arange(positions).unsqueeze(0))
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].float().contiguous(), sin[0, :, :half].float().contiguous()
 
 
 def cache_shape(config, batch: int, capacity: int) -> tuple[int, int, int, int]:

@@ -1,12 +1,15 @@
 """Causal attention over a preallocated KV cache: the graphopt op a generation graph uses.
 
     out, present_key, present_value = torch.ops.graphopt.kv_attention(
-        query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale)
+        query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads, scale,
+        cos_cache, sin_cache)
 
 query [B, S, Hq*D], key/value [B, S, Hkv*D] are this call's tokens (rotary already applied);
 past_key/past_value [B, Hkv, M, D] are the cache buffers, M their capacity. seqlens_k [B]
 (int32) holds each row's total length minus one after this call, total_length (int32, 0-d)
-the batch's longest total length. A call is a prompt when S == total_length: every row starts
+the batch's longest total length. With cos_cache/sin_cache [max_positions, D/2] the op
+applies rotary embeddings (rotate-half convention) to query and key first, at each token's
+position in its row; without them query and key arrive rotated. A call is a prompt when S == total_length: every row starts
 at position 0 (rows shorter than S are right-padded; their padding writes cache slots that
 later tokens overwrite before anyone reads them). Otherwise row b's tokens go to positions
 seqlens_k[b] + 1 - S onwards. present = past with this call's keys/values written in; query
@@ -24,12 +27,18 @@ import torch
 @torch.library.custom_op("graphopt::kv_attention", mutates_args=())
 def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
                  past_value: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor,
-                 num_heads: int, kv_num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 num_heads: int, kv_num_heads: int, scale: float, cos_cache: torch.Tensor | None = None,
+                 sin_cache: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, seq, _ = query.shape
     capacity, head_dim = past_key.shape[2], past_key.shape[3]
     prompt = seq == int(total_length)
     q = query.reshape(batch, seq, num_heads, head_dim).transpose(1, 2)
-    k = key.reshape(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(past_key.dtype)
+    k = key.reshape(batch, seq, kv_num_heads, head_dim).transpose(1, 2)
+    if cos_cache is not None:
+        starts = [0 if prompt else int(seqlens_k[b]) + 1 - seq for b in range(batch)]
+        positions = torch.stack([torch.arange(start, start + seq) for start in starts]).clamp(0, cos_cache.shape[0] - 1)
+        q, k = _rotate(q, cos_cache, sin_cache, positions), _rotate(k, cos_cache, sin_cache, positions)
+    k = k.to(past_key.dtype)
     v = value.reshape(batch, seq, kv_num_heads, head_dim).transpose(1, 2).to(past_value.dtype)
     present_key, present_value = past_key.clone(), past_value.clone()
     out = query.new_zeros(batch, num_heads, seq, head_dim)
@@ -51,9 +60,18 @@ def kv_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pa
     return out.transpose(1, 2).reshape(batch, seq, num_heads * head_dim), present_key, present_value
 
 
+def _rotate(x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor, positions: torch.Tensor):
+    """Rotary embedding of x [B, H, S, D] at positions [B, S], rotate-half convention."""
+    cos = torch.cat([cos_cache[positions]] * 2, -1).unsqueeze(1)      # [B, 1, S, D]
+    sin = torch.cat([sin_cache[positions]] * 2, -1).unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
 @kv_attention.register_fake
 def _kv_attention_fake(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads, kv_num_heads,
-                       scale):
+                       scale, cos_cache=None, sin_cache=None):
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 

@@ -52,4 +52,5 @@ def test_compile_reports_macs_and_quantized_matmuls_keep_theirs():
     int4 = graphopt.compile(bundle.model, inputs, passes="int4", backend="torch", progress=False)
     assert plain.stats["macs_optimized"] == plain.stats["macs_captured"] > 0
     assert any("matmul_nbits" in op for op in int4.stats["ops_optimized"])
-    assert int4.stats["macs_optimized"] == plain.stats["macs_optimized"]
+    # the offset grid adds blocksum(x) @ offsets: one MAC per 32-weight block and token
+    assert plain.stats["macs_optimized"] < int4.stats["macs_optimized"] <= plain.stats["macs_optimized"] * (1 + 1 / 32)

@@ -88,7 +88,8 @@ def test_int4_artifact_is_small_and_close(smollm2, tmp_path):
     rt = graphopt.load(path)
     torch.testing.assert_close(rt(ids), cm(ids), rtol=0, atol=0)
     eager = perplexity(bundle.model, windows, progress=False).perplexity
-    assert perplexity(cm, windows, progress=False).perplexity < 1.12 * eager   # GPTQ (auto): +6.5% measured
+    # the GGUF's own Q4_1 grid comes back exactly; int8 activations in MatMulNBits cost < 1%
+    assert perplexity(cm, windows, progress=False).perplexity < 1.01 * eager
 
 
 def test_sublayers_and_finercut_on_the_real_model(smollm2):
