@@ -84,3 +84,22 @@ def test_compile_an_onnx_file_with_named_dims(tmp_path, capsys):
     relative = float(re.search(r"relative ([0-9.e+-]+)\)", text).group(1))
     assert relative <= 1e-5
     assert graphopt.load(str(out)).inputs[0].name == "input_ids"
+
+
+def test_compile_for_text_generation_and_generate(tmp_path, capsys):
+    from .test_generation import byte_tokenizer, causal_lm
+    out = tmp_path / "gen"
+    assert main(["compile", "--model", "llama", "--task", "text-generation", "--seq-len", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "one graph for prompt and decode" in text and "relative" in text and "artifact" in text
+    assert main(["generate", str(out), "--prompt", "hi"]) == 1          # a random model has no tokenizer
+    assert "compiled without a tokenizer" in capsys.readouterr().err
+    import graphopt
+    model = causal_lm("llama")
+    graphopt.compile(model, task="text-generation", tokenizer=byte_tokenizer(512), progress=False).save(str(out))
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and "prompt: 5 tokens" in captured.err and "generated: 8 tokens" in captured.err
+    assert "time to first token" in captured.err
+    assert main(["compile", "--model", "resnet", "--task", "text-generation"]) == 1
+    assert "needs a causal language model" in capsys.readouterr().err

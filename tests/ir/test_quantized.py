@@ -73,3 +73,65 @@ def test_block_size_rules():
         quantize_weight(torch.randn(4, 64), 4, 48)
     with pytest.raises(ValueError, match="bits"):
         quantize_weight(torch.randn(4, 64), 3, 32)
+
+
+def q4_1_blocks(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Weights as llama.cpp's Q4_1 stores them: per 32-block a float16 scale d and minimum m,
+    codes 0..15 with both ends used; w = d * q + m."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-7.5 * d + torch.randn(n, k // 32, 1, generator=g) * 0.01).half().float()
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (q * d + m).reshape(n, k)
+
+
+def test_offset_grid_gives_a_q4_1_tensor_back_exactly_in_float16_storage():
+    w = q4_1_blocks(24, 128)
+    q = quantize_weight(w, 4, 32, grid="offset", scale_dtype=torch.float16)
+    assert q.scales.dtype == q.minimums.dtype == torch.float16 and q.zero_points.numel() == 0
+    assert torch.equal(q.dequantize(), w)
+    assert q.nbytes == 24 * 128 // 2 + 2 * 24 * 4 * 2            # 4 bits + a float16 scale and minimum per 32
+    assert float((quantize_weight(w, 4, 32).dequantize() - w).abs().max()) > 1e-3   # an integer zero point cannot
+
+
+def test_symmetric_grid_gives_a_q8_0_tensor_back_exactly():
+    g = torch.Generator().manual_seed(1)
+    d = (torch.rand(10, 4, 1, generator=g) * 0.01 + 1e-4).half().float()
+    codes = torch.randint(-127, 128, (10, 4, 32), generator=g).float()
+    codes[..., 0] = 127
+    w = (codes * d).reshape(10, 128)
+    q = quantize_weight(w, 8, 32, grid="symmetric", scale_dtype=torch.float16)
+    assert torch.equal(q.dequantize(), w)
+
+
+def test_fixed_grids_refuse_what_they_cannot_reproduce():
+    with pytest.raises(ValueError, match="clip='none'"):
+        quantize_weight(torch.randn(4, 64), 4, 32, clip="mse", grid="offset")
+    with pytest.raises(ValueError, match="divide K"):
+        quantize_weight(torch.randn(4, 48), 4, 32, grid="offset")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        quantize_weight(torch.randn(4, 64), 4, 32, grid="nf4")
+
+
+def test_offset_grid_lowers_exactly_to_onnx_runtime(tmp_path):
+    import graphopt
+    from graphopt.passes import WeightQuantization
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(128, 24, bias=True)
+            with torch.no_grad():
+                self.proj.weight.copy_(q4_1_blocks(24, 128, seed=2))
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model, x = Linear().eval(), torch.randn(3, 5, 128)
+    passes = [WeightQuantization(bits=4, group_size=32, grid="offset", scale_dtype="float16", accuracy_level=0,
+                                    head_bits=None)]   # the only layer is also the output head
+    cm = graphopt.compile(model, (x,), passes=passes, progress=False)
+    with torch.no_grad():
+        expected = model(x)
+    assert float((cm(x) - expected).abs().max()) <= 1e-5 * float(expected.abs().max())
