@@ -145,6 +145,13 @@ class LoadedModel:
             self._generator = generator_for(self.directory, self.manifest, self.runner)
         return self._generator.generate(prompt, **options)
 
+    @property
+    def generation_stats(self):
+        """Counts and rates of the last generate() call (graphopt.generation.GenerationStats)."""
+        if getattr(self, "_generator", None) is None:
+            raise ArtifactError(f"artifact {self.directory}: generate() has not run")
+        return self._generator.stats
+
     def __call__(self, *args):
         outs = self.runner.run(args)
         if args and hasattr(args[0], "detach"):

@@ -178,7 +178,7 @@ def cmd_generate(args) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print(lm._generator.stats.line(), file=sys.stderr)
+    print(lm.generation_stats.line(), file=sys.stderr)
 
 
 def _pass_list(args) -> list:

@@ -219,3 +219,18 @@ def test_int4_offset_grid_artifact_tracks_the_torch_reference(tmp_path):
     assert np.abs(ours - reference).max() <= 3e-2 * np.abs(reference).max()
     ops = {n.target for n in cm.captured.graph_module.graph.nodes if n.op == "call_function"}
     assert torch.ops.graphopt.matmul_nbits.default in ops
+
+
+def test_layer_skipping_applies_and_head_pruning_refuses_generation_graphs():
+    from graphopt.passes import AttentionHeadPruning, preset
+    from graphopt.passes.layer_skipping import LayerSkipping
+    model = causal_lm("llama")
+    calibration = [torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    passes = preset("default")
+    passes.insert(1, LayerSkipping(method="finercut", sublayers=2))
+    cm = graphopt.compile(model, task="text-generation", passes=passes, calibration=calibration, progress=False)
+    record = [r for r in cm.records if r.name == "layer_skipping"][0]
+    assert record.modified and sum("removed" in c for c in record.changes) == 2 and record.quality is not None
+    with pytest.raises(GraphoptError, match="cached attention, which head pruning does not handle"):
+        graphopt.compile(model, task="text-generation", passes=[AttentionHeadPruning(ratio=0.5)],
+                         calibration=calibration, progress=False)

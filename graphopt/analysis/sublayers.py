@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from ..errors import GraphoptError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes
 from .calibration import MATMULS, layer_name, linear_weight, residual_writer
+from ..ir.kv_attention import KV_ATTENTION
 from .quality import js_divergence, log_probs, next_token_nll
 
 aten = torch.ops.aten
-_TOKEN_MIXERS = {aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int,
+_TOKEN_MIXERS = {aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int, KV_ATTENTION,
                  aten._scaled_dot_product_flash_attention_for_cpu.default}
 _PAIRWISE = set(MATMULS) | {aten.bmm.default, aten.baddbmm.default}
 

@@ -100,6 +100,12 @@ def _projection_below(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
 
 
 def find_attentions(gm: fx.GraphModule) -> list[Attention]:
+    from ..ir.kv_attention import KV_ATTENTION
+    cached = gm.graph.find_nodes(op="call_function", target=KV_ATTENTION)
+    if cached:
+        raise PreconditionError(f"attention_head_pruning: {describe(cached[0])} is a text-generation graph's cached "
+                                "attention, which head pruning does not handle yet; prune heads in a forward-pass "
+                                "graph (compile without task=)")
     found = []
     for sdpa in gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
         q, k, v = (_projection_above(arg, gm) for arg in sdpa.args[:3])

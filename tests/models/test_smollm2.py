@@ -132,3 +132,23 @@ def test_channel_analysis_and_pruning_on_real_weights(smollm2):
     assert prune.stats.consumer_columns_after == prune.stats.consumer_columns_before - 30 * (1536 - 1088)
     agreement = float((out[0, :-1].argmax(-1) == logits[0, :-1].argmax(-1)).float().mean())
     assert agreement > 0.3
+
+
+def test_generation_artifact_greedy_text_equals_hugging_face(smollm2, tmp_path):
+    bundle, _, _ = smollm2
+    model, tokenizer = bundle.model, bundle.tokenizer
+    cm = graphopt.compile(model, task="text-generation", tokenizer=tokenizer, progress=False)
+    lm = graphopt.load(cm.save(str(tmp_path / "gen")))
+    model.config.use_cache = True
+    try:
+        for prompt in ("The capital of France is", "def fibonacci(n):"):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+            expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert lm.generate(prompt, max_new_tokens=24) == expected
+        chat = lm.generate("What is the capital of France?", chat=True, max_new_tokens=16)
+        assert "Paris" in chat
+    finally:
+        model.config.use_cache = False
+    assert lm.manifest["task"]["chat_template"] and lm.manifest["task"]["eos_token_ids"] == [2]
