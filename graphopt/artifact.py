@@ -5,7 +5,9 @@ neither torch nor pickle, and checks every file's size and sha256 before using i
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -41,8 +43,60 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the OS or
+    the filesystem cannot."""
+    rename_at2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename_at2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename_at2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(staging: str, directory: str) -> None:
+    """Put the finished `staging` directory at `directory` so that, whatever fails or kills
+    the process, `directory` holds either the old artifact or the new one."""
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+    elif _exchange(staging, directory):
+        shutil.rmtree(staging, ignore_errors=True)      # staging now holds the old artifact
+    else:
+        # No atomic swap here: move the old artifact aside and back again on failure; a
+        # process killed between the two renames leaves it at OLD, which load() restores.
+        old = directory + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(directory, old)
+        try:
+            os.rename(staging, directory)
+        except BaseException:
+            os.rename(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_path(os.path.dirname(directory))
+
+
+def _restore_interrupted_save(directory: str) -> None:
+    old = directory + ".old"
+    if not os.path.exists(directory) and os.path.isfile(os.path.join(old, MANIFEST)):
+        os.rename(old, directory)
+
+
 def save(compiled, directory: str) -> str:
-    """Write `compiled` to `directory` atomically (temporary sibling, then rename)."""
+    """Write `compiled` to `directory`: into a temporary sibling, flushed to disk, then swapped
+    in, so a failure at any step leaves the old artifact (or the new one) at the path."""
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
@@ -71,14 +125,9 @@ def save(compiled, directory: str) -> str:
         }
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.exists(directory):
-            old = directory + ".old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(directory, old)
-            os.rename(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
+        for name in list(files) + [MANIFEST, "."]:
+            _fsync_path(os.path.join(staging, name))
+        _move_into_place(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -163,6 +212,7 @@ class LoadedModel:
 def load(directory: str, threads: int | None = None) -> LoadedModel:
     """Load an artifact directory written by CompiledModel.save()."""
     directory = os.path.abspath(directory)
+    _restore_interrupted_save(directory)
     manifest = read_manifest(directory)
     verify_files(directory, manifest)
     inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]

@@ -102,3 +102,91 @@ def test_save_replaces_an_existing_artifact(saved, tmp_path):
     cm.save(target)
     assert sorted(os.listdir(tmp_path)) == ["again"]
     graphopt.load(target)
+
+
+class _InjectedFault(OSError):
+    pass
+
+
+def _two_linear_models():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    first, second = (graphopt.compile(torch.nn.Linear(4, 3), (x,), progress=False) for _ in range(2))
+    return x, first, second
+
+
+@pytest.mark.parametrize("atomic_swap", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_a_save_failing_at_any_file_operation_leaves_an_artifact(tmp_path, monkeypatch, atomic_swap):
+    """Fail the k-th write, fsync, rename or swap of an overwriting save, for every k: the
+    path must then load as the old artifact or the new one, never as nothing or a mixture."""
+    import builtins
+
+    import graphopt.artifact as artifact
+    x, old, new = _two_linear_models()
+    expected = {"old": old(x).detach().numpy(), "new": new(x).detach().numpy()}
+    target = str(tmp_path / "model")
+    real = {"open": builtins.open, "rename": os.rename, "fsync": os.fsync,
+            "exchange": artifact._exchange if atomic_swap else (lambda a, b: False)}
+    faults_hit = 0
+    for k in range(1, 200):
+        old.save(target)
+        calls = [0]
+
+        def counted(name):
+            def call(*args, **kwargs):
+                if name != "open" or any(c in (args[1] if len(args) > 1 else kwargs.get("mode", "r")) for c in "wax"):
+                    calls[0] += 1
+                    if calls[0] == k:
+                        raise _InjectedFault(f"injected fault in {name} (operation {k})")
+                return real[name](*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(builtins, "open", counted("open"))
+        monkeypatch.setattr(os, "rename", counted("rename"))
+        monkeypatch.setattr(os, "fsync", counted("fsync"))
+        monkeypatch.setattr(artifact, "_exchange", counted("exchange"))
+        try:
+            new.save(target)
+            failed = False
+        except _InjectedFault:
+            failed = True
+        finally:
+            monkeypatch.undo()
+        got = np.asarray(graphopt.load(target)(x.numpy()))
+        which = [name for name, value in expected.items() if np.array_equal(got, value)]
+        assert len(which) == 1 and (failed or which == ["new"]), (k, which)
+        assert sorted(os.listdir(tmp_path)) == ["model"], os.listdir(tmp_path)
+        if not failed:
+            break
+        faults_hit += 1
+    assert faults_hit >= 5          # writes, fsyncs and the swap were all reached
+
+
+def test_a_save_killed_midway_leaves_an_artifact(tmp_path):
+    """kill -9 a process that saves over the same path in a loop, at several moments: the
+    path loads every time."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+    target = str(tmp_path / "model")
+    script = textwrap.dedent(f"""
+        import sys, torch, graphopt
+        x = torch.randn(2, 4)
+        models = [graphopt.compile(torch.nn.Linear(4, 3), (x,), progress=False) for _ in range(2)]
+        models[0].save({target!r})
+        print("ready", flush=True)
+        i = 0
+        while True:
+            models[i % 2].save({target!r})
+            i += 1
+    """)
+    for delay in (0.0, 0.013, 0.029, 0.047, 0.071, 0.113):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3 + delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        loaded = graphopt.load(target)
+        assert loaded(np.zeros((2, 4), np.float32)).shape == (2, 3)

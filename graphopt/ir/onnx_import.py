@@ -37,12 +37,16 @@ def _torch_dtype(onnx_type: int) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, helper.tensor_dtype_to_np_dtype(onnx_type))).dtype
 
 
+_ONNX_TYPE_OF = {torch.float32: 1, torch.float16: 10, torch.float64: 11, torch.bfloat16: 16}
+
+
 class _Static:
     """Helpers that demand trace-time constants for shape-like inputs."""
 
-    def __init__(self, node_desc: str, num_outputs: int):
+    def __init__(self, node_desc: str, num_outputs: int, opset: int = 0):
         self.node_desc = node_desc
         self.num_outputs = num_outputs
+        self.opset = opset
         self.static_arrays: dict[int, np.ndarray] = {}
 
     def _known(self, value, what: str) -> np.ndarray:
@@ -71,9 +75,12 @@ def _reduce(fn):
     return op
 
 
-def _slice(s, a, x, starts, ends, axes=None, steps=None):
-    starts, ends = s.ints(starts, "starts"), s.ints(ends, "ends")
-    axes = s.ints(axes, "axes") or list(range(len(starts)))
+def _slice(s, a, x, starts=None, ends=None, axes=None, steps=None):
+    if "starts" in a:                                    # opset < 10: attributes instead of inputs
+        starts, ends, axes = a["starts"], a["ends"], a.get("axes")
+    else:
+        starts, ends, axes = s.ints(starts, "starts"), s.ints(ends, "ends"), s.ints(axes, "axes")
+    axes = [ax % x.dim() for ax in axes] or list(range(len(starts)))
     steps = s.ints(steps, "steps") or [1] * len(starts)
     index = [slice(None)] * x.dim()
     for st, en, ax, sp in zip(starts, ends, axes, steps):
@@ -86,7 +93,9 @@ def _slice(s, a, x, starts, ends, axes=None, steps=None):
     return x[tuple(index)]
 
 
-def _reshape(s, a, x, shape):
+def _reshape(s, a, x, shape=None):
+    if shape is None:
+        raise UnsupportedOpError(f"{s.node_desc}: Reshape with a 'shape' attribute (opset < 5) is not supported")
     dims = s.ints(shape, "shape")
     if not a.get("allowzero", 0):
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
@@ -110,30 +119,84 @@ def _gemm(s, a, x, w, c=None):
     return y if c is None else y + a.get("beta", 1.0) * c
 
 
+def _spatial_pads(s, a, x, kernel, strides, dilations) -> list[int]:
+    """The begin..., end... pads of a conv or pool, from `pads` or from `auto_pad`."""
+    nd = len(kernel)
+    auto = a.get("auto_pad", "NOTSET")
+    if auto == "NOTSET":
+        return list(a.get("pads", [0] * 2 * nd))
+    if auto == "VALID":
+        return [0] * 2 * nd
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise UnsupportedOpError(f"{s.node_desc}: auto_pad={auto} is not supported")
+    pads = [0] * 2 * nd
+    for i in range(nd):
+        size = x.shape[2 + i]
+        out = -(-size // strides[i])
+        total = max((out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        pads[i], pads[i + nd] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    return pads
+
+
+def _flat_pads(pads: list[int]) -> list[int]:
+    """ONNX begin..., end... pads as F.pad's last-dim-first (begin, end) pairs."""
+    nd = len(pads) // 2
+    return [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
+
+
 def _conv(s, a, x, w, b=None):
     nd = w.dim() - 2
-    pads = a.get("pads", [0] * 2 * nd)
-    if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise UnsupportedOpError(f"{s.node_desc}: Conv auto_pad={a['auto_pad']} is not supported")
+    strides, dilations = a.get("strides", [1] * nd), a.get("dilations", [1] * nd)
+    pads = _spatial_pads(s, a, x, list(w.shape[2:]), strides, dilations)
     if pads[:nd] != pads[nd:]:
-        x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])])
+        x = F.pad(x, _flat_pads(pads))
         pads = [0] * 2 * nd
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
-    return conv(x, w, b, a.get("strides", [1] * nd), pads[:nd], a.get("dilations", [1] * nd), a.get("group", 1))
+    return conv(x, w, b, strides, pads[:nd], dilations, a.get("group", 1))
 
 
 def _pool(kind):
+    """MaxPool / AveragePool. Pads torch cannot take (asymmetric, or over half the kernel) are
+    applied explicitly: -inf for max; for average, a window sum divided by a count of the
+    cells the spec counts (input cells, plus pad cells when count_include_pad)."""
     def op(s, a, x):
         nd = x.dim() - 2
-        kernel, strides = a["kernel_shape"], a.get("strides", [1] * nd)
-        pads = a.get("pads", [0] * 2 * nd)
-        if pads[:nd] != pads[nd:]:
-            raise UnsupportedOpError(f"{s.node_desc}: asymmetric pooling pads are not supported")
+        kernel, strides = list(a["kernel_shape"]), list(a.get("strides", [1] * nd))
+        dilations = list(a.get("dilations", [1] * nd))
+        pads = _spatial_pads(s, a, x, kernel, strides, dilations)
         ceil = bool(a.get("ceil_mode", 0))
+        if a.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+            ceil = False                          # the SAME pads make the floor size the spec's ceil(in / stride)
+        native = pads[:nd] == pads[nd:] and all(2 * p <= k for p, k in zip(pads[:nd], kernel))
         if kind == "max":
-            return getattr(F, f"max_pool{nd}d")(x, kernel, strides, pads[:nd], a.get("dilations", [1] * nd), ceil)
-        return getattr(F, f"avg_pool{nd}d")(x, kernel, strides, pads[:nd], ceil,
-                                            bool(a.get("count_include_pad", 0)))
+            if s.num_outputs > 1 and (not native or a.get("storage_order", 0)):
+                raise UnsupportedOpError(f"{s.node_desc}: MaxPool's Indices output with "
+                                         + ("storage_order=1" if a.get("storage_order", 0) else f"pads {pads}")
+                                         + " is not supported")
+            if not native:
+                low = float("-inf") if x.is_floating_point() else torch.iinfo(x.dtype).min
+                x, pads = F.pad(x, _flat_pads(pads), value=low), [0] * 2 * nd
+            pool = getattr(F, f"max_pool{nd}d")
+            if s.num_outputs == 1:
+                return pool(x, kernel, strides, pads[:nd], dilations, ceil)
+            y, index = pool(x, kernel, strides, pads[:nd], dilations, ceil, return_indices=True)
+            plane = int(np.prod(x.shape[2:]))
+            offsets = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *[1] * nd) * plane
+            return y, index + offsets
+        if dilations != [1] * nd:
+            raise UnsupportedOpError(f"{s.node_desc}: AveragePool with dilations {dilations} is not supported")
+        include_pad = bool(a.get("count_include_pad", 0))
+        if native:
+            return getattr(F, f"avg_pool{nd}d")(x, kernel, strides, pads[:nd], ceil, include_pad)
+        squeeze = nd == 1                          # divisor_override exists for 2-d and 3-d pooling
+        if squeeze:
+            x, kernel, strides, pads = x.unsqueeze(-1), kernel + [1], strides + [1], [pads[0], 0, pads[1], 0]
+        pool = getattr(F, f"avg_pool{len(kernel)}d")
+        window_sum = pool(F.pad(x, _flat_pads(pads)), kernel, strides, 0, ceil, False, divisor_override=1)
+        counted = F.pad(torch.ones_like(x[:1, :1]), _flat_pads(pads), value=1.0 if include_pad else 0.0)
+        y = window_sum / pool(counted, kernel, strides, 0, ceil, False, divisor_override=1)
+        return y.squeeze(-1) if squeeze else y
     return op
 
 
@@ -155,11 +218,14 @@ def _conv_transpose(s, a, x, w, b=None):
 _PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
-def _pad(s, a, x, pads, value=None, axes=None):
+def _pad(s, a, x, pads=None, value=None, axes=None):
     mode = a.get("mode", "constant")
     if mode not in _PAD_MODES:
         raise UnsupportedOpError(f"{s.node_desc}: Pad mode={mode} is not supported")
-    widths = s.ints(pads, "pads")
+    if "pads" in a:                                      # opset < 11: attributes instead of inputs
+        widths, value = list(a["pads"]), np.asarray([a.get("value", 0.0)], np.float32)
+    else:
+        widths = s.ints(pads, "pads")
     axes = [ax % x.dim() for ax in s.ints(axes, "axes")] or list(range(x.dim()))
     begin, end = dict(zip(axes, widths[:len(axes)])), dict(zip(axes, widths[len(axes):]))
     padded = [ax for ax in axes if begin[ax] or end[ax]]
@@ -188,6 +254,8 @@ def _resize(s, a, x, roi=None, scales=None, sizes=None):
     def unsupported(what: str):
         return UnsupportedOpError(f"{s.node_desc}: Resize with {what} is not supported")
 
+    if s.opset < 11:
+        raise unsupported(f"opset {s.opset} (scales as the second input)")
     nd = x.dim() - 2
     mode = a.get("mode", "nearest")
     transform = a.get("coordinate_transformation_mode", "half_pixel")
@@ -255,6 +323,11 @@ def _attention(s, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
 
     if a.get("softcap", 0.0):
         raise unsupported(f"softcap={a['softcap']}")
+    for window in ("left_window_size", "right_window_size"):
+        if a.get(window, -1) != -1:
+            raise unsupported(f"{window}={a[window]} (a local attention window)")
+    if a.get("softmax_precision") not in (None, _ONNX_TYPE_OF.get(q.dtype)):
+        raise unsupported(f"softmax_precision={a['softmax_precision']} on {q.dtype} inputs")
     if s.num_outputs > 3 or any(r is not None for r in rest):
         raise unsupported("the qk_matmul_output output or nonpad_kv_seqlen")
     flat = q.dim() == 3
@@ -271,9 +344,17 @@ def _attention(s, a, q, k, v, mask=None, past_key=None, past_value=None, *rest):
         fill = False if mask.dtype == torch.bool else float("-inf")
         mask = F.pad(mask, (0, total - mask.shape[-1]), value=fill)
     causal = bool(a.get("is_causal", 0))
-    if causal and mask is not None:               # torch takes one or the other: fold causality into the mask
-        allowed = torch.ones(q_len, total, dtype=torch.bool).tril()
-        mask = mask & allowed if mask.dtype == torch.bool else mask.masked_fill(~allowed, float("-inf"))
+    past_len = 0 if past_key is None else past_key.shape[2]
+    if causal and (mask is not None or past_len):
+        # torch takes a mask or is_causal, and is_causal cannot shift the frontier; the spec's
+        # query i sees the keys up to past length + i, so causality goes into the mask
+        allowed = torch.ones(q_len, total, dtype=torch.bool).tril(past_len)
+        if mask is None:
+            mask = allowed
+        elif mask.dtype == torch.bool:
+            mask = mask & allowed
+        else:
+            mask = mask.masked_fill(~allowed, float("-inf"))
         causal = False
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a.get("scale"),
                                        enable_gqa=q.shape[1] != k.shape[1])
@@ -292,12 +373,29 @@ def _cumsum(s, a, x, axis):
     return y.flip(dim) if a.get("reverse", 0) else y
 
 
+def _stash_type(s, a, x) -> None:
+    if a.get("stash_type", 1) != 1:
+        raise UnsupportedOpError(f"{s.node_desc}: stash_type={a['stash_type']} is not supported (only 1, float)")
+
+
 def _layer_norm(s, a, x, scale, bias=None):
+    _stash_type(s, a, x)
     axis = a.get("axis", -1) % x.dim()
-    return F.layer_norm(x, x.shape[axis:], scale, bias, a.get("epsilon", 1e-5))
+    eps = a.get("epsilon", 1e-5)
+    y = F.layer_norm(x, x.shape[axis:], scale, bias, eps)
+    if s.num_outputs == 1:
+        return y
+    dims = list(range(axis, x.dim()))
+    wide = x.float()
+    mean = wide.mean(dims, keepdim=True)
+    inv_std = torch.rsqrt(((wide - mean) ** 2).mean(dims, keepdim=True) + eps)
+    return (y, mean, inv_std)[:s.num_outputs]
 
 
 def _rms_norm(s, a, x, scale, *rest):
+    _stash_type(s, a, x)
+    if any(r is not None for r in rest):
+        raise UnsupportedOpError(f"{s.node_desc}: {len(rest)} inputs after the scale are not supported")
     axis = a.get("axis", -1) % x.dim()
     dims = list(range(axis, x.dim()))
     y = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + a.get("epsilon", 1e-5))
@@ -325,7 +423,41 @@ def _constant_of_shape(s, a, shape):
 
 
 def _softmax(fn):
-    return lambda s, a, x: fn(x, dim=a.get("axis", -1))
+    def op(s, a, x):
+        if s.opset >= 13:
+            return fn(x, dim=a.get("axis", -1))
+        axis = a.get("axis", 1) % max(x.dim(), 1)     # before opset 13: over all dims from axis on
+        return fn(x.reshape(*x.shape[:axis], -1), dim=-1).reshape(x.shape)
+    return op
+
+
+def _dropout(s, a, x, ratio=None, training_mode=None):
+    if training_mode is not None and any(s.ints(training_mode, "training_mode")):
+        raise UnsupportedOpError(f"{s.node_desc}: Dropout with training_mode=true is not supported (inference only)")
+    if s.num_outputs == 1:
+        return x
+    return x, torch.ones(x.shape, dtype=torch.bool)
+
+
+def _pow(s, a, x, y):
+    out = torch.pow(x, y)
+    return out if out.dtype == x.dtype else out.to(x.dtype)   # the spec: the base's type
+
+
+def _normalized_indices(index: torch.Tensor, size: int) -> torch.Tensor:
+    """ONNX index inputs may count from the end (-1 is the last)."""
+    return torch.where(index < 0, index + size, index)
+
+
+def _gather(s, a, x, index):
+    axis = a.get("axis", 0) % x.dim()
+    flat = _normalized_indices(index.reshape(-1), x.shape[axis])
+    return torch.index_select(x, axis, flat).reshape(x.shape[:axis] + index.shape + x.shape[axis + 1:])
+
+
+def _gather_elements(s, a, x, index):
+    axis = a.get("axis", 0) % x.dim()
+    return torch.gather(x, axis, _normalized_indices(index, x.shape[axis]))
 
 
 def _squeeze(s, a, x, axes=None):
@@ -343,7 +475,7 @@ def _unsqueeze(s, a, x, axes=None):
 def _clip(s, a, x, lo=None, hi=None):
     lo = a.get("min") if lo is None else lo
     hi = a.get("max") if hi is None else hi
-    return torch.clamp(x, lo, hi)
+    return x if lo is None and hi is None else torch.clamp(x, lo, hi)
 
 
 def _trilu(s, a, x, k=None):
@@ -352,6 +484,9 @@ def _trilu(s, a, x, k=None):
 
 
 def _batch_norm(s, a, x, scale, bias, mean, var):
+    if a.get("training_mode", 0):
+        raise UnsupportedOpError(f"{s.node_desc}: BatchNormalization with training_mode=1 is not supported "
+                                 "(inference only)")
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
 
 
@@ -362,7 +497,7 @@ def _gelu(s, a, x):
 OPS: dict[str, Callable] = {
     "Add": lambda s, a, x, y: x + y, "Sub": lambda s, a, x, y: x - y, "Mul": lambda s, a, x, y: x * y,
     "Div": lambda s, a, x, y: torch.div(x, y, rounding_mode="trunc") if not x.is_floating_point() else x / y,
-    "Pow": lambda s, a, x, y: torch.pow(x, y), "Sqrt": lambda s, a, x: torch.sqrt(x),
+    "Pow": _pow, "Sqrt": lambda s, a, x: torch.sqrt(x),
     "Reciprocal": lambda s, a, x: torch.reciprocal(x), "Neg": lambda s, a, x: -x,
     "Abs": lambda s, a, x: torch.abs(x), "Exp": lambda s, a, x: torch.exp(x), "Log": lambda s, a, x: torch.log(x),
     "Erf": lambda s, a, x: torch.erf(x), "Tanh": lambda s, a, x: torch.tanh(x), "Sin": lambda s, a, x: torch.sin(x),
@@ -375,14 +510,12 @@ OPS: dict[str, Callable] = {
     "Flatten": lambda s, a, x: x.reshape(int(np.prod(x.shape[: a.get("axis", 1)])), -1),
     "Reshape": _reshape, "Transpose": lambda s, a, x: x.permute(a.get("perm", list(range(x.dim()))[::-1])),
     "Concat": lambda s, a, *xs: torch.cat(xs, dim=a["axis"]), "Split": _split, "Slice": _slice,
-    "Gather": lambda s, a, x, i: torch.index_select(x, a.get("axis", 0) % x.dim(), i.reshape(-1)).reshape(
-        x.shape[: a.get("axis", 0) % x.dim()] + i.shape + x.shape[a.get("axis", 0) % x.dim() + 1:]),
-    "GatherElements": lambda s, a, x, i: torch.gather(x, a.get("axis", 0), i),
+    "Gather": _gather, "GatherElements": _gather_elements,
     "GatherND": lambda s, a, x, i: _gather_nd(s, a, x, i),
     "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
     "Shape": lambda s, a, x: torch.tensor(list(x.shape)[a.get("start", 0): a.get("end")], dtype=torch.int64),
     "Cast": _cast, "CastLike": lambda s, a, x, y: x.to(y.dtype), "Identity": lambda s, a, x: x,
-    "Dropout": lambda s, a, x, *_: x, "Where": lambda s, a, c, x, y: torch.where(c, x, y),
+    "Dropout": _dropout, "Where": lambda s, a, c, x, y: torch.where(c, x, y),
     "Equal": lambda s, a, x, y: x == y, "Less": lambda s, a, x, y: x < y, "Greater": lambda s, a, x, y: x > y,
     "LessOrEqual": lambda s, a, x, y: x <= y, "GreaterOrEqual": lambda s, a, x, y: x >= y,
     "Not": lambda s, a, x: ~x, "And": lambda s, a, x, y: x & y, "Or": lambda s, a, x, y: x | y,
@@ -404,15 +537,97 @@ OPS: dict[str, Callable] = {
 }
 
 
+_POOL = ("auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "strides")
+_CONV = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+_REDUCE = ("axes", "keepdims", "noop_with_empty_axes")
+_NORM = ("axis", "epsilon", "stash_type")
+_CAST = ("saturate", "round_mode")       # both act on float8 / float4 targets only, which raise
+
+# The attributes each translation reads, over every opset it accepts. Any other attribute on
+# a node raises UnsupportedOpError: nothing the importer does not implement is ignored.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "Attention": ("is_causal", "kv_num_heads", "q_num_heads", "scale", "softcap", "left_window_size",
+                  "right_window_size", "softmax_precision", "qk_matmul_output_mode"),
+    "AveragePool": _POOL + ("count_include_pad",), "MaxPool": _POOL + ("storage_order",),
+    "Conv": _CONV, "ConvTranspose": _CONV + ("output_padding", "output_shape"),
+    "BatchNormalization": ("epsilon", "momentum", "training_mode"), "InstanceNormalization": ("epsilon",),
+    "LayerNormalization": _NORM, "RMSNormalization": _NORM, "SimplifiedLayerNormalization": _NORM,
+    "ReduceMean": _REDUCE, "ReduceSum": _REDUCE, "ReduceMax": _REDUCE, "ReduceMin": _REDUCE,
+    "Cast": ("to",) + _CAST, "CastLike": _CAST, "Clip": ("min", "max"), "ConstantOfShape": ("value",),
+    "Concat": ("axis",), "Flatten": ("axis",), "Gather": ("axis",), "GatherElements": ("axis",),
+    "GatherND": ("batch_dims",), "Softmax": ("axis",), "LogSoftmax": ("axis",), "Transpose": ("perm",),
+    "Split": ("axis", "num_outputs", "split"), "Squeeze": ("axes",), "Unsqueeze": ("axes",),
+    "Slice": ("starts", "ends", "axes"), "Pad": ("mode", "pads", "value"), "Reshape": ("allowzero",),
+    "Shape": ("start", "end"), "CumSum": ("exclusive", "reverse"), "Trilu": ("upper",),
+    "Dropout": ("ratio", "seed"), "Gemm": ("alpha", "beta", "transA", "transB"), "Gelu": ("approximate",),
+    "LeakyRelu": ("alpha",), "Elu": ("alpha",), "HardSigmoid": ("alpha", "beta"),
+    "Resize": ("antialias", "axes", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside",
+               "extrapolation_value", "keep_aspect_ratio_policy", "mode", "nearest_mode"),
+}
+
+# Ops with more outputs than one: the most each translation produces (None: any number).
+OUTPUTS: dict[str, int | None] = {"Attention": 3, "Dropout": 2, "LayerNormalization": 3, "MaxPool": 2, "Split": None}
+
+# Element types the importer computes in (torch lacks arithmetic on uint16..uint64; numpy
+# has no bfloat16 or float8 for the artifacts' inputs).
+ELEMENT_TYPES = ("FLOAT", "DOUBLE", "FLOAT16", "INT8", "INT16", "INT32", "INT64", "UINT8", "BOOL")
+
 # Float inputs that are numbers at import time, not tensors: (op, input positions).
 _READ_AT_IMPORT = {"Resize": (1, 2, 3), "Pad": (2,)}
+
+
+def _check_node(node, attrs: dict[str, Any], desc: str) -> None:
+    """Raise UnsupportedOpError for an attribute, an output or a target type the op's
+    translation does not implement."""
+    known = ATTRIBUTES.get(node.op_type, ())
+    for name in attrs:
+        if name not in known:
+            raise UnsupportedOpError(f"{desc}: attribute '{name}' is not supported")
+    most = OUTPUTS.get(node.op_type, 1)
+    if most is not None and len(node.output) > most:
+        raise UnsupportedOpError(f"{desc}: output #{most} ('{node.output[most]}') is not supported; "
+                                 f"the importer computes {most} output{'s' if most > 1 else ''}")
+    if node.op_type == "Cast":
+        _check_type(attrs["to"], f"{desc}: 'to'")
+    if node.op_type == "ConstantOfShape" and "value" in attrs:
+        _check_array_type(attrs["value"], f"{desc}: value")
+
+
+def _check_type(elem_type: int, what: str) -> None:
+    from onnx import TensorProto
+    name = TensorProto.DataType.Name(elem_type)
+    if name not in ELEMENT_TYPES:
+        raise UnsupportedOpError(f"{what} has element type {name}, which graphopt's ONNX importer does not "
+                                 f"support (supported: {', '.join(ELEMENT_TYPES)})")
+
+
+def _check_array_type(array: np.ndarray, what: str) -> None:
+    from onnx import helper
+    try:
+        elem_type = helper.np_dtype_to_tensor_dtype(np.asarray(array).dtype)
+    except (KeyError, TypeError, ValueError):
+        raise UnsupportedOpError(f"{what} has numpy dtype {np.asarray(array).dtype}, which graphopt's ONNX "
+                                 "importer does not support") from None
+    _check_type(elem_type, what)
+
+
+def _check_element_types(graph, source: str) -> None:
+    for kind, values in (("input", graph.input), ("output", graph.output), ("value", graph.value_info)):
+        for value in values:
+            if value.type.HasField("tensor_type"):
+                _check_type(value.type.tensor_type.elem_type, f"{source}: {kind} '{value.name}'")
+            else:
+                raise UnsupportedOpError(f"{source}: {kind} '{value.name}' is a {value.type.WhichOneof('value')}, "
+                                         "not a tensor; graphopt's ONNX importer takes tensors only")
+    for init in graph.initializer:
+        _check_type(init.data_type, f"{source}: initializer '{init.name}'")
 
 
 def _gather_nd(s, a, x, indices):
     if a.get("batch_dims", 0):
         raise UnsupportedOpError(f"{s.node_desc}: GatherND with batch_dims is not supported")
     depth = indices.shape[-1]
-    index = tuple(indices[..., k] for k in range(depth))
+    index = tuple(_normalized_indices(indices[..., k], x.shape[k]) for k in range(depth))
     return x[index]
 
 
@@ -431,6 +646,8 @@ class OnnxModule(torch.nn.Module):
         from onnx import numpy_helper
         graph = model.graph
         self.source = source
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        _check_element_types(graph, source)
         self.static: dict[str, np.ndarray] = {}
         self.buffer_of: dict[str, str] = {}
         read_at_import = {n.input[k] for n in graph.node for k in _READ_AT_IMPORT.get(n.op_type, ())
@@ -453,10 +670,13 @@ class OnnxModule(torch.nn.Module):
             desc = f"ONNX node '{node.name or f'#{index}'}' (op {node.op_type}, domain '{node.domain}')"
             if node.op_type == "Constant":
                 self.static[node.output[0]] = self._constant(node)
+                _check_array_type(self.static[node.output[0]], f"{desc} in {source}: value")
                 continue
             if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in OPS:
                 raise UnsupportedOpError(f"{desc} in {source} is not supported by graphopt's ONNX importer")
-            self.nodes.append((desc, node.op_type, list(node.input), list(node.output), _attrs(node)))
+            attrs = _attrs(node)
+            _check_node(node, attrs, f"{desc} in {source}")
+            self.nodes.append((desc, node.op_type, list(node.input), list(node.output), attrs))
         self._as_linear_layers()
 
     def _buffer(self, name: str, rank: int) -> torch.Tensor | None:
@@ -533,7 +753,7 @@ class OnnxModule(torch.nn.Module):
             if all(not name or name in self.static for name in outputs):
                 continue
             values = [env[name] if name else None for name in inputs]
-            helper = _Static(desc, len(outputs))
+            helper = _Static(desc, len(outputs), self.opset)
             all_static = all(v is None or isinstance(v, np.ndarray) for v in values)
             tensors = []
             for v in values:
