@@ -225,15 +225,17 @@ def load(directory: str, threads: int | None = None) -> LoadedModel:
                            threads or options.get("threads"), options.get("optimization_level", "all"))
         return LoadedModel(directory, manifest, runner)
     if backend == "tvm":
-        from .runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target
+        from .errors import BackendError
+        from .runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, check_cpu_features
         options = manifest.get("backend_options") or {}
         built_for = (options.get("target") or {}).get("mcpu")
-        here = host_target().get("mcpu")
-        if built_for and here and built_for != here:
-            import warnings
-            warnings.warn(f"artifact {directory} was compiled for CPU '{built_for}', this machine is '{here}': "
-                          "if it lacks an instruction set the library uses (e.g. AVX-512), the process will crash "
-                          "with an illegal instruction; recompile here to be safe", stacklevel=2)
+        if "cpu_features" not in options:
+            raise ArtifactError(f"artifact {directory}: its manifest does not say which CPU features the TVM library "
+                                f"(built for '{built_for}') needs; recompile it with this graphopt")
+        try:
+            check_cpu_features(options["cpu_features"], f"artifact {directory} (TVM, built for CPU '{built_for}')")
+        except BackendError as exc:
+            raise ArtifactError(str(exc)) from None
         runner = TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
                            os.path.join(directory, options.get("params", TVM_PARAMS)), inputs, outputs,
                            threads or options.get("threads"))

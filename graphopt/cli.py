@@ -31,6 +31,14 @@ def _dim_size(text: str) -> tuple[str, int]:
     return name, int(size)
 
 
+def _backend_options(args) -> dict | None:
+    if args.backend == "tvm":
+        return {"threads": args.threads, "target": args.tvm_target}
+    if args.tvm_target != "host":
+        raise GraphoptError("--tvm-target is for --backend tvm")
+    return {"threads": args.threads} if args.backend == "onnxruntime" else None
+
+
 def _example_inputs(bundle, seq_len: int):
     if not bundle.is_sequence_model:
         return bundle.example_inputs()
@@ -102,7 +110,7 @@ def cmd_compile(args) -> None:
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
-                          backend_options={"threads": args.threads} if args.backend in ("onnxruntime", "tvm") else None)
+                          backend_options=_backend_options(args))
     with torch.no_grad():
         eager_out = reference()[0]
         eager_ms = _median_ms(reference, args.repeats)
@@ -447,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=128)
     c.add_argument("--dynamic-seq", action="store_true", help="make the sequence length dynamic")
     c.add_argument("--threads", type=int, default=None)
+    c.add_argument("--tvm-target", default="host",
+                   help="CPU the TVM library is built for: host (this CPU's every feature), or an x86-64 level "
+                        "such as x86-64-v3 (AVX2) for an artifact that runs on any CPU of that level")
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--no-verify", action="store_true", help="skip output verification after each pass")
     c.add_argument("--dump-dir", help="write the graph before/after each changing pass here")

@@ -62,6 +62,66 @@ def use_all_cores_for_tvm() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 
+# The x86-64 micro-architecture levels (x86-64 psABI), as Linux /proc/cpuinfo flag names;
+# each level includes the ones before it.
+X86_64_LEVELS = {
+    "x86-64-v2": ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"),
+    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+}
+# Instruction-set flags LLVM may emit for a host-specific CPU (-mcpu=znver4, ...).
+ISA_FLAGS = frozenset(f for level in X86_64_LEVELS.values() for f in level) | {
+    "sse", "sse2", "avx512_bf16", "avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx512ifma", "avx512_bitalg",
+    "avx512_vpopcntdq", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "gfni", "vaes",
+    "vpclmulqdq", "sha_ni", "adx"}
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags (Linux /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def required_cpu_features(target: dict) -> list[str] | None:
+    """The CPU flags code built for `target` may use: a named x86-64 level's, else (a
+    host-specific -mcpu) every instruction-set flag of the building machine."""
+    mcpu = target.get("mcpu", "")
+    if mcpu in X86_64_LEVELS:
+        names = list(X86_64_LEVELS)
+        return sorted(f for level in names[: names.index(mcpu) + 1] for f in X86_64_LEVELS[level])
+    flags = cpu_flags()
+    return sorted(flags & ISA_FLAGS) if flags is not None else None
+
+
+def check_cpu_features(required: Sequence[str] | None, what: str) -> None:
+    """Raise BackendError naming the flags in `required` this CPU lacks."""
+    flags = cpu_flags()
+    if not required or flags is None:
+        return
+    missing = sorted(set(required) - flags)
+    if missing:
+        raise BackendError(f"{what} needs CPU features this machine lacks: {', '.join(missing)}; recompile it here, "
+                           "or compile with backend option target='x86-64-v3' (AVX2) for a portable library")
+
+
+def tvm_target(target: dict | str | None) -> dict:
+    """A TVM target dict from None / 'host' (this CPU), an x86-64 level name, or a dict."""
+    if isinstance(target, dict):
+        return dict(target)
+    if target in (None, "host"):
+        return host_target()
+    if target in X86_64_LEVELS:
+        return {"kind": "llvm", "num-cores": os.cpu_count() or 1, "mcpu": target}
+    raise BackendError(f"unknown TVM target '{target}'; use 'host', {', '.join(map(repr, X86_64_LEVELS))} "
+                       "or a TVM target dict")
+
+
 def host_target() -> dict:
     """The TVM target for this machine's CPU (LLVM with the host's features)."""
     use_all_cores_for_tvm()

@@ -15,18 +15,23 @@ def dtype_name(value: Any) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, shape and dtype of one model input or output. A str dim is dynamic."""
+    """Name, shape and dtype of one model input or output. A str dim is dynamic.
+    `index_range` (low, high): the values an index input may take, low <= v < high (token
+    ids of an embedding table)."""
 
     name: str
     shape: tuple[int | str, ...]
     dtype: str
+    index_range: tuple[int, int] | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        out = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return out | ({"index_range": list(self.index_range)} if self.index_range else {})
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorSpec":
-        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]))
+        index_range = tuple(int(v) for v in data["index_range"]) if data.get("index_range") else None
+        return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]), index_range)
 
     def describe(self) -> str:
         dims = ", ".join(str(d) for d in self.shape)
@@ -48,6 +53,13 @@ class TensorSpec:
             raise InputSpecError(
                 f"input '{self.name}': expected shape {list(self.shape)}, got {list(shape)}"
                 " (str dims are dynamic; recompile with other example inputs or dynamic dims)")
+        if self.index_range and all(shape):
+            low, high = self.index_range
+            smallest, largest = int(value.min()), int(value.max())
+            if smallest < low or largest >= high:
+                bad = smallest if smallest < low else largest
+                raise InputSpecError(f"input '{self.name}': value {bad} is out of range; valid values are "
+                                     f"{low}..{high - 1} (the embedding table has {high} rows)")
 
 
 def check_inputs(specs: Sequence[TensorSpec], values: Sequence[Any]) -> None:

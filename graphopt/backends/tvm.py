@@ -35,7 +35,8 @@ import torch.fx as fx
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
 from ..ir.graph import add_constant, constant_value, export_retrying_with_reshapes
-from ..runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, host_target, use_all_cores_for_tvm
+from ..runtime import (TVM_LIBRARY, TVM_PARAMS, TvmRunner, check_cpu_features, required_cpu_features, tvm_target,
+                       use_all_cores_for_tvm)
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
 
@@ -66,21 +67,26 @@ class TvmExecutable(Executable):
         for name in (TVM_LIBRARY, TVM_PARAMS):
             shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
         return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
-                "target": self.target, "compile_seconds": round(self.compile_seconds, 1)}
+                "target": self.target, "cpu_features": required_cpu_features(self.target),
+                "compile_seconds": round(self.compile_seconds, 1)}
 
     def __del__(self):
         shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
 class TvmBackend(Backend):
-    """Options: `threads` (default: all cores), `target` (a TVM target dict; default: the
-    host CPU), `schedules` (False builds TVM's unscheduled loops: for comparisons only)."""
+    """Options: `threads` (default: all cores), `target` ('host', the default: this CPU's
+    every feature; an x86-64 level such as 'x86-64-v3' (AVX2) for a library that runs on any
+    CPU of that level; or a TVM target dict), `schedules` (False builds TVM's unscheduled
+    loops: for comparisons only). The CPU features the library needs go in the manifest;
+    loading refuses a CPU that lacks one."""
 
     name = "tvm"
 
-    def __init__(self, threads: int | None = None, target: dict | None = None, schedules: bool = True):
+    def __init__(self, threads: int | None = None, target: dict | str | None = None, schedules: bool = True):
         self.threads = threads
-        self.target = dict(target) if target else host_target()
+        self.target = tvm_target(target)
+        check_cpu_features(required_cpu_features(self.target), f"a TVM library for CPU '{self.target.get('mcpu')}'")
         self.schedules = schedules
 
     def compile(self, captured, progress=False):

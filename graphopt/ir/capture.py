@@ -143,6 +143,43 @@ def sequence_dims(args: Sequence[torch.Tensor], dim: int = 1, name: str = "seq")
     return {i: {dim: name} for i, a in enumerate(args) if a.dim() > dim}
 
 
+_INDEX_CARRIERS = {"view", "reshape", "unsqueeze", "squeeze", "_to_copy", "to", "clone", "contiguous",
+                   "expand", "flatten", "_unsafe_view", "alias"}
+
+
+def index_ranges(gm: torch.fx.GraphModule) -> dict[int, tuple[int, int]]:
+    """Input position -> (0, rows) for each graph input that indexes an embedding table,
+    directly or through reshapes and casts (intersected over all the tables it indexes)."""
+    positions = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    ranges: dict[int, tuple[int, int]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "_opname", None) != "embedding":
+            continue
+        weight, index = node.args[0], node.args[1]
+        rows = getattr(weight.meta.get("val"), "shape", [None])[0] if isinstance(weight, torch.fx.Node) else None
+        while isinstance(index, torch.fx.Node) and index.op == "call_function" and \
+                getattr(index.target, "_opname", None) in _INDEX_CARRIERS:
+            index = index.args[0]
+        if isinstance(rows, int) and index in positions:
+            low, high = ranges.get(positions[index], (0, rows))
+            ranges[positions[index]] = (low, min(high, rows))
+    return ranges
+
+
+def _check_positions(model, example_inputs) -> None:
+    """A Hugging Face model given more tokens than it has positions fails here, at once,
+    instead of deep in capture (or out of memory)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    first = example_inputs if isinstance(example_inputs, torch.Tensor) else (
+        next(iter(example_inputs.values()), None) if isinstance(example_inputs, Mapping) else
+        (example_inputs[0] if isinstance(example_inputs, (tuple, list)) and example_inputs else None))
+    if isinstance(limit, int) and isinstance(first, torch.Tensor) and first.dim() == 2 and \
+            not first.is_floating_point() and first.shape[1] > limit:
+        raise CaptureError(f"{type(model).__name__}: example input has {first.shape[1]} tokens, more than the "
+                           f"model's {limit} positions (config.max_position_embeddings)")
+
+
 def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
             dynamic_dims: Mapping[int, Mapping[int, str]] | None = None) -> CapturedModel:
     """Capture `model` into the IR.
@@ -152,6 +189,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     `dynamic_dims` maps input index -> {dim index: dim name}; see `sequence_dims`.
     An .onnx path is imported first (see graphopt.ir.onnx_import).
     """
+    _check_positions(model, example_inputs)
     if isinstance(model, (str, os.PathLike)):
         from .onnx_import import import_onnx
         if dynamic_dims:
@@ -199,7 +237,9 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     taken = {n.name for n in gm.graph.nodes if n.op != "placeholder"}   # a re-export names values after nodes
     if isinstance(own, list) and len(own) == len(flat) and len(set(own)) == len(own) and not taken & set(own):
         out_names = list(own)
-    inputs = [TensorSpec(n, tuple(dynamic_dims.get(i, {}).get(d, int(s)) for d, s in enumerate(a.shape)), dtype_name(a))
+    ranges = index_ranges(gm)
+    inputs = [TensorSpec(n, tuple(dynamic_dims.get(i, {}).get(d, int(s)) for d, s in enumerate(a.shape)), dtype_name(a),
+                         ranges.get(i))
               for i, (n, a) in enumerate(zip(names, args))]
     out_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="output")[0].args[0]]
     outputs = []

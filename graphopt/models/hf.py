@@ -86,12 +86,19 @@ def load_smollm2():
     model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     model.eval()
     model.config.use_cache = False
-    return ModelBundle("smollm2", model, tokenizer, _token_maker(model.config.vocab_size, tokenizer),
+    return ModelBundle("smollm2", model, tokenizer, _token_maker(model.config.vocab_size, tokenizer,
+                                                                 max_positions=_max_positions(model.config)),
                        "SmolLM2-135M-Instruct (real weights, dequantized from Q4_1 GGUF)")
 
 
-def _token_maker(vocab_size: int, tokenizer=None, with_mask: bool = False):
+def _max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _token_maker(vocab_size: int, tokenizer=None, with_mask: bool = False, max_positions: int | None = None):
     def make(seq_len: int = 128, batch: int = 1, text: str | None = None, seed: int = 0):
+        if seq_len < 1 or (max_positions and seq_len > max_positions):
+            raise GraphoptError(f"seq_len={seq_len} is outside this model's positions (1..{max_positions})")
         if text is not None and tokenizer is not None:
             ids = tokenizer(text, return_tensors="pt").input_ids[:, :seq_len]
             if ids.shape[1] < seq_len:
@@ -117,7 +124,8 @@ def load_random(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model = (AutoModel if name == "bert" else AutoModelForCausalLM).from_config(config)
     model.eval()
-    return ModelBundle(name, model, None, _token_maker(config.vocab_size, with_mask=(name == "bert")),
+    return ModelBundle(name, model, None, _token_maker(config.vocab_size, with_mask=(name == "bert"),
+                                                        max_positions=_max_positions(config)),
                        f"{config_class} with random weights")
 
 

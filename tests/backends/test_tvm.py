@@ -187,3 +187,33 @@ def test_negative_indices_are_wrapped_not_read_out_of_bounds(preset):
     for _ in range(3):                                     # out-of-bounds reads vary from call to call
         for got, want in zip(cm(x, positions), model(x, positions), strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_portable_target_records_its_features_and_a_missing_one_refuses_to_load(tmp_path):
+    import json
+
+    from graphopt.runtime import X86_64_LEVELS, cpu_flags
+    flags = cpu_flags()
+    if flags is None or not set(X86_64_LEVELS["x86-64-v3"]) <= flags:
+        pytest.skip("this CPU is not x86-64-v3")
+    model, x = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU()), torch.randn(4, 16)
+    cm = graphopt.compile(model, (x,), backend="tvm", backend_options={"target": "x86-64-v3"}, progress=False)
+    path = cm.save(str(tmp_path / "portable"))
+    manifest_path = tmp_path / "portable" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    features = manifest["backend_options"]["cpu_features"]
+    assert "avx2" in features and "fma" in features and not any(f.startswith("avx512") for f in features)
+    assert_close_to_scale(graphopt.load(path)(x.numpy()), model(x), 1e-4)
+    manifest["backend_options"]["cpu_features"] = features + ["avx512f", "amx_tile"]
+    manifest_path.write_text(json.dumps(manifest))
+    missing = sorted({"avx512f", "amx_tile"} - flags)
+    if not missing:
+        pytest.skip("this CPU has AVX-512 and AMX")
+    with pytest.raises(graphopt.ArtifactError, match="needs CPU features this machine lacks: " + ", ".join(missing)):
+        graphopt.load(path)
+
+
+def test_an_unknown_target_name_is_one_line():
+    with pytest.raises(graphopt.BackendError, match="unknown TVM target 'x86-64-v9'"):
+        graphopt.compile(torch.nn.Linear(2, 2), (torch.randn(1, 2),), backend="tvm",
+                         backend_options={"target": "x86-64-v9"}, progress=False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.errors import CaptureError, InputSpecError
+from graphopt.errors import CaptureError, GraphoptError, InputSpecError
 from graphopt.ir.capture import capture, sequence_dims
 from graphopt.specs import TensorSpec
 
@@ -70,3 +70,31 @@ def test_tensor_spec_checks_shape_and_dtype():
         spec.check(torch.zeros(1, 5))
     with pytest.raises(InputSpecError, match=r"expected shape \[1, 'seq'\], got \[2, 5\]"):
         spec.check(torch.zeros(2, 5, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bad", [-1, 1 << 20])
+def test_token_ids_outside_the_vocabulary_are_one_line_errors(tmp_path, bad):
+    """ONNX Gather wraps negative ids and errors deep inside on large ones: the input's
+    valid range comes from the embedding table and is checked in process and in artifacts."""
+    bundle = graphopt.models.load("llama")
+    (ids,) = small_inputs(bundle)
+    vocab = bundle.model.config.vocab_size
+    cm = graphopt.compile(bundle.model, (ids,), passes="none", progress=False)
+    assert cm.captured.inputs[0].index_range == (0, vocab)
+    loaded = graphopt.load(cm.save(str(tmp_path / "llama")))
+    wrong = ids.clone()
+    wrong[0, -1] = bad
+    message = f"input 'input_ids': value {bad} is out of range; valid values are 0..{vocab - 1}"
+    for run in (cm, loaded):
+        with pytest.raises(InputSpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            run(wrong if run is cm else wrong.numpy())
+    loaded(ids.numpy())
+
+
+def test_more_tokens_than_the_model_has_positions_fail_before_capture():
+    bundle = graphopt.models.load("llama")
+    limit = bundle.model.config.max_position_embeddings
+    with pytest.raises(GraphoptError, match=f"outside this model's positions \\(1..{limit}\\)"):
+        bundle.example_inputs(seq_len=limit + 1)
+    with pytest.raises(CaptureError, match=f"{limit + 1} tokens, more than the model's {limit} positions"):
+        capture(bundle.model, (torch.zeros(1, limit + 1, dtype=torch.long),))

@@ -1,0 +1,43 @@
+"""Every ONNX node conformance case the importer's op table covers: the right outputs or an
+UnsupportedOpError naming what is missing. Never a wrong output or a foreign exception."""
+import functools
+
+import pytest
+
+from .onnx_cases import run_case, supported_cases
+
+
+@functools.lru_cache(maxsize=1)
+def _cases():
+    return supported_cases()
+
+
+def _failures(cases, backend):
+    outcomes = [run_case(case, backend) for case in cases]
+    bad = [f"{o.name}: {o.status}: {o.detail}" for o in outcomes if o.status in ("wrong", "error")]
+    unclear = [f"{o.name}: {o.detail}" for o in outcomes
+               if o.status == "unsupported" and "not supported" not in o.detail and "does not support" not in o.detail]
+    return outcomes, bad + unclear
+
+
+def test_every_sixth_case_through_the_importer():
+    outcomes, failures = _failures(_cases()[::6], "torch")
+    assert not failures, "\n".join(failures)
+    assert sum(o.status == "pass" for o in outcomes) >= 80
+
+
+@pytest.mark.slow
+def test_every_case_through_the_importer():
+    outcomes, failures = _failures(_cases(), "torch")
+    assert not failures, "\n".join(failures)
+    assert sum(o.status == "pass" for o in outcomes) >= 550
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnxruntime", "tvm"])
+def test_cases_that_import_run_the_same_on_a_backend(backend):
+    passing = [c for c in _cases() if run_case(c, "torch").status == "pass"]
+    if backend == "tvm":
+        passing = passing[::4]              # a TVM build per case: a quarter keeps this under ~15 minutes
+    outcomes, failures = _failures(passing, backend)
+    assert not failures, "\n".join(failures)
