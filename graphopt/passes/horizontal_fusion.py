@@ -44,7 +44,9 @@ class HorizontalFusion(Pass):
             if isinstance(m["x"], fx.Node):
                 groups.setdefault(m["x"], []).append(m)
         fused_groups, changes = 0, []
+        replaced: dict[fx.Node, fx.Node] = {}      # a fused linear's old node -> the part that replaced it
         for x, members in groups.items():
+            x = replaced.get(x, x)                  # the input of a later group may be an earlier group's member
             if len(members) < self.options.min_group:
                 continue
             by_shape: dict[tuple, list] = {}
@@ -56,13 +58,13 @@ class HorizontalFusion(Pass):
                              f"{sorted(str(k) for k in by_shape)}; fused per kind")
             for key, same in by_shape.items():
                 if len(same) >= self.options.min_group and key[0] == 2:
-                    changes.append(self._fuse(gm, x, same))
+                    changes.append(self._fuse(gm, x, same, replaced))
                     fused_groups += 1
         if fused_groups:
             remove_unused_attributes(gm)
         return PassResult(gm, fused_groups > 0, changes, notes[: self.options.max_notes])
 
-    def _fuse(self, gm: fx.GraphModule, x: fx.Node, members: list) -> str:
+    def _fuse(self, gm: fx.GraphModule, x: fx.Node, members: list, replaced: dict) -> str:
         weights = [constant_value(gm, m["w"]) for m in members]
         biases = [constant_value(gm, m.get("b")) if m.get("b") is not None else None for m in members]
         sizes = [w.shape[0] for w in weights]
@@ -88,6 +90,7 @@ class HorizontalFusion(Pass):
             part.meta.update({k: m.root.meta[k] for k in ("nn_module_stack", "stack_trace") if k in m.root.meta})
             part.meta["val"] = split.meta["val"][i]
             m.root.replace_all_uses_with(part)
+            replaced[m.root] = part
             graph.erase_node(m.root)
         return f"{' + '.join(paths)} -> one linear [{sum(sizes)}x{weights[0].shape[1]}]"
 
