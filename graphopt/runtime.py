@@ -3,18 +3,20 @@ or numpy + the TVM runtime)."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, UnsupportedOpError
 from .specs import TensorSpec, check_inputs
 
 
 def to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch
         value = value.detach().cpu().contiguous().numpy()
-    return np.ascontiguousarray(value)
+    array = np.asarray(value)
+    return array if array.flags.c_contiguous else np.ascontiguousarray(array)   # (which makes 0-d arrays 1-d)
 
 
 class OrtRunner:
@@ -38,6 +40,11 @@ class OrtRunner:
             self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", first)
+            if missing:
+                op, version, node = missing.groups()
+                raise UnsupportedOpError(f"onnxruntime has no CPU kernel for {op} (opset {version}) with the input "
+                                         f"types of node '{node}' in {os.path.basename(model_path)}") from exc
             raise BackendError(f"onnxruntime could not load {model_path}: {first}") from exc
         self.inputs = list(inputs)
         self.outputs = list(outputs)

@@ -301,8 +301,21 @@ def import_relax(captured: CapturedModel):
     except Exception as exc:  # noqa: BLE001 - the importer raises asserts and TVM errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: Relax import failed: {first}") from exc
+    _check_output_types(mod, captured)
     mod, params = detach_params(mod)
     return mod, list(params.get("main", []))
+
+
+def _check_output_types(mod, captured: CapturedModel) -> None:
+    """TVM's importer must return the element types the graph computes; where it does not
+    (it computes some float16/float64 graphs and MaxPool's indices as float32), refuse."""
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if hasattr(ret, "fields") else [ret]
+    for spec, info in zip(captured.outputs, fields):
+        dtype = str(getattr(info, "dtype", ""))
+        if dtype and dtype != spec.dtype:
+            raise UnsupportedOpError(f"tvm backend: output '{spec.name}' comes out of TVM's Relax importer as {dtype}, "
+                                     f"the graph computes {spec.dtype}; use backend='onnxruntime' for this graph")
 
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True) -> None:

@@ -410,7 +410,8 @@ def _range(s, a, start, limit, delta):
     def scalar(v, what):
         v = s.static_arrays.get(id(v), v)
         if isinstance(v, torch.Tensor):
-            raise UnsupportedOpError(f"{s.node_desc}: Range '{what}' must be constant")
+            raise UnsupportedOpError(f"{s.node_desc}: Range with a '{what}' computed from the inputs is not supported "
+                                     "(it must be a constant)")
         return np.asarray(v).item()
     return torch.arange(scalar(start, "start"), scalar(limit, "limit"), scalar(delta, "delta"),
                         dtype=torch.from_numpy(np.zeros(0, np.asarray(s.static_arrays.get(id(start), 0)).dtype)).dtype)
@@ -593,8 +594,40 @@ def _check_node(node, attrs: dict[str, Any], desc: str) -> None:
         _check_array_type(attrs["value"], f"{desc}: value")
 
 
+def _check_schema(node, opset: int, desc: str) -> None:
+    """The op must exist at the model's opset (ONNX Runtime refuses it otherwise)."""
+    import onnx.defs
+    if node.domain not in ("", "ai.onnx"):
+        return
+    newest = onnx.defs.onnx_opset_version()
+    if not 1 <= opset <= newest:
+        raise CaptureError(f"{desc}: the model imports opset {opset} of the default domain; ONNX defines 1..{newest}")
+    try:
+        onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        raise CaptureError(f"{desc}: {node.op_type} does not exist in opset {opset}") from None
+
+
+def _check_outputs(graph, outputs, path: str) -> None:
+    """What the graph computed must have the element types and fixed dims it declares."""
+    for value, out in zip(graph.output, outputs):
+        tensor_type = value.type.tensor_type
+        want = _torch_dtype(tensor_type.elem_type)
+        if out.dtype != want:
+            raise CaptureError(f"{path}: output '{value.name}' is declared {str(want).replace('torch.', '')}, "
+                               f"the graph computes {str(out.dtype).replace('torch.', '')}")
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            if len(dims) != out.dim() or any(d is not None and d != s for d, s in zip(dims, out.shape)):
+                shown = ["?" if d is None else d for d in dims]
+                raise CaptureError(f"{path}: output '{value.name}' is declared with shape {shown}, the graph "
+                                   f"computes {list(out.shape)}")
+
+
 def _check_type(elem_type: int, what: str) -> None:
     from onnx import TensorProto
+    if elem_type not in TensorProto.DataType.values():
+        raise UnsupportedOpError(f"{what} has element type {elem_type}, which is not an ONNX type")
     name = TensorProto.DataType.Name(elem_type)
     if name not in ELEMENT_TYPES:
         raise UnsupportedOpError(f"{what} has element type {name}, which graphopt's ONNX importer does not "
@@ -618,7 +651,7 @@ def _check_element_types(graph, source: str) -> None:
                 _check_type(value.type.tensor_type.elem_type, f"{source}: {kind} '{value.name}'")
             else:
                 raise UnsupportedOpError(f"{source}: {kind} '{value.name}' is a {value.type.WhichOneof('value')}, "
-                                         "not a tensor; graphopt's ONNX importer takes tensors only")
+                                         "not a tensor; inputs and outputs other than tensors are not supported")
     for init in graph.initializer:
         _check_type(init.data_type, f"{source}: initializer '{init.name}'")
 
@@ -653,7 +686,11 @@ class OnnxModule(torch.nn.Module):
         read_at_import = {n.input[k] for n in graph.node for k in _READ_AT_IMPORT.get(n.op_type, ())
                           if k < len(n.input) and n.input[k]}
         for init in graph.initializer:
-            array = numpy_helper.to_array(init)
+            try:
+                array = numpy_helper.to_array(init)
+            except Exception as exc:
+                raise CaptureError(f"{source}: initializer '{init.name}' does not hold the data its dims "
+                                   f"{list(init.dims)} say: {_first_line(exc)}") from exc
             if (array.dtype.kind in "iub" or init.name in read_at_import) and array.size <= 64:
                 self.static[init.name] = array
             else:
@@ -674,6 +711,7 @@ class OnnxModule(torch.nn.Module):
                 continue
             if node.domain not in ("", "ai.onnx", "com.microsoft") or node.op_type not in OPS:
                 raise UnsupportedOpError(f"{desc} in {source} is not supported by graphopt's ONNX importer")
+            _check_schema(node, self.opset, f"{desc} in {source}")
             attrs = _attrs(node)
             _check_node(node, attrs, f"{desc} in {source}")
             self.nodes.append((desc, node.op_type, list(node.input), list(node.output), attrs))
@@ -784,9 +822,41 @@ def _load(path: str, external_data: bool = True):
     if not os.path.isfile(path):
         raise CaptureError(f"ONNX file {path} not found")
     try:
-        return onnx.load(path, load_external_data=external_data)
+        model = onnx.load(path, load_external_data=external_data)
     except Exception as exc:
-        raise CaptureError(f"{path} is not a readable ONNX model: {str(exc).splitlines()[0]}") from exc
+        raise CaptureError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+    try:
+        onnx.checker.check_model(path if external_data else model)
+    except Exception as exc:
+        # The checker wants a shape on every graph input and output; the spec (and ONNX
+        # Runtime) take a tensor type without one, so that alone is no reason to refuse.
+        if "Field 'shape' of 'type' is required" not in str(exc):
+            raise CaptureError(f"{path} is not a valid ONNX model: {_first_line(exc)}") from exc
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_example_inputs(graph, names: list[str], example_inputs, path: str) -> None:
+    """Each example input must have its graph input's declared element type and fixed dims."""
+    declared = {v.name: v.type.tensor_type for v in graph.input}
+    for name, value in zip(names, example_inputs):
+        if not isinstance(value, torch.Tensor):
+            raise CaptureError(f"{path}: example input '{name}' is a {type(value).__name__}, not a torch tensor")
+        tensor_type = declared[name]
+        want = _torch_dtype(tensor_type.elem_type)
+        if value.dtype != want:
+            raise CaptureError(f"{path}: input '{name}' is declared {str(want).replace('torch.', '')}, "
+                               f"the example input is {str(value.dtype).replace('torch.', '')}")
+        if tensor_type.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+            if len(dims) != value.dim() or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+                shown = ["?" if d is None else d for d in dims]
+                raise CaptureError(f"{path}: input '{name}' is declared with shape {shown}, the example input "
+                                   f"has {list(value.shape)}")
 
 
 def example_inputs_for(path: str | os.PathLike, dims: dict[str, int] | None = None,
@@ -837,6 +907,8 @@ def import_onnx(path: str | os.PathLike, example_inputs):
     if len(example_inputs) != len(module.input_names):
         raise CaptureError(f"{path} takes {len(module.input_names)} inputs ({', '.join(module.input_names)}), "
                            f"got {len(example_inputs)} example inputs")
+    _check_example_inputs(model.graph, module.input_names, example_inputs, path)
     with torch.no_grad():
-        module(*example_inputs)  # eager pass: caches the input-independent (shape) values
+        outputs = module(*example_inputs)  # eager pass: caches the input-independent (shape) values
+    _check_outputs(model.graph, outputs, path)
     return module, example_inputs

@@ -28,7 +28,7 @@ ROUNDED_REFERENCE = {"test_averagepool_2d_ceil_last_window_starts_on_pad": 5e-4}
 @dataclasses.dataclass
 class Outcome:
     name: str
-    status: str          # pass | unsupported | wrong | error
+    status: str          # pass | unsupported | refused (another graphopt error) | wrong | error (foreign)
     detail: str = ""
 
 
@@ -92,7 +92,7 @@ def run_case(case, backend: str = "torch", workdir: str | None = None) -> Outcom
     import torch
 
     import graphopt
-    from graphopt.errors import UnsupportedOpError
+    from graphopt.errors import GraphoptError, UnsupportedOpError
     inputs, expected = case.data_sets[0]
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         path = os.path.join(tmp, f"{case.name}.onnx")
@@ -105,6 +105,8 @@ def run_case(case, backend: str = "torch", workdir: str | None = None) -> Outcom
                 got = compiled(*args)
         except UnsupportedOpError as exc:
             return Outcome(case.name, "unsupported", str(exc))
+        except GraphoptError as exc:
+            return Outcome(case.name, "refused", f"{type(exc).__name__}: {exc}")
         except Exception as exc:
             return Outcome(case.name, "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     got = got if isinstance(got, (tuple, list)) else (got,)
@@ -122,11 +124,11 @@ def main() -> None:
     from tqdm import tqdm
     cases = [c for c in supported_cases() if not args.only or args.only in c.name]
     outcomes = [run_case(c, args.backend) for c in tqdm(cases, desc=f"cases ({args.backend})", unit="case", disable=None)]
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "unsupported", "wrong", "error")}
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "unsupported", "refused", "wrong", "error")}
     print(f"{'backend':<12} {'cases':>6} " + " ".join(f"{s:>11}" for s in counts))
     print(f"{args.backend:<12} {len(outcomes):>6} " + " ".join(f"{n:>11}" for n in counts.values()))
     for o in outcomes:
-        if o.status in ("wrong", "error"):
+        if o.status in ("refused", "wrong", "error"):
             print(f"  {o.status}: {o.name}: {o.detail}")
     if args.json:
         with open(args.json, "w") as f:

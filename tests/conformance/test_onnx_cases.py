@@ -13,10 +13,15 @@ def _cases():
 
 
 def _failures(cases, backend):
+    """Wrong outputs and foreign exceptions; on the importer also any graphopt error other
+    than UnsupportedOpError. A backend may refuse with its own BackendError (TVM cannot
+    compile integer Pow, for one)."""
     outcomes = [run_case(case, backend) for case in cases]
-    bad = [f"{o.name}: {o.status}: {o.detail}" for o in outcomes if o.status in ("wrong", "error")]
-    unclear = [f"{o.name}: {o.detail}" for o in outcomes
-               if o.status == "unsupported" and "not supported" not in o.detail and "does not support" not in o.detail]
+    failing = ("wrong", "error") if backend != "torch" else ("wrong", "error", "refused")
+    bad = [f"{o.name}: {o.status}: {o.detail}" for o in outcomes if o.status in failing]
+    names_what = ("(op ", "element type", "dtype", "tvm backend", "onnxruntime", "not a tensor")
+    unclear = [f"{o.name}: {o.detail}" for o in outcomes if o.status == "unsupported" and
+               ("\n" in o.detail or not any(key in o.detail for key in names_what))]
     return outcomes, bad + unclear
 
 
@@ -38,6 +43,6 @@ def test_every_case_through_the_importer():
 def test_cases_that_import_run_the_same_on_a_backend(backend):
     passing = [c for c in _cases() if run_case(c, "torch").status == "pass"]
     if backend == "tvm":
-        passing = passing[::4]              # a TVM build per case: a quarter keeps this under ~15 minutes
+        passing = passing[::3]              # a TVM build per case (all of them: 14 minutes on 2 cores)
     outcomes, failures = _failures(passing, backend)
     assert not failures, "\n".join(failures)
