@@ -825,8 +825,10 @@ def _load(path: str, external_data: bool = True):
         model = onnx.load(path, load_external_data=external_data)
     except Exception as exc:
         raise CaptureError(f"{path} is not a readable ONNX model: {_first_line(exc)}") from exc
+    if not external_data:                   # only the signature is read; the full import checks the model
+        return model
     try:
-        onnx.checker.check_model(path if external_data else model)
+        onnx.checker.check_model(path)
     except Exception as exc:
         # The checker wants a shape on every graph input and output; the spec (and ONNX
         # Runtime) take a tensor type without one, so that alone is no reason to refuse.
