@@ -608,20 +608,24 @@ def _check_schema(node, opset: int, desc: str) -> None:
         raise CaptureError(f"{desc}: {node.op_type} does not exist in opset {opset}") from None
 
 
+def _check_declared(tensor_type, value: torch.Tensor, what: str, is_phrase: str, has_phrase: str) -> None:
+    """`value` must have the element type and fixed dims `tensor_type` declares."""
+    want = _torch_dtype(tensor_type.elem_type)
+    if value.dtype != want:
+        raise CaptureError(f"{what} is declared {str(want).replace('torch.', '')}, "
+                           f"{is_phrase} {str(value.dtype).replace('torch.', '')}")
+    if tensor_type.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if len(dims) != value.dim() or any(d is not None and d != s for d, s in zip(dims, value.shape)):
+            shown = ["?" if d is None else d for d in dims]
+            raise CaptureError(f"{what} is declared with shape {shown}, {has_phrase} {list(value.shape)}")
+
+
 def _check_outputs(graph, outputs, path: str) -> None:
     """What the graph computed must have the element types and fixed dims it declares."""
     for value, out in zip(graph.output, outputs):
-        tensor_type = value.type.tensor_type
-        want = _torch_dtype(tensor_type.elem_type)
-        if out.dtype != want:
-            raise CaptureError(f"{path}: output '{value.name}' is declared {str(want).replace('torch.', '')}, "
-                               f"the graph computes {str(out.dtype).replace('torch.', '')}")
-        if tensor_type.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-            if len(dims) != out.dim() or any(d is not None and d != s for d, s in zip(dims, out.shape)):
-                shown = ["?" if d is None else d for d in dims]
-                raise CaptureError(f"{path}: output '{value.name}' is declared with shape {shown}, the graph "
-                                   f"computes {list(out.shape)}")
+        _check_declared(value.type.tensor_type, out, f"{path}: output '{value.name}'", "the graph computes",
+                        "the graph computes")
 
 
 def _check_type(elem_type: int, what: str) -> None:
@@ -848,17 +852,8 @@ def _check_example_inputs(graph, names: list[str], example_inputs, path: str) ->
     for name, value in zip(names, example_inputs):
         if not isinstance(value, torch.Tensor):
             raise CaptureError(f"{path}: example input '{name}' is a {type(value).__name__}, not a torch tensor")
-        tensor_type = declared[name]
-        want = _torch_dtype(tensor_type.elem_type)
-        if value.dtype != want:
-            raise CaptureError(f"{path}: input '{name}' is declared {str(want).replace('torch.', '')}, "
-                               f"the example input is {str(value.dtype).replace('torch.', '')}")
-        if tensor_type.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
-            if len(dims) != value.dim() or any(d is not None and d != s for d, s in zip(dims, value.shape)):
-                shown = ["?" if d is None else d for d in dims]
-                raise CaptureError(f"{path}: input '{name}' is declared with shape {shown}, the example input "
-                                   f"has {list(value.shape)}")
+        _check_declared(declared[name], value, f"{path}: input '{name}'", "the example input is",
+                        "the example input has")
 
 
 def example_inputs_for(path: str | os.PathLike, dims: dict[str, int] | None = None,
