@@ -138,15 +138,21 @@ def test_tied_embedding_reads_the_packed_lm_head():
     assert (vocab, hidden) not in shapes      # only the panels of the tied weight remain
 
 
-def test_loading_on_another_cpu_warns(tmp_path):
+def test_loading_on_a_cpu_without_the_library_features_refuses(tmp_path):
     import json
+    from graphopt.errors import ArtifactError
     bundle = graphopt.models.load("resnet")
     path = graphopt.compile(bundle.model, small_inputs(bundle), backend="tvm", progress=False).save(str(tmp_path / "r"))
     manifest_path = tmp_path / "r" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["backend_options"]["target"]["mcpu"] = "some-other-cpu"
+    manifest["backend_options"]["cpu_features"].append("no_such_cpu_flag")
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.warns(UserWarning, match="compiled for CPU 'some-other-cpu'.*illegal instruction"):
+    with pytest.raises(ArtifactError, match="built for CPU 'some-other-cpu'.*lacks: no_such_cpu_flag"):
+        graphopt.load(path)
+    del manifest["backend_options"]["cpu_features"]
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="does not say which CPU features"):
         graphopt.load(path)
 
 
