@@ -40,14 +40,13 @@ ARTIFACTS = {
 NEW_TOKENS = 32
 
 
-def evaluation_ids(count: int, tokenizer_json: str | None = None) -> list[int]:
-    """The first `count` tokens of evaluation.txt, by a tokenizer.json (no torch imported) or,
-    without one, by the model's own Hugging Face tokenizer."""
+def evaluation_ids(count: int, tokenizer=None) -> list[int]:
+    """The first `count` tokens of evaluation.txt, by a tokenizers.Tokenizer (no torch imported)
+    or, without one, by the model's own Hugging Face tokenizer."""
     from graphopt.corpus import read_text
     text = read_text("evaluation.txt")
-    if tokenizer_json:
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(tokenizer_json).encode(text).ids[:count]
+    if tokenizer is not None:
+        return tokenizer.encode(text).ids[:count]
     from transformers import AutoTokenizer
 
     from graphopt.models.hf import SMOLLM2_GGUF, smollm2_dir
@@ -66,7 +65,7 @@ def measure_artifact(path: str, threads: int, repeats: int, ppl_tokens: int) -> 
     lm = graphopt.load(path, threads=threads)
     lm.generate("warm up", max_new_tokens=2)
     gen = lm._generator
-    ids = evaluation_ids(4096, os.path.join(path, "tokenizer.json"))
+    ids = evaluation_ids(4096, gen.tokenizer)
     row = {}
     for n in (128, 512):
         times = []
@@ -97,7 +96,7 @@ def measure_artifact_perplexity(path: str, threads: int, ppl_tokens: int) -> dic
     import graphopt
     lm = graphopt.load(path, threads=threads)
     lm.generate("warm up", max_new_tokens=1)
-    ids = evaluation_ids(ppl_tokens, os.path.join(path, "tokenizer.json"))
+    ids = evaluation_ids(ppl_tokens, lm._generator.tokenizer)
     windows = [np.array(ids[i:i + 256]) for i in range(0, len(ids) - 255, 256)]
     return {"perplexity": lm._generator.perplexity(windows)}
 
@@ -148,7 +147,8 @@ def measure_genai(model_dir: str, threads: int, repeats: int) -> dict:
     config = og.Config(model_dir)
     config.clear_providers()
     model = og.Model(config)
-    ids = evaluation_ids(4096, os.path.join(model_dir, "tokenizer.json"))
+    from tokenizers import Tokenizer
+    ids = evaluation_ids(4096, Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")))
     row = {}
 
     def run(prompt, new_tokens):

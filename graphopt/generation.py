@@ -13,6 +13,7 @@ Prompts of different lengths run as one batch, right-padded, each row at its own
 """
 from __future__ import annotations
 
+import gzip
 import os
 import time
 from dataclasses import dataclass, field
@@ -340,8 +341,13 @@ def load_tokenizer(directory: str | None, task: dict, files: dict[str, bytes] | 
     except ImportError:
         raise GraphoptError("generating text needs the tokenizers package: pip install tokenizers") from None
     if files is not None:
-        return Tokenizer.from_str(files[name].decode("utf-8"))
-    return Tokenizer.from_file(os.path.join(directory, name))
+        data = files[name]
+    else:
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+    if name.endswith(".gz"):
+        data = gzip.decompress(data)
+    return Tokenizer.from_str(data.decode("utf-8"))
 
 
 def generator_for(directory: str, manifest: dict, runner, files: dict[str, bytes] | None = None) -> TextGenerator:

@@ -2,13 +2,14 @@
 
 The artifact holds one ONNX graph (graphopt.ir.generation.GenerationGraph: prompt and decode
 step are the same graph with a dynamic token count, so there is one copy of the weights on
-disk and in memory), the tokenizer's tokenizer.json, and a manifest "task" section with what
+disk and in memory), the tokenizer's tokenizer.json (gzipped), and a manifest "task" section with what
 the torch-free runtime (graphopt.generation) needs: layers, cache shape, positions, special
 tokens and the chat template. Every pass and preset applies as for any graph; calibration
 windows of token ids become prompt calls that score every position.
 """
 from __future__ import annotations
 
+import gzip
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from .generation import TASK
 from .ir.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
 
 TASKS = (TASK,)
+TOKENIZER_FILE = "tokenizer.json.gz"
 
 
 def _token_ids(value, name: str) -> list[int]:
@@ -27,7 +29,7 @@ def _token_ids(value, name: str) -> list[int]:
 
 
 def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, dict[str, bytes]]:
-    """The manifest's task section and the extra files (tokenizer.json) of a generation artifact."""
+    """The manifest's task section and the extra files (the gzipped tokenizer.json) of a generation artifact."""
     config = model.config
     _, kv_heads, _, head_dim = cache_shape(config, 1, 1)
     generation_config = getattr(model, "generation_config", None)
@@ -43,8 +45,8 @@ def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, d
         if backend is None:
             raise GraphoptError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; "
                                 "load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
-        files["tokenizer.json"] = backend.to_str().encode("utf-8")
-        section["tokenizer"] = "tokenizer.json"
+        files[TOKENIZER_FILE] = gzip.compress(backend.to_str().encode("utf-8"), compresslevel=9, mtime=0)
+        section["tokenizer"] = TOKENIZER_FILE
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(int(tokenizer.eos_token_id))
         section.update(chat_template=getattr(tokenizer, "chat_template", None) or None,

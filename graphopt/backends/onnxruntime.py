@@ -79,7 +79,7 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
     gm = captured.graph_module
     if _broadcast_attention_heads(gm):
         gm.recompile()
-    kwargs = dict(dynamo=True, optimize=True, verbose=False, external_data=True,
+    kwargs = dict(dynamo=True, optimize=False, verbose=False, external_data=True,
                   input_names=[s.name for s in captured.inputs],
                   output_names=[s.name for s in captured.outputs],
                   custom_translation_table=CUSTOM_TRANSLATIONS)
@@ -93,6 +93,7 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
             warnings.simplefilter("ignore")
             program = export_retrying_with_reshapes(gm, lambda: torch.onnx.export(gm, captured.example_inputs,
                                                                                   **kwargs))
+            _optimize_without_growing(program.model)
             _keep_module_paths_only(program.model)
             program.save(path, external_data=True)
     except Exception as exc:
@@ -103,6 +104,21 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
                                      "register one in graphopt.backends.onnxruntime.CUSTOM_TRANSLATIONS") from exc
         first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         raise BackendError(f"ONNX export failed: {first}") from exc
+
+
+# Largest constant (elements) the exporter's optimizer may fold into a stored initializer.
+# Bigger folds (fp32 casts of fp16 scales, rotary tables computed from their frequencies)
+# stay as nodes: ONNX Runtime folds them when the session loads, and the file stays small.
+STORED_FOLD_LIMIT = 1024
+
+
+def _optimize_without_growing(model) -> None:
+    """torch.onnx's optimize=True (onnxscript's constant folding and fusions), with folded
+    constants capped at STORED_FOLD_LIMIT elements."""
+    import onnxscript.optimizer
+    import onnxscript.rewriter.onnx_fusions
+    onnxscript.optimizer.optimize_ir(model, output_size_limit=STORED_FOLD_LIMIT)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 # Per-node metadata torch.onnx writes; all but the module path ("namespace") repeat what the

@@ -132,9 +132,19 @@ class GenerationGraph(torch.nn.Module):
         self.layers = int(model.config.num_hidden_layers)
         self.rotary_inside = model.config.model_type in ROTARY_INSIDE
         if self.rotary_inside:
-            cos, sin = rotary_tables(self.decoder, int(model.config.max_position_embeddings))
-            self.register_buffer("cos_cache", cos)
-            self.register_buffer("sin_cache", sin)
+            self.max_positions = int(model.config.max_position_embeddings)
+            self.register_buffer("inv_freq", self.decoder.rotary_emb.inv_freq.detach().float().clone())
+            self.rotary_scaling = float(getattr(self.decoder.rotary_emb, "attention_scaling", 1.0))
+            _check_rotary_tables(self.rotary_tables(), rotary_tables(self.decoder, self.max_positions))
+
+    def rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [max_positions, D/2], computed in the graph from the D/2 frequencies so
+        the artifact stores 32 floats, not two tables (ONNX Runtime folds them at load)."""
+        freqs = torch.arange(self.max_positions, dtype=torch.float32).unsqueeze(-1) * self.inv_freq.unsqueeze(0)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.rotary_scaling != 1.0:
+            cos, sin = cos * self.rotary_scaling, sin * self.rotary_scaling
+        return cos, sin
 
     @property
     def input_names(self) -> list[str]:
@@ -155,7 +165,7 @@ class GenerationGraph(torch.nn.Module):
             raise GraphoptError(f"a generation step of this model takes {2 * self.layers} cache buffers "
                                 f"(keys and values of {self.layers} layers), got {len(past)}")
         state = _CacheState(past, seqlens_k, total_length)
-        swap = _attention_modules_replaced(self.decoder, state, self.cos_cache, self.sin_cache) \
+        swap = _attention_modules_replaced(self.decoder, state, *self.rotary_tables()) \
             if self.rotary_inside else _attention_swapped(self.model)
         with swap:
             out = self.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
@@ -163,6 +173,14 @@ class GenerationGraph(torch.nn.Module):
         hidden = out[0]
         picked = hidden.gather(1, logit_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return (self.lm_head(picked), *state.present)
+
+
+def _check_rotary_tables(computed, reference) -> None:
+    for name, ours, theirs in zip(("cos", "sin"), computed, reference):
+        error = float((ours - theirs).abs().max())
+        if error > 1e-5:
+            raise GraphoptError(f"rotary {name} table computed from inv_freq differs from the model's rotary module "
+                                f"by {error:.2e}; this rope variant is not supported for generation")
 
 
 def rotary_tables(decoder, positions: int) -> tuple[torch.Tensor, torch.Tensor]:

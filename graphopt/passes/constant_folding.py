@@ -4,8 +4,9 @@ Rewrites:
     op(constant, ..., constant)        -> constant      (pure, deterministic ops only)
     op()  e.g. arange(128)             -> constant      (static shapes)
     new_ones(x) / zeros_like(x) / ...  -> constant      (reads only x's static shape)
-A folded result much larger than what it was computed from (an expand, say) is not
-stored; its inputs are folded instead, so the artifact does not grow.
+A folded result much larger than the stored constants it was computed from (an expand, a
+rotary table computed from its frequencies) is not stored; its inputs are folded instead, so
+the artifact does not grow.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def _deterministic(target) -> bool:
 
 @dataclass
 class ConstantFoldingOptions:
-    # A folded tensor may be at most this many times larger than the constants it reads
-    # (and at least max_growth_floor elements are always allowed).
+    # A folded tensor may be at most this many times larger than the stored constants its
+    # subgraph reads (and at least max_growth_floor elements are always allowed).
     max_growth: float = 4.0
     max_growth_floor: int = 1 << 16
 
@@ -85,8 +86,19 @@ class ConstantFolding(Pass):
         return all(n in values for n in inputs)
 
     def _source_numel(self, node: fx.Node, values) -> int:
-        return sum(values[n].numel() for n in node.all_input_nodes
-                   if n in values and isinstance(values[n], torch.Tensor))
+        """Elements of the stored constants (get_attr) that `node`'s folded subgraph reads."""
+        seen, stack, total = set(), [node], 0
+        while stack:
+            current = stack.pop()
+            for src in current.all_input_nodes:
+                if src in seen or src not in values:
+                    continue
+                seen.add(src)
+                if src.op == "get_attr":
+                    total += values[src].numel() if isinstance(values[src], torch.Tensor) else 0
+                else:
+                    stack.append(src)
+        return total
 
     def _materialize(self, gm, node: fx.Node, values, folded: list) -> None:
         value = values[node]

@@ -51,3 +51,21 @@ def test_folds_rotary_tables_in_llama():
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert aten.cos.default not in targets and aten.sin.default not in targets
     assert record.modified
+
+
+class RotaryTable(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
+
+    def forward(self, positions):
+        freqs = torch.arange(8192, dtype=torch.float32).unsqueeze(-1) * self.inv_freq   # [8192, 32] from 32 floats
+        return freqs.cos()[positions]
+
+
+def test_a_table_computed_from_a_few_stored_floats_is_not_stored():
+    gm, record = _run(RotaryTable(), (torch.tensor([3, 8000]),))
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert aten.cos.default in targets and aten.mul.Tensor in targets
+    assert max(b.numel() for b in gm.buffers()) == 8192      # only the positions 0..8191 are stored
+    assert record.modified
