@@ -10,7 +10,7 @@ from .horizontal_fusion import HorizontalFusion
 from .weight_quantization import WeightQuantization
 
 # int8 weight-only, fp32 compute in ONNX Runtime (accuracy_level 0): the int8-activation
-# kernel is faster but cost SmolLM2 +1.35% perplexity (see README).
+# kernel is faster but cost SmolLM2 +1.35% perplexity (see docs/measurements/quantization.md).
 _INT8 = partial(WeightQuantization, bits=8, group_size=None, accuracy_level=0)
 # int4 g32 on the exact block range with a float minimum per block (llama.cpp's Q4_1 grid),
 # embeddings and the (tied) LM head int8 g32 symmetric (Q8_0's grid), scales in float16:
