@@ -17,6 +17,7 @@ import os
 import sys
 
 from .errors import GraphoptError
+from .runtime import default_threads
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -80,7 +81,7 @@ def cmd_compile(args) -> None:
     from .ir.capture import flat_tensors, sequence_dims
     from .passes import DumpInstrument, PrintOnChangeInstrument
 
-    torch.set_num_threads(args.threads or os.cpu_count())
+    torch.set_num_threads(args.threads or default_threads())
     print(f"loading {args.model} ...", file=sys.stderr)
     if args.task:
         return _compile_task(args)

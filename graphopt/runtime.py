@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import BackendError, UnsupportedOpError
+from .errors import BackendError, GraphoptError, UnsupportedOpError
 from .specs import TensorSpec, check_inputs
 
 
@@ -34,7 +34,7 @@ class OrtRunner:
                                f"use one of {', '.join(levels)}")
         options = ort.SessionOptions()
         options.graph_optimization_level = levels[optimization_level]
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or default_threads()
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
@@ -58,6 +58,16 @@ class OrtRunner:
         return self.session.run(None, feed)
 
 
+def default_threads() -> int:
+    """Threads a runtime uses when not told: $GRAPHOPT_NUM_THREADS, else every CPU."""
+    value = os.environ.get("GRAPHOPT_NUM_THREADS")
+    if value is None:
+        return os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise GraphoptError(f"GRAPHOPT_NUM_THREADS must be a positive integer, got {value!r}")
+    return int(value)
+
+
 TVM_LIBRARY = "model.so"
 TVM_PARAMS = "params.bin"
 
@@ -65,8 +75,8 @@ TVM_PARAMS = "params.bin"
 def use_all_cores_for_tvm() -> None:
     """TVM sizes its thread pool, when first used, from TVM_NUM_THREADS or else half the
     logical CPUs (it assumes hyper-threading): one thread on a 2-core VM, which made SmolLM2
-    2x slower. The pool can shrink later (runtime.config_threadpool) but never grow."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    2x slower. So it is set to default_threads(). The pool can shrink later (runtime.config_threadpool) but never grow."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 
 
 # The x86-64 micro-architecture levels (x86-64 psABI), as Linux /proc/cpuinfo flag names;

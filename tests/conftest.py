@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -9,6 +10,11 @@ import torch
 import graphopt
 
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs one worker per core: one thread each, so no two spin on one core.
+    os.environ.setdefault("GRAPHOPT_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 def assert_close_to_scale(actual, expected, rel: float = 1e-4) -> float:
