@@ -52,7 +52,7 @@ def test_adaptive_ffn_skipping_on_the_cached_step(decode):
     plain = cm(*inputs)[0]
     never = compiled(2.0)
     assert any(r.name == "adaptive_ffn_skipping" and r.changes for r in never.records)
-    torch.testing.assert_close(never(*inputs)[0], plain, rtol=0, atol=0)
+    assert_close_to_scale(never(*inputs)[0], plain, 1e-6)    # the If graph fuses differently
     always = compiled(-2.0)(*inputs)[0]
     assert float((always - plain).abs().max()) > 1e-3, "skipping an FFN changes the logits"
 
