@@ -21,10 +21,10 @@ demo: $(STAMP)
 	$(PYTHON) -m graphopt.cli generate dist/smollm2-gen --chat --max-new-tokens 48 --prompt "What is a compiler?"
 
 test: $(STAMP)
-	$(PYTHON) -m pytest -q -n auto
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 test-slow: $(STAMP)
-	$(PYTHON) -m pytest -q -n auto -m slow
+	$(PYTHON) -m pytest -q -n auto --dist worksteal -m slow
 
 test-all: test test-slow
 

@@ -63,6 +63,6 @@ def test_every_case_through_the_importer(shard):
 def test_cases_that_import_run_the_same_on_a_backend(backend, shard):
     passing = [_cases()[i] for i in _shard(shard) if _torch_outcome(i).status == "pass"]
     if backend == "tvm":
-        passing = passing[::3]              # a TVM build per case (all of them: 14 minutes on 2 cores)
+        passing = passing[::6]              # a TVM build per case: every sixth keeps CI within its time
     outcomes, failures = _failures(passing, backend)
     assert not failures, "\n".join(failures)
