@@ -75,7 +75,8 @@ TVM_PARAMS = "params.bin"
 def use_all_cores_for_tvm() -> None:
     """TVM sizes its thread pool, when first used, from TVM_NUM_THREADS or else half the
     logical CPUs (it assumes hyper-threading): one thread on a 2-core VM, which made SmolLM2
-    2x slower. So it is set to default_threads(). The pool can shrink later (runtime.config_threadpool) but never grow."""
+    2x slower. So it is set to default_threads(). The pool can shrink later
+    (runtime.config_threadpool) but never grow."""
     os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 
 
