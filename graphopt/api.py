@@ -60,6 +60,19 @@ class CompiledModel:
                                             getattr(self.executable, "runner", None), self.extra_files)
         return self._generator.generate(prompt, **options)
 
+    def report(self, path: str | None = None, *, simulate=(), apply: bool = False, json_path: str | None = None,
+               **options):
+        """Profile this model and write an HTML report to `path` (graphopt.report); returns the
+        Report. `simulate` lists changes to predict ('int4:PATTERN', 'drop:NAME', 'prune:0.3',
+        'heads:0.25'); `apply=True` also compiles and measures each."""
+        from .report.sources import report_compiled
+        report = report_compiled(self, simulate=simulate, apply=apply, **options)
+        if path:
+            report.write_html(path)
+        if json_path:
+            report.write_json(json_path)
+        return report
+
     def save(self, directory: str) -> str:
         from .artifact import save
         return save(self, directory)

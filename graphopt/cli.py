@@ -520,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--max-segments", type=int, default=20)
     ch.set_defaults(func=cmd_channels)
 
+    from .report.command import add_parser as add_report_parser
+    add_report_parser(sub)
+
     m = sub.add_parser("models", help="list model names")
     m.set_defaults(func=cmd_models)
     return ap

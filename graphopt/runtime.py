@@ -19,23 +19,31 @@ def to_numpy(value: Any) -> np.ndarray:
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)   # (which makes 0-d arrays 1-d)
 
 
+# graphopt's names of ONNX Runtime's graph optimization levels.
+ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
+
+
+def ort_session_options(threads: int, optimization_level: str = "all"):
+    """SessionOptions with `threads` intra-op threads, a level from ORT_LEVELS, warnings off."""
+    import onnxruntime as ort
+    if optimization_level not in ORT_LEVELS:
+        raise BackendError(f"unknown onnxruntime optimization level '{optimization_level}'; "
+                           f"use one of {', '.join(ORT_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimization_level])
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return options
+
+
 class OrtRunner:
     """An onnxruntime InferenceSession with input checking against the captured specs."""
 
     def __init__(self, model_path: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
                  threads: int | None = None, optimization_level: str = "all"):
         import onnxruntime as ort
-        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if optimization_level not in levels:
-            raise BackendError(f"unknown onnxruntime optimization level '{optimization_level}'; "
-                               f"use one of {', '.join(levels)}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = levels[optimization_level]
-        options.intra_op_num_threads = threads or default_threads()
-        options.log_severity_level = 3
+        options = ort_session_options(threads or default_threads(), optimization_level)
         try:
             self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:

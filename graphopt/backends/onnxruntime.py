@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BackendError, UnsupportedOpError
 from ..ir.capture import CapturedModel
-from ..ir.graph import export_retrying_with_reshapes
+from ..ir.graph import export_retrying_with_reshapes, format_source
 from ..runtime import OrtRunner
 from .base import Backend, Executable
 from .onnx_translations import TRANSLATIONS
@@ -122,7 +122,9 @@ def _optimize_without_growing(model) -> None:
 
 
 # Per-node metadata torch.onnx writes; all but the module path ("namespace") repeat what the
-# manifest and the IR hold, and took 4.3 of SmolLM2's int4 graph's 5.1 MB.
+# manifest and the IR hold, and took 4.3 of SmolLM2's int4 graph's 5.1 MB. The stack trace is
+# kept as one line, SOURCE_KEY: the model's own source line (graphopt.report shows it).
+SOURCE_KEY = "graphopt.source"
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes",
                      "pkg.torch.onnx.fx_node", "pkg.onnxscript.rewriter.rule_name")
 
@@ -131,6 +133,9 @@ def _keep_module_paths_only(model) -> None:
     """Drop the bulky per-node metadata of an onnx_ir model in place (see _DROPPED_METADATA)."""
     def strip(graph):
         for node in graph:
+            source = format_source(node.metadata_props.get("pkg.torch.onnx.stack_trace") or "")
+            if source:
+                node.metadata_props[SOURCE_KEY] = source
             for key in _DROPPED_METADATA:
                 node.metadata_props.pop(key, None)
             for attr in node.attributes.values():

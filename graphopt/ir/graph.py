@@ -73,7 +73,12 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 
 def source_line(node: fx.Node) -> str:
     """'file.py:123 (code)' of the innermost frame outside torch itself, or ''."""
-    frames = _FRAME.findall(node.meta.get("stack_trace") or "")
+    return format_source(node.meta.get("stack_trace") or "")
+
+
+def format_source(stack_trace: str) -> str:
+    """'file.py:123 (code)' of a stack trace's innermost frame outside torch itself, or ''."""
+    frames = _FRAME.findall(stack_trace)
     torch_dir = os.path.dirname(torch.__file__)
     user = [f for f in frames if not f[0].startswith(torch_dir)] or frames
     if not user:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from ..analysis.cost import graph_cost
 from ..errors import GraphoptError, PassContractError, PassError
 from ..ir.graph import fingerprint
 from .base import Pass, PassContext
@@ -26,6 +27,10 @@ class PassRecord:
     seconds: float = 0.0
     nodes_before: int = 0
     nodes_after: int = 0
+    bytes_before: int = 0                # parameter bytes
+    bytes_after: int = 0
+    macs_before: int = 0                 # multiply-accumulates at the example inputs' shapes
+    macs_after: int = 0
     changes: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     options: str = ""
@@ -72,8 +77,10 @@ class PassManager:
             bar = tqdm(self.passes, desc="passes", unit="pass", disable=not self.progress, leave=False)
             for p in bar:
                 bar.set_postfix_str(p.name)
+                cost = graph_cost(gm)
                 record = PassRecord(p.name, len(records), iteration, options=repr(p),
-                                    nodes_before=len(gm.graph.nodes))
+                                    nodes_before=len(gm.graph.nodes), bytes_before=cost.weight_bytes,
+                                    macs_before=cost.macs)
                 gm = self._run_one(p, gm, ctx, record, records)
                 records.append(record)
                 changed |= record.modified
@@ -102,6 +109,9 @@ class PassManager:
             record.changes = list(result.changes)
             record.notes = list(result.notes)
             record.nodes_after = len(result.graph_module.graph.nodes)
+            cost = graph_cost(result.graph_module) if result.modified else None
+            record.bytes_after = cost.weight_bytes if cost else record.bytes_before
+            record.macs_after = cost.macs if cost else record.macs_before
             for inst in self.instruments:
                 inst.after_pass(p, result.graph_module, ctx, result, record)
         except GraphoptError as exc:
