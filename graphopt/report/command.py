@@ -63,8 +63,11 @@ def _report_of(target: str, args, with_simulations: bool):
 
 def run(args: argparse.Namespace) -> None:
     from .build import compare_layers
+    from .simulate import parse_change
     if args.apply and not args.simulate:
         raise GraphoptError("--apply measures simulated changes: give at least one --simulate CHANGE")
+    for change in args.simulate:            # a bad spec fails before minutes of compiling
+        parse_change(change)
     report = _report_of(args.target, args, with_simulations=True)
     if args.compare:
         report.data["compare"] = compare_layers(report, _report_of(args.compare, args, with_simulations=False))

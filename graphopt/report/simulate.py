@@ -52,8 +52,9 @@ class Change:
         if self.kind in ("int4", "int8"):
             bits = int(self.kind[3])
             group = 32 if bits == 4 else None
+            chosen = {self.value: (bits, group)} if self.value == "*" else {self.value: (bits, group), "*": None}
             return [WeightQuantization(bits=bits, group_size=group, method="rtn", embeddings=False, head_bits=None,
-                                       layer_overrides={self.value: (bits, group), "*": None})]
+                                       layer_overrides=chosen)]
         if self.kind == "drop":
             return [LayerSkipping(remove=tuple(n for n in self.value.split(",") if n), progress=False)]
         if self.kind == "prune":

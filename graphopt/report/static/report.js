@@ -123,7 +123,8 @@ function setupTable() {
     if (v !== "kernels") table.depth = parseInt(v.split(":")[1], 10);
     renderTable();
   });
-  ["filter-op", "filter-module", "filter-ms"].forEach(id => el(id).addEventListener("input", renderTable));
+  ["filter-op", "filter-module", "filter-ms"].forEach(id => ["input", "change"].forEach(
+    kind => el(id).addEventListener(kind, renderTable)));
   renderTable();
 }
 
