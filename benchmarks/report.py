@@ -89,8 +89,8 @@ def render_row(report, screenshots: str | None) -> dict:
                 for view in VIEWS:
                     driver.find_element(By.CSS_SELECTOR, f'nav button[data-view="{view}"]').click()
                     if view == "graph":
-                        driver.find_element(By.CSS_SELECTOR, '#graph .gitem.module[data-module="model.layers"]').click()
-                        driver.find_element(By.CSS_SELECTOR, '#graph .gitem.module[data-module="model.layers.0"]').click()
+                        for module in ("model", "model.layers", "model.layers.0"):
+                            driver.find_element(By.CSS_SELECTOR, f'#graph .gitem.module[data-module="{module}"]').click()
                     driver.save_screenshot(os.path.join(screenshots, f"report-{view}.png"))
         finally:
             driver.quit()

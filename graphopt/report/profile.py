@@ -228,27 +228,27 @@ def end_to_end_ms(model_path: str, feed: Mapping[str, np.ndarray], threads: int,
 
 
 def interleaved_ms(model_paths: list[str], feed: Mapping[str, np.ndarray], threads: int, optimization_level: str = "all",
-                   runs: int = 20, warmup: int = 3) -> list[float]:
-    """Median wall time (ms) of each model, in interleaved blocks of runs so that drifts of the
-    machine (frequency, other load) reach all of them alike. Blocks, not single runs: an idle
-    session's threads spin for a while after its run and would slow the other one."""
+                   runs: int = 20, warmup: int = 2, rounds: int = 3) -> list[float]:
+    """Median wall time (ms) of each model over `rounds` rounds, each round loading every model
+    into a fresh session (in alternating order), timing it, and releasing it. Two sessions
+    held at once measured 6-13% apart on one and the same SmolLM2 model (the first loaded
+    slower), and an idle session's threads spin and slow the other; fresh sessions in turn
+    put the same conditions on every model."""
     import onnxruntime as ort
-    sessions = [ort.InferenceSession(p, ort_session_options(threads, optimization_level),
-                                     providers=["CPUExecutionProvider"]) for p in model_paths]
-    for session in sessions:
-        for _ in range(warmup):
-            session.run(None, dict(feed))
-    times: list[list[float]] = [[] for _ in sessions]
-    rounds = max(1, min(5, runs // 4))
+    times: list[list[float]] = [[] for _ in model_paths]
+    per_round = max(1, runs // rounds)
     for round_index in range(rounds):
-        pairs = list(zip(sessions, times))
-        for session, spent in (pairs if round_index % 2 == 0 else pairs[::-1]):
-            time.sleep(0.1)                    # 0.1 s lets the other session's threads stop spinning
-            session.run(None, dict(feed))
-            for _ in range(max(1, runs // rounds)):
+        order = list(range(len(model_paths)))
+        for i in (order if round_index % 2 == 0 else order[::-1]):
+            session = ort.InferenceSession(model_paths[i], ort_session_options(threads, optimization_level),
+                                           providers=["CPUExecutionProvider"])
+            for _ in range(warmup):
+                session.run(None, dict(feed))
+            for _ in range(per_round):
                 t0 = time.perf_counter()
                 session.run(None, dict(feed))
-                spent.append((time.perf_counter() - t0) * 1e3)
+                times[i].append((time.perf_counter() - t0) * 1e3)
+            del session
     return [statistics.median(t) for t in times]
 
 
@@ -272,6 +272,7 @@ def profile_onnx(model_path: str, feed: Mapping[str, np.ndarray] | None = None, 
             session.run(None, feed)
         with open(session.end_profiling()) as f:
             trace = json.load(f)
+        del session                            # timed alone below: a second live session slows the first
         optimized = onnx.load(os.path.join(tmp, "optimized.onnx"), load_external_data=False)
     exported = _GraphIndex(onnx.load(model_path, load_external_data=False))
     optimized_nodes = {n.name: n for n in optimized.graph.node}
