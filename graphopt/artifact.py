@@ -25,6 +25,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+def directory_bytes(directory: str) -> int:
+    """Bytes of the files directly in `directory` (an artifact's size)."""
+    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from .artifact import directory_bytes
 from .errors import GraphoptError
 from .runtime import default_threads
 
@@ -133,7 +134,7 @@ def cmd_compile(args) -> None:
     print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
-        print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+        print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
 
 
 def _compile_task(args) -> None:
@@ -173,7 +174,7 @@ def _compile_task(args) -> None:
     print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
-        print(f"  artifact           {path} ({_dir_bytes(path) / 1e6:.1f} MB)")
+        print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
         print(f"  try: graphopt generate {args.out} --prompt \"Tell me about cats.\" --chat")
 
 
@@ -218,10 +219,6 @@ def _pass_list(args) -> list:
     if extra and not any(isinstance(p, DeadCodeElimination) for p in passes):
         passes.append(DeadCodeElimination())
     return passes
-
-
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
 
 
 def cmd_inspect(args) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from importlib import resources
 
 from ..errors import GraphoptError
@@ -69,7 +68,3 @@ def render(data: dict) -> str:
     return _PAGE.format(title=html.escape(data["title"]), machine=html.escape(" · ".join(p for p in parts if p)),
                         css=_static("report.css"), plotly=_plotly_js().replace("</script", "<\\/script"),
                         data=_json_for_script(data), script=_static("report.js"))
-
-
-def page_bytes(path: str) -> int:
-    return os.path.getsize(path)

@@ -6,6 +6,7 @@ import os
 import re
 from typing import Any, Sequence
 
+from ..artifact import directory_bytes
 from ..errors import GraphoptError
 from ..runtime import default_threads
 from .build import Report, build_report, compare_layers
@@ -17,10 +18,6 @@ def _onnx_model_path(executable) -> str:
         raise GraphoptError(f"report: per-kernel timing is implemented for the onnxruntime backend; "
                             f"'{getattr(executable, 'backend', '?')}' is not supported yet (see README status)")
     return os.path.join(executable.workdir, "model.onnx")
-
-
-def _dir_bytes(directory: str) -> int:
-    return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 
 def report_compiled(compiled, title: str | None = None, threads: int | None = None, runs: int = 10,
@@ -38,7 +35,7 @@ def report_compiled(compiled, title: str | None = None, threads: int | None = No
             zip(compiled.executable.runner.input_names, compiled.captured.example_inputs)}
     profile = profile_onnx(path, feed, threads, compiled.executable.optimization_level, runs=runs)
     report = build_report(title or compiled.captured.source or "model", path, profile,
-                          [r.to_json() for r in compiled.records], artifact_bytes=_dir_bytes(compiled.executable.workdir))
+                          [r.to_json() for r in compiled.records], artifact_bytes=directory_bytes(compiled.executable.workdir))
     if changes:
         report.data["simulations"] = run_simulation(compiled.captured, report.data, feed, changes, threads, path,
                                                     apply=apply, calibration=calibration, progress=progress)
@@ -63,7 +60,7 @@ def report_artifact(directory: str, threads: int | None = None, runs: int = 10) 
     path = os.path.join(directory, options.get("model", "model.onnx"))
     profile = profile_onnx(path, None, threads or default_threads(), options.get("optimization_level", "all"), runs=runs)
     return build_report(os.path.basename(directory), path, profile, manifest.get("passes", []),
-                        artifact_bytes=_dir_bytes(directory))
+                        artifact_bytes=directory_bytes(directory))
 
 
 def _failing_node(gm, message: str) -> str | None:
