@@ -131,7 +131,7 @@ def cmd_compile(args) -> None:
     print(f"  latency (median of {args.repeats})  {reference_name} {eager_ms:.1f} ms -> graphopt {args.backend} "
           f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
     print(f"  max |diff| vs {reference_name} {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
-    print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
         print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
@@ -171,7 +171,7 @@ def _compile_task(args) -> None:
     print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
     print(f"  next-token logits on {ids.shape[1]} tokens: max |diff| vs torch eager {diff:.2e} "
           f"(scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
-    print(f"  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
         print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")

@@ -21,48 +21,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ir.graph import constant_value, module_path
+from ..ir.linear import layer_name, linear_input, linear_weight, through_views
 
 aten = torch.ops.aten
-MATMULS = (aten.linear.default, aten.matmul.default, aten.mm.default, aten.addmm.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
-
-
-def linear_weight(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, bool] | None:
-    """(weight as [out, in], whether it is stored transposed) if `node` multiplies its input
-    by a constant 2-D matrix: linear(x, W), matmul/mm(x, W), addmm(b, x, W) (GPT-2's Conv1D)."""
-    if node.op != "call_function" or node.target not in MATMULS or len(node.args) < 2:
-        return None
-    if node.target is aten.addmm.default and (len(node.args) != 3 or node.kwargs):
-        return None                     # beta/alpha other than 1
-    w = constant_value(gm, node.args[2] if node.target is aten.addmm.default else node.args[1])
-    if w is None or w.dim() != 2 or not w.is_floating_point():
-        return None
-    if node.target is aten.linear.default:
-        return w, False
-    return w.t(), True
-
-
-def linear_input(node: fx.Node) -> fx.Node:
-    return node.args[1] if node.target is aten.addmm.default else node.args[0]
-
-
-def linear_bias(node: fx.Node):
-    if node.target is aten.addmm.default:
-        return node.args[0]
-    if node.target is aten.linear.default and len(node.args) > 2:
-        return node.args[2]
-    return None
-
-
-def layer_name(node: fx.Node) -> str:
-    return module_path(node) or node.name
-
-
-def through_views(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:

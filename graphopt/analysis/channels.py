@@ -30,34 +30,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..ir import ops
 from ..ir.graph import constant_value, describe, module_path
 
 aten = torch.ops.aten
 
-# Ops whose output has the input's layout, channel by channel (no mixing across channels).
-_CHANNELWISE = {
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default,
-    aten.tanh.default, aten.hardtanh.default, aten.hardswish.default, aten.hardsigmoid.default,
-    aten.leaky_relu.default, aten.elu.default, aten.neg.default, aten.abs.default, aten.exp.default,
-    aten.sqrt.default, aten.rsqrt.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-    aten.dropout.default, aten._to_copy.default, aten.to.dtype, aten.pow.Tensor_Scalar,
-    aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.detach.default,
-}
-# Spatial pools over NCHW: channel axis 1 stays, channels are not mixed.
-_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-          aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default}
-_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.maximum.default,
-           aten.minimum.default, aten.add.Scalar, aten.mul.Scalar, aten.sub.Scalar, aten.div.Scalar}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.var.correction, aten.var.dim,
-               aten.amin.default}
-_SOFTMAX = {aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int}
-_BATCH_NORMS = {aten._native_batch_norm_legit_no_training.default: (1, 2, 3, 4),
-                aten.batch_norm.default: (1, 2, 3, 4),
-                aten.native_batch_norm.default: (1, 2, 3, 4)}
-_LAYER_NORMS = {aten.layer_norm.default: (2, 3), aten.native_layer_norm.default: (2, 3)}
-# Ops that only check metadata: they read a tensor without depending on its channel order.
-_TRANSPARENT = {aten._assert_tensor_metadata.default, aten.sym_size.int, aten.sym_numel.default}
 
 
 @dataclass
@@ -249,7 +226,7 @@ class ChannelAnalysis:
     def _visit(self, node: fx.Node) -> None:
         target = node.target
         tracked = [a for a in _flatten((node.args, node.kwargs)) if a in self.layouts]
-        if target in _TRANSPARENT:
+        if target in ops.METADATA:
             return
         if target in (aten.conv2d.default, aten.conv1d.default, aten.convolution.default):
             return self._conv(node)
@@ -267,36 +244,36 @@ class ChannelAnalysis:
         if not tracked:
             return
         x = node.args[0]
-        if target in _CHANNELWISE and x in self.layouts:
+        if target in ops.CHANNELWISE and x in self.layouts:
             return self._same(node, x)
-        if target in _POOLS and x in self.layouts and self.layouts[x].axis == 1:
+        if target in ops.POOLS_2D and x in self.layouts and self.layouts[x].axis == 1:
             return self._same(node, x)
         if target in (aten.pad.default, aten.constant_pad_nd.default) and x in self.layouts:
             if self.layouts[x].axis < len(_shape(x)) - len(node.args[1]) // 2:
                 return self._same(node, x)               # pads spatial dims only (TF-style "same" padding)
-        if target in _BATCH_NORMS and x in self.layouts and self.layouts[x].axis == 1:
-            for i in _BATCH_NORMS[target]:
+        if target in ops.BATCH_NORMS and x in self.layouts and self.layouts[x].axis == 1:
+            for i in ops.BATCH_NORMS[target]:
                 self._param(node, i, x)
             return self._same(node, x)
-        if target in _LAYER_NORMS and x in self.layouts:
+        if target in ops.LAYER_NORMS and x in self.layouts:
             layout = self.layouts[x]
             if layout.axis == len(_shape(x)) - 1 and len(node.args[1]) == 1:
                 self._pin(self._needed, layout.channels, f"normalised together by {describe(node)}")
-                for i in _LAYER_NORMS[target]:
+                for i in ops.LAYER_NORMS[target]:
                     self._param(node, i, x)
                 return self._same(node, x)
-        if target in _BINARY:
+        if target in ops.BINARY:
             return self._binary(node)
         if target is operator.getitem and x in self.layouts:
             return self._same(node, x) if node.args[1] == 0 and isinstance(x.meta.get("val"), (tuple, list)) \
                 else self._freeze_inputs(node, tracked)
-        if target in _VIEWS or target in (aten.flatten.using_ints, aten.squeeze.dim, aten.unsqueeze.default):
+        if target in ops.VIEWS or target in (aten.flatten.using_ints, aten.squeeze.dim, aten.unsqueeze.default):
             return self._view(node, tracked)
         if target in (aten.transpose.int, aten.permute.default, aten.t.default):
             return self._permute(node, tracked)
-        if target in _REDUCTIONS and x in self.layouts:
+        if target in ops.REDUCTIONS and x in self.layouts:
             return self._reduction(node)
-        if target in _SOFTMAX and x in self.layouts:
+        if target in ops.SOFTMAXES and x in self.layouts:
             layout = self.layouts[x]
             if node.args[1] % len(_shape(x)) == layout.axis:
                 self._pin(self._needed, layout.channels, f"softmax over channels at {describe(node)}")
@@ -397,7 +374,7 @@ class ChannelAnalysis:
         after = _prod(in_shape[layout.axis + 1:])
         for k, size in enumerate(out_shape):
             if size == in_shape[layout.axis] and _prod(out_shape[:k]) == before and _prod(out_shape[k + 1:]) == after:
-                if node.target in _VIEWS and isinstance(node.args[1][k], int) and node.args[1][k] != -1:
+                if node.target in ops.VIEWS and isinstance(node.args[1][k], int) and node.args[1][k] != -1:
                     self.shape_args.append(ShapeArg(node, k))
                 self.layouts[node] = Layout(k, list(layout.channels))
                 return

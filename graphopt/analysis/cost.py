@@ -14,12 +14,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..ir import ops
 from ..ir.graph import constant_value, parameter_bytes
 
 aten = torch.ops.aten
 
-_CONVS = {aten.convolution.default, aten.conv2d.default, aten.conv1d.default, aten.conv3d.default}
-_MATMULS = {aten.mm.default, aten.bmm.default, aten.matmul.default, aten.linear.default, aten.addmm.default}
 
 
 def _matmul_nbits():
@@ -41,7 +40,7 @@ def node_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int:
     if out is None:
         return 0
     target = node.target
-    if target in _CONVS:
+    if target in ops.CONVOLUTIONS:
         weight = _shape(node.args[1])                # [C_out, C_in / groups, *kernel]
         transposed = target is aten.convolution.default and bool(node.args[6])
         if weight is None:
@@ -49,7 +48,7 @@ def node_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int:
         if transposed:                               # [C_in, C_out / groups, *kernel]: every input pixel
             return math.prod(_shape(node.args[0])) * math.prod(weight[1:])
         return math.prod(out) * math.prod(weight[1:])
-    if target in _MATMULS or target is _matmul_nbits():
+    if target in ops.MATMULS or target is _matmul_nbits():
         x = node.args[1] if target is aten.addmm.default else node.args[0]
         xs = _shape(x)
         return math.prod(out) * xs[-1] if xs else 0

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .calibration import calibrate, layer_name, linear_weight
+from ..ir.linear import layer_name, linear_weight
+from .calibration import calibrate
 
 
 def linear_layers(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -26,14 +26,15 @@ import torch.nn.functional as F
 
 from ..errors import GraphoptError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes
-from .calibration import MATMULS, layer_name, linear_weight, residual_writer
+from ..ir import ops
+from ..ir.linear import layer_name, linear_weight
+from .calibration import residual_writer
 from ..ir.kv_attention import KV_ATTENTION
 from .quality import js_divergence, log_probs, next_token_nll
 
 aten = torch.ops.aten
-_TOKEN_MIXERS = {aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int, KV_ATTENTION,
-                 aten._scaled_dot_product_flash_attention_for_cpu.default}
-_PAIRWISE = set(MATMULS) | {aten.bmm.default, aten.baddbmm.default}
+_TOKEN_MIXERS = ops.ATTENTIONS | {aten._softmax.default, aten.softmax.int, KV_ATTENTION}
+_PAIRWISE = ops.LINEARS | ops.BATCHED_MATMULS
 
 
 def run_from(gm: fx.GraphModule, nodes: list[fx.Node], batch: tuple, env: dict, start: int,

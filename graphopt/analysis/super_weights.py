@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
-from .calibration import CalibrationStats, calibrate, layer_name, linear_weight, residual_writer
+from ..ir.linear import layer_name, linear_weight
+from .calibration import CalibrationStats, calibrate, residual_writer
 
 DEFAULT_SPIKE_RATIO = 50.0
 

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
+from ..ir import ops
 from ..ir.capture import CapturedModel
 from ..ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ..runtime import (TVM_LIBRARY, TVM_PARAMS, TvmRunner, check_cpu_features, required_cpu_features, tvm_target,
@@ -133,17 +134,13 @@ def _cast_bool_sums(gm: fx.GraphModule) -> bool:
     return changed
 
 
-_POOLS = {torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.max_pool3d.default,
-          torch.ops.aten.max_pool2d_with_indices.default, torch.ops.aten.max_pool3d_with_indices.default,
-          torch.ops.aten.avg_pool1d.default, torch.ops.aten.avg_pool2d.default, torch.ops.aten.avg_pool3d.default}
-
 
 def _explicit_pool_strides(gm: fx.GraphModule) -> bool:
     """max_pool2d(x, 2, ceil_mode=True) is captured with stride [] (meaning: the kernel size),
     which TVM's importer rejects ("The input strides length is expected to be 2")."""
     changed = False
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _POOLS and len(node.args) > 2 and not node.args[2]:
+        if node.op == "call_function" and node.target in ops.WINDOW_POOLS and len(node.args) > 2 and not node.args[2]:
             node.update_arg(2, list(node.args[1]))
             changed = True
     return changed

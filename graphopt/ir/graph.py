@@ -10,6 +10,8 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
+from . import ops
+
 T = TypeVar("T")
 
 
@@ -165,9 +167,8 @@ def eliminate_dead_code(gm: fx.GraphModule) -> bool:
     return gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
 
 
-_LAYOUT_OPS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.transpose.int,
-               torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default, torch.ops.aten.squeeze.dim,
-               torch.ops.aten.t.default, torch.ops.aten.alias.default}
+_LAYOUT_OPS = ((ops.VIEWS - {torch.ops.aten.reshape.default}) | ops.TRANSPOSES | ops.MATRIX_TRANSPOSES | ops.UNSQUEEZES
+               | ops.SQUEEZES | {torch.ops.aten.alias.default})
 
 
 def reshape_views_of_attention(gm: fx.GraphModule) -> bool:

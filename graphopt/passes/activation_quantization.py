@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_input, linear_weight
+from ..analysis.calibration import calibrate
+from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, eliminate_dead_code, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance

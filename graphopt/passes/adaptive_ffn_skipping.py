@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..analysis.calibration import through_views
+from ..ir.linear import through_views
 from ..analysis.sublayers import branch_nodes, find_sublayers, node_named
 from ..errors import PreconditionError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes

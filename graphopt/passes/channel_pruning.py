@@ -50,10 +50,10 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..analysis.channels import (_BATCH_NORMS, _BINARY, _CHANNELWISE, _POOLS, ChannelAnalysis, Consumer,
-                                 input_channel_rms)
+from ..analysis.channels import ChannelAnalysis, Consumer, input_channel_rms
 from ..analysis.cost import node_macs
 from ..errors import GraphoptError, PreconditionError
+from ..ir import ops
 from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
 
@@ -278,8 +278,8 @@ def _chain_input(node: fx.Node, analysis: ChannelAnalysis, made: set[fx.Node] = 
         return None
     if node.target is operator.getitem:
         return x if node.args[1] == 0 else None
-    if node.target in _BATCH_NORMS or node.target in _BINARY or node.target in _CHANNELWISE or \
-            (node.target in _POOLS and node.target is not aten.max_pool2d_with_indices.default):
+    if node.target in ops.BATCH_NORMS or node.target in ops.BINARY or node.target in ops.CHANNELWISE or \
+            (node.target in ops.POOLS_2D and node.target is not aten.max_pool2d_with_indices.default):
         return x
     return None
 
@@ -433,7 +433,7 @@ def _replay(gm: fx.GraphModule, chain: list[fx.Node], x: fx.Node, index: list[in
     graph = gm.graph
     positions = torch.tensor(index, dtype=torch.long)
     for node in chain:
-        per_channel = set(_BATCH_NORMS.get(node.target, ()))
+        per_channel = set(ops.BATCH_NORMS.get(node.target, ()))
         args = [x if k == 0 else a for k, a in enumerate(node.args)]
         for k, a in enumerate(args[1:], 1):
             if not (isinstance(a, fx.Node) and a.op == "get_attr"):

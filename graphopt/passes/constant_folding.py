@@ -16,15 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..ir import ops
 from ..ir.graph import add_constant, eliminate_dead_code, fetch_attr, remove_unused_attributes
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
 
-SHAPE_ONLY_OPS = {
-    aten.new_ones.default, aten.new_zeros.default, aten.new_full.default,
-    aten.ones_like.default, aten.zeros_like.default, aten.full_like.default,
-}
 
 
 def _is_static(node: fx.Node) -> bool:
@@ -81,7 +78,7 @@ class ConstantFolding(Pass):
             return inputs[0] in values
         if not isinstance(node.meta.get("val"), torch.Tensor) or not _is_static(node):
             return False
-        if node.target in SHAPE_ONLY_OPS:
+        if node.target in ops.SHAPE_ONLY:
             return all(n in values or (i == 0 and _is_static(n)) for i, n in enumerate(inputs))
         return all(n in values for n in inputs)
 

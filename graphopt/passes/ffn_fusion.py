@@ -27,15 +27,15 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..analysis.calibration import linear_bias, linear_input, linear_weight, through_views
 from ..analysis.quality import next_token_nll
 from ..analysis.sublayers import SkipEvaluator, Sublayer, branch_nodes, find_sublayers, node_named
 from ..errors import GraphoptError, PreconditionError
-from ..ir.graph import add_constant, constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
+from ..ir.graph import constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
+from ..ir import ops
+from ..ir.linear import linear_bias, linear_input, linear_weight, set_linear_weight, through_views
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
-_VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def ffn_runs(sublayers: list[Sublayer]) -> list[list[Sublayer]]:
@@ -193,16 +193,16 @@ def fuse_group(gm: fx.GraphModule, group: list[Sublayer]) -> str:
             biases.append(bias)
         has_bias = any(constant_value(gm, linear_bias(m.inputs[j])) is not None for m in members) \
             or first.shift is not None
-        _set_weights(gm, node, torch.cat(weights, 0), torch.cat(biases, 0) if has_bias else None, transposed,
+        set_linear_weight(gm, node, torch.cat(weights, 0), torch.cat(biases, 0) if has_bias else None, transposed,
                      f"{first.sub.name}_fused_in{j}")
     w_out = torch.cat([linear_weight(gm, m.writer)[0] for m in members], 1)
     out_biases = [constant_value(gm, linear_bias(m.writer)) for m in members]
     b_out = sum(b for b in out_biases if b is not None) if any(b is not None for b in out_biases) else None
-    _set_weights(gm, first.writer, w_out, b_out, linear_weight(gm, first.writer)[1], f"{first.sub.name}_fused_out")
+    set_linear_weight(gm, first.writer, w_out, b_out, linear_weight(gm, first.writer)[1], f"{first.sub.name}_fused_out")
     _drop_gain(gm, first)
     total = first.width * len(members)
     for node in first.middle:
-        if node.target in _VIEW_OPS and isinstance(node.args[1], (list, tuple)) and node.args[1][-1] == first.width:
+        if node.target in ops.VIEWS and isinstance(node.args[1], (list, tuple)) and node.args[1][-1] == first.width:
             node.args = (node.args[0], [*node.args[1][:-1], total], *node.args[2:])
     for m in members[1:]:
         stream_index = 0 if m.add.args[0] is not _writer_path(m) else 1
@@ -223,21 +223,6 @@ def _writer_path(m: _FFN) -> fx.Node:
         if isinstance(a, fx.Node) and through_views(a) is m.writer:
             return a
     raise GraphoptError(f"{describe(m.add)} does not read {m.sub.name}'s output")
-
-
-def _set_weights(gm, node: fx.Node, weight: torch.Tensor, bias, transposed: bool, hint: str) -> None:
-    graph = gm.graph
-    with graph.inserting_before(node):
-        w_node = graph.get_attr(add_constant(gm, hint + "_weight", weight.t() if transposed else weight))
-        b_node = graph.get_attr(add_constant(gm, hint + "_bias", bias)) if bias is not None else None
-    if node.target is aten.addmm.default:
-        node.args = (b_node, node.args[1], w_node)
-    elif node.target is aten.linear.default:
-        node.args = (node.args[0], w_node, b_node) if b_node is not None else (node.args[0], w_node)
-    else:                                        # matmul / mm: x @ W^T, bias added elsewhere
-        if bias is not None:
-            raise GraphoptError(f"{describe(node)}: bias folding into {node.target} is not supported")
-        node.args = (node.args[0], w_node)
 
 
 def _drop_gain(gm: fx.GraphModule, m: _FFN) -> None:

@@ -41,15 +41,14 @@ from tqdm.auto import tqdm
 from ..analysis.quality import js_divergence, log_probs
 from ..analysis.sublayers import run_from
 from ..errors import GraphoptError, PreconditionError
+from ..ir import ops
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
 _LINEAR = (aten.linear.default,)
-_LAYOUT = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-           aten.transpose.int, aten.permute.default, aten.clone.default, aten.unsqueeze.default,
-           aten.contiguous.default, aten.alias.default}
-_SHAPED = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default}   # shape = args[1]
+_LAYOUT = ops.LAYOUT
+_SHAPED = ops.VIEWS | ops.EXPANDS   # shape = args[1]
 
 
 @dataclass

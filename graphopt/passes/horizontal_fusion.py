@@ -15,13 +15,11 @@ import torch
 import torch.fx as fx
 
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
-from ..ir.pattern import Constant, Input, Op, Optional, match
+from ..ir.linear import LINEAR
+from ..ir.pattern import match
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
-
-LINEAR = Op(aten.linear.default, Input("x"), Constant("w"), Optional(Constant("b")))
-
 
 @dataclass
 class HorizontalFusionOptions:

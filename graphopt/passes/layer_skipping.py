@@ -18,7 +18,7 @@ Lossy: the pass log records the divergence and perplexity on the calibration bat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from tqdm.auto import tqdm

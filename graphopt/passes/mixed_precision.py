@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis.calibration import layer_name
+from ..ir.linear import layer_name
 from ..analysis.importance import linear_layers, lim_scores, zscore_scores
 from ..errors import PreconditionError
 from ..ir.quantized import fitting_block_size, quantized_bytes

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..analysis.calibration import calibrate, layer_name, linear_bias, linear_input, linear_weight
+from ..analysis.calibration import calibrate
+from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes

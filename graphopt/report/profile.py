@@ -228,27 +228,26 @@ def end_to_end_ms(model_path: str, feed: Mapping[str, np.ndarray], threads: int,
 
 
 def interleaved_ms(model_paths: list[str], feed: Mapping[str, np.ndarray], threads: int, optimization_level: str = "all",
-                   runs: int = 20, warmup: int = 2, rounds: int = 3) -> list[float]:
-    """Median wall time (ms) of each model over `rounds` rounds, each round loading every model
-    into a fresh session (in alternating order), timing it, and releasing it. Two sessions
-    held at once measured 6-13% apart on one and the same SmolLM2 model (the first loaded
-    slower), and an idle session's threads spin and slow the other; fresh sessions in turn
-    put the same conditions on every model."""
+                   runs: int = 30, warmup: int = 2) -> list[float]:
+    """Median wall time (ms) of each model, the models' runs interleaved one by one (in an
+    order that alternates every round), so drift of the machine falls on all models alike.
+    Thread-pool spinning is off: an idle session's spinning threads slow the running one."""
     import onnxruntime as ort
+    sessions = []
+    for path in model_paths:
+        options = ort_session_options(threads, optimization_level)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions.append(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]))
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, dict(feed))
     times: list[list[float]] = [[] for _ in model_paths]
-    per_round = max(1, runs // rounds)
-    for round_index in range(rounds):
-        order = list(range(len(model_paths)))
+    for round_index in range(runs):
+        order = list(range(len(sessions)))
         for i in (order if round_index % 2 == 0 else order[::-1]):
-            session = ort.InferenceSession(model_paths[i], ort_session_options(threads, optimization_level),
-                                           providers=["CPUExecutionProvider"])
-            for _ in range(warmup):
-                session.run(None, dict(feed))
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                session.run(None, dict(feed))
-                times[i].append((time.perf_counter() - t0) * 1e3)
-            del session
+            t0 = time.perf_counter()
+            sessions[i].run(None, dict(feed))
+            times[i].append((time.perf_counter() - t0) * 1e3)
     return [statistics.median(t) for t in times]
 
 

@@ -261,25 +261,31 @@ def _added_nodes(gm_before: fx.GraphModule, gm_after: fx.GraphModule, quantized:
             and n.target not in _FREE_OPS and module_path(n) not in quantized]
 
 
-def measure(captured, gm_after: fx.GraphModule, feed: dict, threads: int, baseline_path: str, runs: int) -> dict:
-    """Lower `gm_after` to ONNX Runtime; time it and the unchanged model, runs interleaved."""
+def measure(captured, gm_after: fx.GraphModule, feed: dict, threads: int, runs: int) -> dict:
+    """Lower `gm_after` and the unchanged graph to ONNX Runtime the same way; time both, their
+    runs interleaved. (The unchanged model is exported again rather than the report's file
+    reused: two exports of one graph can lay weights out differently, measured 5% apart.)"""
     from ..backends.onnxruntime import MODEL_FILE, export_onnx
     from .profile import interleaved_ms
-    changed = copy.copy(captured)
-    changed.graph_module = gm_after
     with tempfile.TemporaryDirectory(prefix="graphopt-apply-") as tmp:
-        path = os.path.join(tmp, MODEL_FILE)
-        t0 = time.perf_counter()
-        export_onnx(changed, path)
-        seconds = time.perf_counter() - t0
-        baseline_ms, measured_ms = interleaved_ms([baseline_path, path], feed, threads, runs=runs)
-        stored = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f != MODEL_FILE)
+        paths = {}
+        for label, gm in (("baseline", copy.deepcopy(captured.graph_module)), ("changed", gm_after)):
+            os.makedirs(os.path.join(tmp, label))
+            paths[label] = os.path.join(tmp, label, MODEL_FILE)
+            lowered = copy.copy(captured)
+            lowered.graph_module = gm
+            t0 = time.perf_counter()
+            export_onnx(lowered, paths[label])
+            seconds = time.perf_counter() - t0
+        baseline_ms, measured_ms = interleaved_ms([paths["baseline"], paths["changed"]], feed, threads, runs=runs)
+        changed_dir = os.path.dirname(paths["changed"])
+        stored = sum(os.path.getsize(os.path.join(changed_dir, f)) for f in os.listdir(changed_dir) if f != MODEL_FILE)
     return {"baseline_now_ms": baseline_ms, "measured_ms": measured_ms, "measured_bytes": stored,
             "lower_seconds": seconds}
 
 
-def simulate(captured, report: dict, feed: dict, changes: list[Change], threads: int, baseline_path: str,
-             apply: bool = False, calibration=None, runs: int = 20, progress: bool = True) -> list[dict]:
+def simulate(captured, report: dict, feed: dict, changes: list[Change], threads: int,
+             apply: bool = False, calibration=None, runs: int = 30, progress: bool = True) -> list[dict]:
     """One row per change: predicted (and with `apply`, measured) latency and bytes.
 
     With `apply`, the unchanged model is timed again beside the changed one, and the prediction
@@ -299,7 +305,7 @@ def simulate(captured, report: dict, feed: dict, changes: list[Change], threads:
         row["predicted_ratio"] = row["predicted_ms"] / baseline
         row["simulate_seconds"] = time.perf_counter() - t0
         if apply:
-            row.update(measure(captured, gm_after, feed, threads, baseline_path, runs))
+            row.update(measure(captured, gm_after, feed, threads, runs))
             row["predicted_ms"] = row["predicted_ratio"] * row["baseline_now_ms"]
             row["baseline_ms"] = row["baseline_now_ms"]
             row["error"] = (row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]

@@ -37,7 +37,7 @@ def report_compiled(compiled, title: str | None = None, threads: int | None = No
     report = build_report(title or compiled.captured.source or "model", path, profile,
                           [r.to_json() for r in compiled.records], artifact_bytes=directory_bytes(compiled.executable.workdir))
     if changes:
-        report.data["simulations"] = run_simulation(compiled.captured, report.data, feed, changes, threads, path,
+        report.data["simulations"] = run_simulation(compiled.captured, report.data, feed, changes, threads,
                                                     apply=apply, calibration=calibration, progress=progress)
     if compare is not None:
         report.data["compare"] = compare_layers(report, compare)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 
@@ -65,12 +64,11 @@ def test_predictions_follow_what_each_change_removes(llama_compiled, llama_repor
 
 
 def test_simulate_with_apply_measures_each_change(llama_compiled, llama_report):
-    path = os.path.join(llama_compiled.executable.workdir, "model.onnx")
     feed = {n: x.numpy() for n, x in zip(llama_compiled.executable.runner.input_names,
                                          llama_compiled.captured.example_inputs)}
     rows = simulate(llama_compiled.captured, llama_report.data, feed,
                     [parse_change("int8:*"), parse_change("drop:model.layers.0.self_attn")], threads=1,
-                    baseline_path=path, apply=True, runs=4, progress=False)
+                    apply=True, runs=4, progress=False)
     assert [r["kind"] for r in rows] == ["int8", "drop"]
     for row in rows:
         assert row["measured_ms"] > 0 and row["baseline_ms"] > 0 and math.isfinite(row["error"])
