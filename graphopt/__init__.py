@@ -12,13 +12,16 @@ from .artifact import LoadedModel, load
 from .errors import (ArtifactError, BackendError, CaptureError, GraphoptError, InputSpecError, PassError,
                      UnsupportedOpError, VerificationError)
 from .specs import TensorSpec
+from ._moved import install as _install_moved_paths
+
+_install_moved_paths()
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "compile": ("graphopt.api", "compile"),
     "CompiledModel": ("graphopt.api", "CompiledModel"),
-    "capture": ("graphopt.ir.capture", "capture"),
+    "capture": ("graphopt.frontend.torch_export", "capture"),
     "Pass": ("graphopt.passes.base", "Pass"),
     "PassResult": ("graphopt.passes.base", "PassResult"),
     "PassContext": ("graphopt.passes.base", "PassContext"),

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .backends import get_backend
 from .backends.base import Executable
-from .ir.capture import CapturedModel, capture
+from .frontend.torch_export import CapturedModel, capture
 from .analysis.cost import graph_cost
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset

@@ -79,7 +79,7 @@ def cmd_compile(args) -> None:
     import torch
 
     import graphopt
-    from .ir.capture import flat_tensors, sequence_dims
+    from .frontend.torch_export import flat_tensors, sequence_dims
     from .passes import DumpInstrument, PrintOnChangeInstrument
 
     torch.set_num_threads(args.threads or default_threads())
@@ -88,7 +88,7 @@ def cmd_compile(args) -> None:
         return _compile_task(args)
     onnx_file = args.model.endswith(".onnx")
     if onnx_file:            # the reference is ONNX Runtime on the file as given
-        from .ir.onnx_import import example_inputs_for
+        from .frontend.onnx import example_inputs_for
         from .runtime import OrtRunner
         from .specs import dtype_name
         model = args.model
@@ -308,7 +308,7 @@ def cmd_superweights(args) -> None:
     from .analysis.quality import perplexity, token_windows
     from .analysis.super_weights import ablate, find_super_weights
     from .corpus import read_text
-    from .ir.capture import capture
+    from .frontend.torch_export import capture
 
     bundle = graphopt.models.load(args.model)
     inputs = _example_inputs(bundle, args.seq_len)
@@ -339,7 +339,7 @@ def cmd_superweights(args) -> None:
 
 def _folded_graph(bundle, inputs):
     """The model's IR after constant folding: what the analysis commands look at."""
-    from .ir.capture import capture
+    from .frontend.torch_export import capture
     from .passes import ConstantFolding
     gm = capture(bundle.model, inputs).graph_module
     ConstantFolding()(gm)

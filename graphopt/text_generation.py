@@ -1,6 +1,6 @@
 """compile(..., task="text-generation"): a Hugging Face causal LM -> a generation artifact.
 
-The artifact holds one ONNX graph (graphopt.ir.generation.GenerationGraph: prompt and decode
+The artifact holds one ONNX graph (graphopt.frontend.generation.GenerationGraph: prompt and decode
 step are the same graph with a dynamic token count, so there is one copy of the weights on
 disk and in memory), the tokenizer's tokenizer.json (gzipped), and a manifest "task" section with what
 the torch-free runtime (graphopt.generation) needs: layers, cache shape, positions, special
@@ -16,7 +16,7 @@ import torch
 
 from .errors import GraphoptError
 from .generation import TASK
-from .ir.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
+from .frontend.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
 
 TASKS = (TASK,)
 TOKENIZER_FILE = "tokenizer.json.gz"

@@ -69,7 +69,7 @@ def load_example(filename: str):
 
 def eager_outputs(model, inputs):
     """The model's tensor outputs, flattened in the order capture uses."""
-    from graphopt.ir.capture import flat_tensors
+    from graphopt.frontend.torch_export import flat_tensors
     with torch.no_grad():
         return flat_tensors(model(*inputs))
 

@@ -211,7 +211,7 @@ def test_int4_offset_grid_artifact_tracks_the_torch_reference(tmp_path):
     from graphopt.generation import generator_for
     generator = generator_for("(mem)", {"task": cm.task, "backend": cm.backend}, cm.executable.runner, cm.extra_files)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(1))
-    from graphopt.ir.generation import prompt_inputs
+    from graphopt.frontend.generation import prompt_inputs
     with torch.no_grad():
         reference = cm.captured.graph_module(*prompt_inputs(model.config, ids))[0].numpy()
     ours = generator.next_token_logits(ids.numpy())

@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..ir.capture import CapturedModel
+from ..frontend.torch_export import CapturedModel
 
 
 class Executable:

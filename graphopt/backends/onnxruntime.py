@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from ..errors import BackendError, UnsupportedOpError
-from ..ir.capture import CapturedModel
+from ..frontend.torch_export import CapturedModel
 from ..ir.graph import export_retrying_with_reshapes, format_source
 from ..runtime import OrtRunner
 from .base import Backend, Executable

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import BackendError
-from ..ir.capture import CapturedModel
+from ..frontend.torch_export import CapturedModel
 from .base import Backend, Executable
 
 

@@ -1,1 +1,2 @@
-"""The IR: capture into torch.fx, graph helpers, pattern matching, verification, ONNX import."""
+"""The IR: graph helpers, the op-group table (ops), the linear-layer pattern (linear), pattern
+matching, traversal, quantized weights and graphopt's own ops. Capture into it: graphopt.frontend."""

@@ -82,7 +82,7 @@ class AdaptiveFFNSkipping(Pass):
         if not shapes or math.prod(shapes[0]) != 1:
             raise PreconditionError(f"adaptive FFN skipping decides per token: the graph must take one token "
                                     f"(input shape {list(shapes[0]) if shapes else '?'}); compile a KV-cache decode step, "
-                                    f"graphopt.ir.decode.DecodeStep(model), with input_ids of shape [1, 1]")
+                                    f"graphopt.frontend.decode.DecodeStep(model), with input_ids of shape [1, 1]")
 
     def run(self, gm, ctx):
         o = self.options

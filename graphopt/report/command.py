@@ -44,7 +44,7 @@ def _report_of(target: str, args, with_simulations: bool):
         raise GraphoptError(f"{target} is a directory without manifest.json: not a graphopt artifact")
     torch.set_num_threads(args.threads or default_threads())
     if target.endswith(".onnx"):
-        from ..ir.onnx_import import example_inputs_for
+        from ..frontend.onnx import example_inputs_for
         model, inputs = target, example_inputs_for(target, {})
     else:
         bundle = graphopt.models.load(target)

@@ -100,7 +100,7 @@ def failure_report(model, example_inputs, error: GraphoptError, backend: str = "
                    title: str | None = None, dynamic_dims=None) -> Report:
     """A report of what was captured of a model whose compile failed with `error`: the graph,
     the error, and the node it names marked."""
-    from ..ir.capture import capture
+    from ..frontend.torch_export import capture
     message = str(error)
     title = title or (model if isinstance(model, str) else type(model).__name__)
     try:

@@ -4,7 +4,7 @@ import torch
 import graphopt
 from graphopt.analysis.calibration import calibrate
 from graphopt.analysis.importance import lim_scores, linear_layers, zscore_scores
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 
 from ..conftest import small_inputs
 

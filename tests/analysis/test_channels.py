@@ -4,7 +4,7 @@ from torch import nn
 
 import graphopt
 from graphopt.analysis.channels import ChannelAnalysis, input_channel_rms
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 
 from ..conftest import small_inputs
 

@@ -3,7 +3,7 @@ from torch import nn
 
 import graphopt
 from graphopt.analysis.cost import graph_cost, node_macs
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 
 from ..conftest import small_inputs
 

@@ -5,7 +5,7 @@ import torch
 
 import graphopt
 from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers, remove_sublayers
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import ConstantFolding
 
 from ..conftest import assert_close_to_scale

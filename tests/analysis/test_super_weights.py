@@ -1,7 +1,7 @@
 import torch
 
 from graphopt.analysis.super_weights import ablate, find_super_weights
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 
 from ..passes.test_weight_quantization import _PlantedSuperWeight
 

@@ -94,7 +94,7 @@ def test_reshape_of_attention_output_lowers(backend):
 def test_dynamic_sequence_length_on_onnxruntime():
     bundle = graphopt.models.load("llama")
     inputs = bundle.example_inputs(seq_len=16)
-    from graphopt.ir.capture import sequence_dims
+    from graphopt.frontend.torch_export import sequence_dims
     cm = graphopt.compile(bundle.model, inputs, dynamic_dims=sequence_dims(inputs), progress=False)
     for seq in (9, 33):
         other = bundle.example_inputs(seq_len=seq, seed=seq)

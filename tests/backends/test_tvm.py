@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.ir.capture import sequence_dims
+from graphopt.frontend.torch_export import sequence_dims
 
 from ..conftest import assert_close_to_scale, eager_outputs, run_artifact_without_torch, small_inputs
 

@@ -36,7 +36,7 @@ def supported_cases():
     """The node cases whose ops all have a translation in the importer, by name."""
     from onnx.backend.test.case.node import collect_testcases
 
-    from graphopt.ir.onnx_import import OPS
+    from graphopt.frontend.onnx import OPS
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cases = collect_testcases()

@@ -1,6 +1,6 @@
 import torch
 
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.ir.pattern import Constant, Input, Op, Optional, RewriteRule, match
 
 aten = torch.ops.aten

@@ -61,7 +61,7 @@ def test_perplexity_on_evaluation_text_and_cli_eval(smollm2, tmp_path, capsys):
 def test_super_weight_found_and_proved_by_ablation(smollm2):
     from graphopt.analysis.quality import perplexity, token_windows
     from graphopt.analysis.super_weights import ablate, find_super_weights
-    from graphopt.ir.capture import capture
+    from graphopt.frontend.torch_export import capture
     bundle, ids, _ = smollm2
     gm = capture(bundle.model, (ids,)).graph_module
     report = find_super_weights(gm, (ids,))
@@ -95,7 +95,7 @@ def test_int4_artifact_is_small_and_close(smollm2, tmp_path):
 def test_sublayers_and_finercut_on_the_real_model(smollm2):
     from graphopt.analysis.quality import token_windows
     from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers
-    from graphopt.ir.capture import capture
+    from graphopt.frontend.torch_export import capture
     from graphopt.passes.layer_skipping import rank_removals
     bundle, ids, _ = smollm2
     gm = capture(bundle.model, (ids,)).graph_module
@@ -113,7 +113,7 @@ def test_sublayers_and_finercut_on_the_real_model(smollm2):
 
 def test_channel_analysis_and_pruning_on_real_weights(smollm2):
     from graphopt.analysis.channels import ChannelAnalysis
-    from graphopt.ir.capture import capture
+    from graphopt.frontend.torch_export import capture
     from graphopt.passes import ChannelPruning, PassContext
 
     bundle, ids, logits = smollm2

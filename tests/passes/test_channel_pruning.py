@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import graphopt
 from graphopt.analysis.channels import ChannelAnalysis
 from graphopt.errors import GraphoptError, PreconditionError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.ir.graph import constant_value, parameter_bytes
 from graphopt.passes import DeadCodeElimination, PassContext, PassManager, VerifyInstrument
 from graphopt.passes.channel_pruning import ChannelPermutation, ChannelPruning, contiguous_order

@@ -1,7 +1,7 @@
 import torch
 
 import graphopt
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import ConstantFolding, PassManager, VerifyInstrument
 
 from ..conftest import small_inputs

@@ -1,6 +1,6 @@
 import torch
 
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import DeadCodeElimination, PassManager, VerifyInstrument
 
 

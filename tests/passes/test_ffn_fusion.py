@@ -6,7 +6,7 @@ import torch
 import graphopt
 from graphopt.analysis.sublayers import find_sublayers
 from graphopt.errors import GraphoptError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import ConstantFolding, DeadCodeElimination, PassContext
 from graphopt.passes.ffn_fusion import FFNFusion, ffn_runs
 from graphopt.passes.layer_skipping import LayerSkipping

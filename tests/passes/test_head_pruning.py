@@ -10,7 +10,7 @@ from graphopt.errors import GraphoptError, PreconditionError
 from graphopt.passes import AttentionHeadPruning, DeadCodeElimination
 from graphopt.analysis.quality import js_divergence, log_probs
 from graphopt.passes.head_pruning import _reshape_shape, find_attentions
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 
 import graphopt
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import HorizontalFusion, PassManager, VerifyInstrument
 
 from ..conftest import small_inputs

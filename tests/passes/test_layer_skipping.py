@@ -7,7 +7,7 @@ import pytest
 import graphopt
 from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers
 from graphopt.errors import GraphoptError, PassError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import ConstantFolding, DeadCodeElimination, PassContext
 from graphopt.passes.layer_skipping import LayerSkipping, rank_removals
 

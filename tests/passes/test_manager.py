@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from graphopt.errors import PassContractError, PassError, PreconditionError, VerificationError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import (DeadCodeElimination, DumpInstrument, Pass, PassManager, PassResult,
                              PrintOnChangeInstrument, Tolerance, VerifyInstrument)
 

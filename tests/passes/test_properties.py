@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 
 from graphopt.analysis.sublayers import find_sublayers
 from graphopt.errors import GraphoptError, VerificationError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.ir.graph import infer_meta
 from graphopt.passes import (ChannelPermutation, ConstantFolding, DeadCodeElimination, FFNFusion, HorizontalFusion,
                              Pass, PassManager, PassResult, VerifyInstrument)

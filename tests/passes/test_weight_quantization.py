@@ -3,7 +3,7 @@ import torch
 
 import graphopt
 from graphopt.errors import PreconditionError
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.ir.graph import parameter_bytes
 from graphopt.ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
 from graphopt.passes import MixedPrecisionQuantization, PassContext, PassManager, VerifyInstrument, WeightQuantization

@@ -20,10 +20,10 @@ def _feed(compiled):
 
 
 def test_module_of_drops_the_wrapper_and_the_node_scope():
-    namespace = (": graphopt.ir.capture._FlatIO/model: pkg.Net/model.blocks: torch.nn.Sequential/"
+    namespace = (": graphopt.frontend.torch_export._FlatIO/model: pkg.Net/model.blocks: torch.nn.Sequential/"
                  "model.blocks.0: pkg.Block/model.blocks.0.bn1: torch.nn.BatchNorm2d/bn_1: aten.batch_norm.default")
     assert module_of(namespace) == ("blocks.0.bn1", "BatchNorm2d")
-    assert module_of(": graphopt.ir.capture._FlatIO/model: pkg.Net/add: aten.add.Tensor") == ("", "Net")
+    assert module_of(": graphopt.frontend.torch_export._FlatIO/model: pkg.Net/add: aten.add.Tensor") == ("", "Net")
     assert module_of("") == ("", "")
 
 

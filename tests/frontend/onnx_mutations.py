@@ -1,6 +1,6 @@
 """Seeded mutations of a valid ONNX model, and a worker that compiles them one by one.
 
-`mutations(n)` yields (description, bytes). `python -m tests.ir.onnx_mutations` reads
+`mutations(n)` yields (description, bytes). `python -m tests.frontend.onnx_mutations` reads
 mutation indices on stdin and prints, per index, "start I" before and "done I STATUS DETAIL"
 after compiling it, so a parent process can tell a crash or a hang from a result.
 STATUS: error (a graphopt error), ok (compiled; outputs equal onnxruntime's), accepted

@@ -21,7 +21,7 @@ def _run_all(count: int) -> dict[int, tuple[str, str]]:
     pending = list(range(count))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     while pending:
-        worker = subprocess.Popen([sys.executable, "-m", "tests.ir.onnx_mutations", str(count)], cwd=root,
+        worker = subprocess.Popen([sys.executable, "-m", "tests.frontend.onnx_mutations", str(count)], cwd=root,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda out=worker.stdout: [lines.put(line) for line in out] + [lines.put(None)],

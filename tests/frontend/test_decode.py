@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.ir.decode import DecodeStep, generate_greedy, past_dims, prefill_cache
+from graphopt.frontend.decode import DecodeStep, generate_greedy, past_dims, prefill_cache
 from graphopt.passes import ConstantFolding, DeadCodeElimination
 from graphopt.passes.adaptive_ffn_skipping import AdaptiveFFNSkipping
 

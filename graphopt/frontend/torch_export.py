@@ -187,11 +187,11 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     `example_inputs` is a tensor, a tuple of tensors (positional), or a dict of tensors
     (keyword; the dict order becomes the positional order of the compiled model).
     `dynamic_dims` maps input index -> {dim index: dim name}; see `sequence_dims`.
-    An .onnx path is imported first (see graphopt.ir.onnx_import).
+    An .onnx path is imported first (see graphopt.frontend.onnx).
     """
     _check_positions(model, example_inputs)
     if isinstance(model, (str, os.PathLike)):
-        from .onnx_import import import_onnx
+        from .onnx import import_onnx
         if dynamic_dims:
             raise CaptureError(f"{os.fspath(model)}: ONNX files import with static shapes (the example inputs fix "
                                "every dim), so dynamic_dims cannot be honoured; compile the PyTorch model for "

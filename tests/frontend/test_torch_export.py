@@ -3,7 +3,7 @@ import torch
 
 import graphopt
 from graphopt.errors import CaptureError, GraphoptError, InputSpecError
-from graphopt.ir.capture import capture, sequence_dims
+from graphopt.frontend.torch_export import capture, sequence_dims
 from graphopt.specs import TensorSpec
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs

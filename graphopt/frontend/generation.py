@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from ..errors import GraphoptError
-from .kv_attention import KV_ATTENTION
+from ..ir.kv_attention import KV_ATTENTION
 
 ATTENTION = "graphopt_kv"
 INPUT_NAMES = ("input_ids", "position_ids", "seqlens_k", "total_length", "logit_positions")
@@ -42,7 +42,7 @@ class _CacheState:
 def _kv_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                            sliding_window=None, softcap=None, graphopt_cache=None, **kwargs):
     if graphopt_cache is None:
-        raise GraphoptError(f"attention '{ATTENTION}' runs only inside graphopt.ir.generation.GenerationGraph")
+        raise GraphoptError(f"attention '{ATTENTION}' runs only inside graphopt.frontend.generation.GenerationGraph")
     if sliding_window is not None or softcap is not None or dropout:
         raise GraphoptError(f"{type(module).__name__}: sliding-window, soft-capped or dropout attention has no "
                             "text-generation lowering yet")
