@@ -9,7 +9,7 @@ through; the first `warmup` positions of each window run in full. Simulated on t
 per-token decisions in a causal prefill, which is what token-by-token decoding with the same
 decisions computes. Perplexity on evaluation.txt in 128-token windows; JS against the
 unmodified model. Also counts saturated FFNs on the first 4 windows. Decode-step latency:
-the KV-cache decode step (graphopt.ir.decode; one token after seq-len - 1 cached ones) lowered
+the KV-cache decode step (graphopt.frontend.decode; one token after seq-len - 1 cached ones) lowered
 with ONNX `If` around each skippable FFN, timed never and always skipping against the plain
 step (round-robin); a row's estimate interpolates between them at its skip ratio.
 """
@@ -28,8 +28,8 @@ import graphopt  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.analysis.sublayers import SkipEvaluator, adaptive_ffn_skipping, ffn_saturation, find_sublayers  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
-from graphopt.ir.capture import capture  # noqa: E402
-from graphopt.ir.decode import DecodeStep, past_dims, prefill_cache  # noqa: E402
+from graphopt.frontend.torch_export import capture  # noqa: E402
+from graphopt.frontend.decode import DecodeStep, past_dims, prefill_cache  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
 from graphopt.passes.adaptive_ffn_skipping import AdaptiveFFNSkipping  # noqa: E402
 

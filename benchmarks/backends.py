@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.ir.capture import flat_tensors  # noqa: E402
+from graphopt.frontend.torch_export import flat_tensors  # noqa: E402
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.ir.capture import capture  # noqa: E402
+from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.ir.graph import fetch_attr, parameter_bytes  # noqa: E402
 from graphopt.models.cnn import SmallDenseNet, SmallResNet  # noqa: E402

@@ -27,7 +27,7 @@ import graphopt  # noqa: E402
 from graphopt.analysis.quality import perplexity, token_windows  # noqa: E402
 from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
-from graphopt.ir.capture import capture  # noqa: E402
+from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
 from graphopt.passes.layer_skipping import LayerSkipping, RemovalStep, rank_removals  # noqa: E402
 

@@ -23,7 +23,7 @@ import torch
 
 import graphopt
 from graphopt.analysis.channels import ChannelAnalysis
-from graphopt.ir.capture import capture
+from graphopt.frontend.torch_export import capture
 from graphopt.passes import AttentionHeadPruning, ChannelPruning, DeadCodeElimination
 
 EXPORTS = {

@@ -16,7 +16,7 @@ import torch
 
 import graphopt
 from graphopt.corpus import read_text
-from graphopt.ir.decode import DecodeStep, generate_greedy, past_dims, prefill_cache
+from graphopt.frontend.decode import DecodeStep, generate_greedy, past_dims, prefill_cache
 from graphopt.passes import ConstantFolding, DeadCodeElimination
 from graphopt.passes.adaptive_ffn_skipping import AdaptiveFFNSkipping
 
