@@ -45,7 +45,7 @@ class ChannelPruningOptions:
 
 
 class ChannelPruning(Pass):
-    """Drop the least important input channels of every consumer; see the module docstring."""
+    """Drop the least important input channels of every consumer; see the package docstring (channel_pruning/__init__.py)."""
 
     name = "channel_pruning"
     Options = ChannelPruningOptions
