@@ -10,8 +10,8 @@ each view is saved (--screenshots, default docs/images).
     python benchmarks/report.py [--json PATH] [--threads N] [--models smollm2,resnet]
 
 A change the model has nothing for prints as "not applicable" (ResNet has no attention
-heads, and its residual blocks end in a convolution, which sublayer analysis does not treat
-as a removable sublayer; weight quantization covers linear layers, so int8 there is its head).
+heads; its removable sublayers are the residual blocks with an identity shortcut; weight
+quantization covers linear layers, so int8 there is its head).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from common import print_table, write_json  # noqa: E402
 CHANGES = {
     "smollm2": ["int4:model.layers.*", "drop:model.layers.20.mlp,model.layers.24.self_attn,model.layers.26.self_attn",
                 "prune:0.3", "heads:0.25"],
-    "resnet": ["int8:head", None, "prune:0.3", None],
+    "resnet": ["int8:head", "drop:blocks.1,blocks.3", "prune:0.3", None],
 }
 KIND_ORDER = ["quantize", "drop sublayers", "prune channels", "drop heads"]
 

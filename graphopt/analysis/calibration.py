@@ -42,12 +42,12 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     for stream, sub in ((a, b), (b, a)):
         writer = through_views(sub)
         if linear_weight(gm, writer) is not None and linear_weight(gm, through_views(stream)) is None \
-                and not _depends_on(stream, writer):
+                and not depends_on(stream, writer):
             return stream, writer
     return None
 
 
-def _depends_on(node: fx.Node, ancestor: fx.Node, limit: int = 64) -> bool:
+def depends_on(node: fx.Node, ancestor: fx.Node, limit: int = 64) -> bool:
     """Whether `ancestor` is among the nearest `limit` producers of `node` (e.g. GELU's
     x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
     seen, frontier = set(), [node]

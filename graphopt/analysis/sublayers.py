@@ -8,6 +8,12 @@ otherwise. An attention sublayer followed by an FFN sublayer is a block. This ho
 Llama/Qwen2/Mistral (RMSNorm, SwiGLU) and GPT-2 (LayerNorm, Conv1D as addmm, GELU) alike;
 module names are only used to label what was found.
 
+In a convolutional network, a residual add `stream + f(stream)` whose `f` ends in a
+convolution (or its batch norm) and whose stream is not itself a convolution's output (an
+identity shortcut, as in ResNet's basic and bottleneck blocks) is a sublayer of kind
+"block": a whole residual block. Blocks with a projection shortcut change the stream's
+shape or scale and are not removable.
+
 Removing a sublayer makes its add pass the stream through; dead-code elimination then
 drops its nodes and weights.
 
@@ -18,6 +24,7 @@ run): what greedy searches over removal sets (FinerCut) need.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +32,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import GraphoptError
-from ..ir.graph import eliminate_dead_code, remove_unused_attributes
+from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
 from ..ir import ops
-from ..ir.linear import layer_name, linear_weight
-from .calibration import residual_writer
+from ..ir.linear import layer_name, linear_weight, through_views
+from .calibration import depends_on, residual_writer
 from ..ir.kv_attention import KV_ATTENTION
 from .quality import js_divergence, log_probs, next_token_nll
 
@@ -64,8 +71,8 @@ class Sublayer:
     """One residual branch. `index` is its position along the residual stream."""
 
     index: int
-    kind: str            # "attention" or "ffn"
-    name: str            # e.g. "layers.3.self_attn", "h.3.mlp" (module of its output linear)
+    kind: str            # "attention", "ffn", or "block" (a convolutional residual block)
+    name: str            # e.g. "layers.3.self_attn", "h.3.mlp", "blocks.1" (module of its output layer's module)
     block: int           # blocks pair an attention sublayer with the FFN after it
     add: str             # node names in the graph
     stream: str
@@ -103,12 +110,52 @@ def _module_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
+def _convolution_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The convolution with a constant weight whose output `node` is, directly or through
+    its batch norm; None otherwise."""
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        norm = node.args[0]
+        if isinstance(norm, fx.Node) and norm.op == "call_function" and norm.target in ops.BATCH_NORMS:
+            node = through_views(norm.args[0])
+    elif node.op == "call_function" and node.target is aten.batch_norm.default:
+        node = through_views(node.args[0])
+    if node.op == "call_function" and node.target in ops.CONVOLUTIONS \
+            and constant_value(gm, node.args[1]) is not None:
+        return node
+    return None
+
+
+def conv_residual(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """(stream, branch output, its convolution) if `add` adds an identity shortcut to a branch
+    ending in a convolution (or its batch norm), else None."""
+    if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+        return None
+    a, b = add.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
+        return None
+    for stream, branch in ((a, b), (b, a)):
+        conv = _convolution_of(gm, through_views(branch))
+        if conv is not None and _convolution_of(gm, through_views(stream)) is None \
+                and not depends_on(stream, conv):
+            return stream, branch, conv
+    return None
+
+
 def find_sublayers(gm: fx.GraphModule) -> list[Sublayer]:
     """Every residual sublayer of `gm`, in stream order."""
     found, block, seen_attention = [], -1, False
     for node in gm.graph.nodes:
         rw = residual_writer(gm, node)
         if rw is None:
+            conv = conv_residual(gm, node)
+            if conv is not None:
+                block += 1
+                stream, branch, convolution = conv
+                found.append(Sublayer(len(found), "block", _module_of(layer_name(convolution)), block,
+                                      node.name, stream.name, branch.name))
             continue
         stream, writer = rw
         kind = "attention" if _mixes_tokens(gm, _branch_nodes(writer, stream)) else "ffn"

@@ -165,8 +165,15 @@ class LayerSkipping(Pass):
         if not o.remove and o.sublayers is None and o.max_perplexity_increase is None:
             raise PreconditionError("layer skipping needs a budget: sublayers=N and/or max_perplexity_increase=x, "
                                     "or remove=[names]")
-        if not find_sublayers(gm):
-            raise PreconditionError("no residual sublayers found (adds of a stream and a linear layer's output)")
+        found = find_sublayers(gm)
+        if not found:
+            raise PreconditionError("no residual sublayers found (adds of a stream and the output of a linear "
+                                    "layer, or of a convolution with an identity shortcut)")
+        if not o.remove and not any(s.kind in o.kinds for s in found):
+            kinds = sorted({s.kind for s in found})
+            raise PreconditionError(f"the search ranks sublayers of kinds {', '.join(o.kinds)} on a language model's "
+                                    f"next-token scores; this model's are {', '.join(kinds)} "
+                                    f"({', '.join(s.name for s in found)}): name them with remove=[...]")
 
     def run(self, gm, ctx):
         o = self.options

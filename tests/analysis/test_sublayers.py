@@ -6,6 +6,7 @@ import torch
 import graphopt
 from graphopt.analysis.sublayers import SkipEvaluator, find_sublayers, remove_sublayers
 from graphopt.frontend.torch_export import capture
+from graphopt.ir.graph import eliminate_dead_code, remove_unused_attributes
 from graphopt.passes import ConstantFolding
 
 from ..conftest import assert_close_to_scale
@@ -90,3 +91,33 @@ def test_removing_consecutive_sublayers_in_any_order():
     remove_sublayers(gm, [subs[3], subs[4]])          # ffn[1] then attention[2], whose stream is ffn[1]'s add
     assert [s.label for s in find_sublayers(gm)] == ["attention[0]", "ffn[0]", "attention[1]", "ffn[1]"]
     assert_close_to_scale(gm(*inputs)[0], expected_graph(*inputs)[0], 1e-6)
+
+
+def test_identity_residual_blocks_of_a_cnn_are_removable_sublayers():
+    bundle = graphopt.models.load("resnet")
+    inputs = bundle.example_inputs(size=32)
+    gm = capture(bundle.model, inputs).graph_module
+    eliminate_dead_code(gm)              # batch norms' num_batches_tracked
+    remove_unused_attributes(gm)
+    subs = find_sublayers(gm)
+    # blocks 2 and 4 have a projection shortcut (1x1 conv + bn): not removable
+    assert [(s.kind, s.name, s.block) for s in subs] == [
+        ("block", "blocks.0", 0), ("block", "blocks.1", 1), ("block", "blocks.3", 2), ("block", "blocks.5", 3)]
+    freed = remove_sublayers(gm, [subs[1], subs[2]])
+    model = bundle.model
+    own = [p for i in (1, 3) for m in (model.blocks[i].conv1, model.blocks[i].bn1, model.blocks[i].conv2,
+                                       model.blocks[i].bn2) for p in list(m.parameters()) + list(m.buffers())
+           if p.is_floating_point()]
+    assert freed == sum(p.numel() * p.element_size() for p in own)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (1, 3):                 # a zero branch: relu(0 + x), what removing the add computes
+            reference.blocks[i].bn2.weight.zero_()
+            reference.blocks[i].bn2.bias.zero_()
+        expected = reference(*inputs)
+    assert_close_to_scale(gm(*inputs)[0], expected, 1e-6)
+
+
+def test_an_lm_has_no_convolutional_blocks():
+    gm, _, _ = _graph("gpt2")
+    assert "block" not in {s.kind for s in find_sublayers(gm)}

@@ -110,3 +110,13 @@ def test_unknown_pattern_is_a_clear_error():
     gm = capture(torch.nn.Linear(4, 4), (torch.randn(2, 4),)).graph_module
     with pytest.raises(PassError, match="no residual sublayers found"):
         graphopt.passes.PassManager([LayerSkipping(sublayers=1, method="tail")]).run(gm, PassContext())
+
+
+def test_a_cnn_search_is_refused_and_named_blocks_are_removed():
+    bundle = graphopt.models.load("resnet")
+    inputs = bundle.example_inputs(size=32)
+    gm = capture(bundle.model, inputs).graph_module
+    with pytest.raises(PassError, match=r"this model's are block \(blocks.0, blocks.1, blocks.3, blocks.5\)"):
+        graphopt.passes.PassManager([LayerSkipping(sublayers=1)]).run(gm, PassContext(inputs, calibration=[inputs]))
+    result = graphopt.passes.PassManager([LayerSkipping(remove=("blocks.3",))]).run(gm, PassContext(inputs))
+    assert [s.name for s in find_sublayers(result.graph_module)] == ["blocks.0", "blocks.1", "blocks.5"]
