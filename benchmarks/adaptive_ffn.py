@@ -28,8 +28,8 @@ import graphopt  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.analysis.sublayers import SkipEvaluator, adaptive_ffn_skipping, ffn_saturation, find_sublayers  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
-from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.frontend.decode import DecodeStep, past_dims, prefill_cache  # noqa: E402
+from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
 from graphopt.passes.adaptive_ffn_skipping import AdaptiveFFNSkipping  # noqa: E402
 
@@ -90,10 +90,15 @@ def main() -> None:
             print(f"  {rows[-1]['name']}: skip {p.skip_ratio:.1%}, perplexity {p.perplexity:.3f}", file=sys.stderr)
     medians, share = decode_step_latency(bundle.model, windows[0][0], tuple(args.region), args.span, args.repeats,
                                          args.threads)
-    print(f"decode step (1 token after {args.seq_len - 1} cached, onnxruntime): plain {medians['plain'] * 1e3:.2f} ms; "
-          + "; ".join(f"span {k}: If graph never skipping {medians[f'never {k}'] * 1e3:.2f} ms, always skipping "
-                      f"{medians[f'always {k}'] * 1e3:.2f} ms ({share[k]:.0%} of the region's FFNs)" for k in args.span),
-          file=sys.stderr)
+    print(
+        f"decode step (1 token after {args.seq_len - 1} cached, onnxruntime): plain {medians['plain'] * 1e3:.2f} ms; "
+        + "; ".join(
+            f"span {k}: If graph never skipping {medians[f'never {k}'] * 1e3:.2f} ms, always skipping "
+            f"{medians[f'always {k}'] * 1e3:.2f} ms ({share[k]:.0%} of the region's FFNs)"
+            for k in args.span
+        ),
+        file=sys.stderr,
+    )
     for row in rows:
         k = row["span"]
         never, always = medians[f"never {k}"], medians[f"always {k}"]

@@ -27,17 +27,22 @@ Runtime's blocked conv kernels need), so `columns_dropped` (the share of consume
 channels actually dropped) is at or below the nominal sparsity.
 Columns: Gather/Slice/Concat ops in the exported ONNX graph (beyond the unpruned graph's), the
 share of layer MACs removed, weight MB, median latency on ONNX Runtime, on TVM (with
-`--backends ... tvm`: copies fuse into the convolution that reads them) and on the torch backend (the pruned graph run eagerly,
+`--backends ... tvm`: copies fuse into the convolution that reads them) and on the torch
+backend (the pruned graph run eagerly,
 where a channel slice is a view and costs nothing, as in the paper's PyTorch measurements;
 in ONNX Runtime a Slice copies like a Gather), timed round-robin in one run (ratio = unpruned
-/ this, > 1 is faster; CNNs on 1 thread, in blocks of 20 calls), and accuracy. The CNNs (written in graphopt.models.cnn) are first trained here on a synthetic
+/ this, > 1 is faster; CNNs on 1 thread, in blocks of 20 calls), and accuracy. The CNNs
+(written in graphopt.models.cnn) are first trained here on a synthetic
 10-class image task (class templates of low-frequency patterns, random shifts and noise),
 so accuracy is test accuracy of the ONNX Runtime artifact on 1,024 held-out samples straight
 after pruning; `accuracy_finetuned` is the pruned graph's after `--finetune-steps` of training
 at `--finetune-lr` (the brief recovery a pruned model gets; the unpruned row gets the same
-steps, and since the CNNs are trained only briefly it gains too: compare with it); `agree` is top-1 agreement with the unpruned model. For SmolLM2-135M (real weights) accuracy is perplexity on ../shared/corpus/evaluation.txt
+steps, and since the CNNs are trained only briefly it gains too: compare with it); `agree`
+is top-1 agreement with the unpruned model. For SmolLM2-135M (real weights) accuracy is
+perplexity on ../shared/corpus/evaluation.txt
 (128-token windows) and agreement is next-token top-1 agreement; its latency is a 128-token
-prefill. Naive and reordered exports of one sparsity and granularity compute the same function (checked).
+prefill. Naive and reordered exports of one sparsity and granularity compute the same
+function (checked).
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
-from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
+from graphopt.frontend.torch_export import capture  # noqa: E402
 from graphopt.ir.graph import fetch_attr, parameter_bytes  # noqa: E402
 from graphopt.models.cnn import SmallDenseNet, SmallResNet  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination, PassContext, PassManager  # noqa: E402

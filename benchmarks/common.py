@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import time
@@ -59,5 +60,6 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def write_json(rows: list[dict], path: str | None) -> None:
     if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(rows, f, indent=2)

@@ -59,8 +59,6 @@ def _median(values):
 
 # ----- children: one row each, printed as JSON on the last line of stdout
 def measure_artifact(path: str, threads: int, repeats: int, ppl_tokens: int) -> dict:
-    import numpy as np
-
     import graphopt
     lm = graphopt.load(path, threads=threads)
     lm.generate("warm up", max_new_tokens=2)

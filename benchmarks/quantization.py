@@ -25,8 +25,13 @@ from common import interleaved_medians, print_table, write_json  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.analysis.quality import perplexity, token_windows  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
-from graphopt.passes import (ActivationQuantization, ConstantFolding, DeadCodeElimination, MixedPrecisionQuantization,  # noqa: E402
-                             WeightQuantization)
+from graphopt.passes import (  # noqa: E402
+    ActivationQuantization,
+    ConstantFolding,
+    DeadCodeElimination,
+    MixedPrecisionQuantization,
+    WeightQuantization,
+)
 
 
 def schemes() -> dict[str, list]:

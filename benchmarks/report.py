@@ -77,7 +77,13 @@ def render_row(report, screenshots: str | None) -> dict:
         from selenium.webdriver.chrome.service import Service
         from selenium.webdriver.common.by import By
         options = webdriver.ChromeOptions()
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        for arg in (
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1400,1000",
+        ):
             options.add_argument(arg)
         options.binary_location = chromium
         driver = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -90,7 +96,9 @@ def render_row(report, screenshots: str | None) -> dict:
                     driver.find_element(By.CSS_SELECTOR, f'nav button[data-view="{view}"]').click()
                     if view == "graph":
                         for module in ("model", "model.layers", "model.layers.0"):
-                            driver.find_element(By.CSS_SELECTOR, f'#graph .gitem.module[data-module="{module}"]').click()
+                            driver.find_element(
+                                By.CSS_SELECTOR, f'#graph .gitem.module[data-module="{module}"]'
+                            ).click()
                     driver.save_screenshot(os.path.join(screenshots, f"report-{view}.png"))
         finally:
             driver.quit()

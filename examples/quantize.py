@@ -17,8 +17,13 @@ import torch
 import graphopt
 from graphopt.analysis.quality import perplexity, token_windows
 from graphopt.corpus import read_text
-from graphopt.passes import (ActivationQuantization, ConstantFolding, DeadCodeElimination,
-                             MixedPrecisionQuantization, WeightQuantization)
+from graphopt.passes import (
+    ActivationQuantization,
+    ConstantFolding,
+    DeadCodeElimination,
+    MixedPrecisionQuantization,
+    WeightQuantization,
+)
 
 SCHEMES = {
     "int8": lambda: [WeightQuantization(bits=8, group_size=None)],

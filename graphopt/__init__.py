@@ -8,11 +8,19 @@ is imported on first use so that a deployment without torch can still load artif
 """
 from __future__ import annotations
 
-from .artifact import LoadedModel, load
-from .errors import (ArtifactError, BackendError, CaptureError, GraphoptError, InputSpecError, PassError,
-                     UnsupportedOpError, VerificationError)
-from .specs import TensorSpec
 from ._moved import install as _install_moved_paths
+from .artifact import LoadedModel, load
+from .errors import (
+    ArtifactError,
+    BackendError,
+    CaptureError,
+    GraphoptError,
+    InputSpecError,
+    PassError,
+    UnsupportedOpError,
+    VerificationError,
+)
+from .specs import TensorSpec
 
 _install_moved_paths()
 

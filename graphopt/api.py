@@ -7,14 +7,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .analysis.cost import graph_cost
 from .backends import get_backend
 from .backends.base import Executable
+from .errors import GraphoptError
 from .frontend.torch_export import CapturedModel, capture
-from .analysis.cost import graph_cost
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
 from .passes.instruments import Instrument, QualityInstrument
-from .errors import GraphoptError
 from .specs import check_inputs
 
 
@@ -85,7 +85,8 @@ class CompiledModel:
                          + "; ".join(r.changes[:3]) + (" ..." if len(r.changes) > 3 else ""))
             if r.quality:
                 q = r.quality
-                line = f"  {'':24s} quality on {q['rows']} calibration rows: JS {q['js']:.2e}, top-1 agreement {q['top1_agreement']:.3f}"
+                line = (f"  {'':24s} quality on {q['rows']} calibration rows: JS {q['js']:.2e}, "
+                        f"top-1 agreement {q['top1_agreement']:.3f}")
                 if "perplexity_after" in q:
                     line += f", perplexity {q['perplexity_before']:.3f} -> {q['perplexity_after']:.3f}"
                 lines.append(line)

@@ -79,6 +79,7 @@ def cmd_compile(args) -> None:
     import torch
 
     import graphopt
+
     from .frontend.torch_export import flat_tensors, sequence_dims
     from .passes import DumpInstrument, PrintOnChangeInstrument
 
@@ -125,12 +126,14 @@ def cmd_compile(args) -> None:
     print(cm.summary())
     print(f"\n{args.model}: inputs {', '.join(i.describe() for i in cm.inputs)}")
     print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
-    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> "
+          f"{s['parameter_bytes_optimized'] / 1e6:.1f} MB")
     print(f"  compute            {s['macs_captured'] / 1e9:.3f} -> {s['macs_optimized'] / 1e9:.3f} GMAC per call "
           "(convolutions, linear layers, matmuls, attention)")
     print(f"  latency (median of {args.repeats})  {reference_name} {eager_ms:.1f} ms -> graphopt {args.backend} "
           f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
-    print(f"  max |diff| vs {reference_name} {diff:.2e} (output scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
+    print(f"  max |diff| vs {reference_name} {diff:.2e} (output scale {scale:.3g}, "
+          f"relative {diff / max(scale, 1e-30):.2e})")
     print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
     if args.out:
         path = cm.save(args.out)
@@ -143,6 +146,7 @@ def _compile_task(args) -> None:
     import torch
 
     import graphopt
+
     from .passes import PrintOnChangeInstrument
     if args.model.endswith(".onnx"):
         raise GraphoptError(f"--task {args.task} compiles a Hugging Face causal LM by name, not an .onnx file")
@@ -168,7 +172,8 @@ def _compile_task(args) -> None:
     print(cm.summary())
     print(f"\n{args.model} for {args.task}: one graph for prompt and decode, cache in place")
     print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
-    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> {s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> "
+          f"{s['parameter_bytes_optimized'] / 1e6:.1f} MB")
     print(f"  next-token logits on {ids.shape[1]} tokens: max |diff| vs torch eager {diff:.2e} "
           f"(scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
     print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
@@ -248,10 +253,16 @@ def cmd_inspect(args) -> None:
             print(f"       ? {note}")
     stats = m.get("stats", {})
     if stats:
-        print(f"graph      {stats.get('nodes_captured')} -> {stats.get('nodes_optimized')} nodes; constants "
-              f"{stats.get('parameter_bytes_captured', 0) / 1e6:.1f} -> {stats.get('parameter_bytes_optimized', 0) / 1e6:.1f} MB"
-              + (f"; {stats['macs_captured'] / 1e9:.3f} -> {stats['macs_optimized'] / 1e9:.3f} GMAC per call"
-                 if "macs_captured" in stats else ""))
+        print(
+            f"graph      {stats.get('nodes_captured')} -> {stats.get('nodes_optimized')} nodes; constants "
+            f"{stats.get('parameter_bytes_captured', 0) / 1e6:.1f} -> "
+            f"{stats.get('parameter_bytes_optimized', 0) / 1e6:.1f} MB"
+            + (
+                f"; {stats['macs_captured'] / 1e9:.3f} -> {stats['macs_optimized'] / 1e9:.3f} GMAC per call"
+                if "macs_captured" in stats
+                else ""
+            )
+        )
     print("versions   " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()))
 
 
@@ -275,6 +286,7 @@ def cmd_bench(args) -> None:
 
 def cmd_eval(args) -> None:
     import graphopt
+
     from .analysis.quality import divergence, perplexity, token_windows
     from .corpus import corpus_file
 
@@ -305,6 +317,7 @@ def cmd_eval(args) -> None:
 
 def cmd_superweights(args) -> None:
     import graphopt
+
     from .analysis.quality import perplexity, token_windows
     from .analysis.super_weights import ablate, find_super_weights
     from .corpus import read_text
@@ -348,6 +361,7 @@ def _folded_graph(bundle, inputs):
 
 def cmd_sublayers(args) -> None:
     import graphopt
+
     from .analysis.sublayers import SkipEvaluator, ffn_saturation, find_sublayers
     from .passes.layer_skipping import rank_removals
 
@@ -379,6 +393,7 @@ def cmd_sublayers(args) -> None:
 
 def cmd_channels(args) -> None:
     import graphopt
+
     from .analysis.channels import ChannelAnalysis
     from .passes import ChannelPruning
 

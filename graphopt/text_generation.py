@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import GraphoptError
-from .generation import TASK
 from .frontend.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
+from .generation import TASK
 
 TASKS = (TASK,)
 TOKENIZER_FILE = "tokenizer.json.gz"

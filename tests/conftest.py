@@ -27,7 +27,7 @@ def assert_close_to_scale(actual, expected, rel: float = 1e-4) -> float:
     return err
 
 
-def run_artifact_without_torch(path: str, inputs) -> "np.ndarray":
+def run_artifact_without_torch(path: str, inputs):
     """Load and run the artifact in a subprocess where `import torch` fails; its first output."""
     import os
     import subprocess

@@ -50,7 +50,10 @@ def test_channels_and_compile_with_channel_pruning(tmp_path, capsys):
     assert main(["compile", "--model", "resnet", "--repeats", "1", "--prune-channels", "0.3",
                  "--out", str(tmp_path / "pruned")]) == 0
     out = capsys.readouterr().out
-    assert "channel_pruning          changed" in out and "consumers read all kept channels: 13, a slice: 1, a gather: 1" in out
+    assert (
+        "channel_pruning          changed" in out
+        and "consumers read all kept channels: 13, a slice: 1, a gather: 1" in out
+    )
     assert main(["compile", "--model", "resnet", "--repeats", "1", "--prune-channels", "0.4", "--prune-budget", "flops",
                  "--prune-scope", "global", "--out", str(tmp_path / "flops")]) == 0
     assert "flops budget 40% reached with consumers at channel ratios" in capsys.readouterr().out

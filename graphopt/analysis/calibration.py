@@ -100,7 +100,12 @@ class LinearStats:
         flat = int(ay.argmax())
         token, channel = divmod(flat, ay.shape[1])
         if float(ay[token, channel]) > self.peak:
-            self.peak, self.peak_token, self.peak_batch, self.peak_channel = float(ay[token, channel]), token, batch, channel
+            self.peak, self.peak_token, self.peak_batch, self.peak_channel = (
+                float(ay[token, channel]),
+                token,
+                batch,
+                channel,
+            )
             self.peak_input_channel = int(ax[token].argmax())
             self.peak_input_value = float(x[token, self.peak_input_channel])
 

@@ -328,7 +328,9 @@ class ChannelAnalysis:
         if arg < len(node.args) and isinstance(node.args[arg], fx.Node):
             value = constant_value(self.gm, node.args[arg])
             if value is None:
-                return self._freeze(x, f"per-channel operand {node.args[arg].name} of {describe(node)} is not a constant")
+                return self._freeze(
+                    x, f"per-channel operand {node.args[arg].name} of {describe(node)} is not a constant"
+                )
             self.params.append(ChannelParam(node, arg, 0, list(self.layouts[x].channels)))
 
     def _binary(self, node: fx.Node) -> None:

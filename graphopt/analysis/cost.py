@@ -22,7 +22,7 @@ aten = torch.ops.aten
 
 
 def _matmul_nbits():
-    from ..ir import quantized   # noqa: F401  (registers graphopt::matmul_nbits, whose MACs are a matmul's)
+    from ..ir import quantized  # noqa: F401  (registers graphopt::matmul_nbits, whose MACs are a matmul's)
     return torch.ops.graphopt.matmul_nbits.default
 
 

@@ -32,11 +32,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import GraphoptError
-from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
 from ..ir import ops
+from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
+from ..ir.kv_attention import KV_ATTENTION
 from ..ir.linear import layer_name, linear_weight, through_views
 from .calibration import depends_on, residual_writer
-from ..ir.kv_attention import KV_ATTENTION
 from .quality import js_divergence, log_probs, next_token_nll
 
 aten = torch.ops.aten

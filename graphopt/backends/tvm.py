@@ -33,11 +33,18 @@ import torch
 import torch.fx as fx
 
 from ..errors import BackendError, UnsupportedOpError
-from ..ir import ops
 from ..frontend.torch_export import CapturedModel
+from ..ir import ops
 from ..ir.graph import add_constant, constant_value, export_retrying_with_reshapes
-from ..runtime import (TVM_LIBRARY, TVM_PARAMS, TvmRunner, check_cpu_features, required_cpu_features, tvm_target,
-                       use_all_cores_for_tvm)
+from ..runtime import (
+    TVM_LIBRARY,
+    TVM_PARAMS,
+    TvmRunner,
+    check_cpu_features,
+    required_cpu_features,
+    tvm_target,
+    use_all_cores_for_tvm,
+)
 from .base import Backend, Executable
 from .tvm_intrinsics import register_fast_exp
 

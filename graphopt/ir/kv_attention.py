@@ -9,7 +9,8 @@ past_key/past_value [B, Hkv, M, D] are the cache buffers, M their capacity. seql
 (int32) holds each row's total length minus one after this call, total_length (int32, 0-d)
 the batch's longest total length. With cos_cache/sin_cache [max_positions, D/2] the op
 applies rotary embeddings (rotate-half convention) to query and key first, at each token's
-position in its row; without them query and key arrive rotated. A call is a prompt when S == total_length: every row starts
+position in its row; without them query and key arrive rotated. A call is a prompt when
+S == total_length: every row starts
 at position 0 (rows shorter than S are right-padded; their padding writes cache slots that
 later tokens overwrite before anyone reads them). Otherwise row b's tokens go to positions
 seqlens_k[b] + 1 - S onwards. present = past with this call's keys/values written in; query

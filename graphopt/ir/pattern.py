@@ -94,7 +94,11 @@ class Literal(Pattern):
         self.value = value
 
     def match_into(self, value, gm, bindings):
-        return None if not isinstance(value, fx.Node) and value == self.value else f"expected {self.value!r}, got {value!r}"
+        return (
+            None
+            if not isinstance(value, fx.Node) and value == self.value
+            else f"expected {self.value!r}, got {value!r}"
+        )
 
 
 class Optional(Pattern):

@@ -272,7 +272,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int, block_size:
     batch = max(batch, block_size) if block_size <= k else k
     for start in range(0, k, batch):
         stop = min(start + batch, k)
-        w1, err1, hinv1 = w[:, start:stop].clone(), torch.zeros(n, stop - start, dtype=w.dtype), h_inv[start:stop, start:stop]
+        w1, err1, hinv1 = (
+            w[:, start:stop].clone(),
+            torch.zeros(n, stop - start, dtype=w.dtype),
+            h_inv[start:stop, start:stop],
+        )
         for i in range(stop - start):
             col = start + i
             g = col // block_size

@@ -18,9 +18,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
 from ..analysis.calibration import calibrate
-from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, eliminate_dead_code, infer_meta, remove_unused_attributes
+from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from .base import Pass, PassResult, Tolerance
 from .weight_quantization import head_layers
 
@@ -49,7 +49,9 @@ class ActivationQuantization(Pass):
 
     def requires(self, gm, ctx):
         if not ctx.calibration:
-            raise PreconditionError(f"{self.name}: needs calibration batches (graphopt.compile(..., calibration=[...]))")
+            raise PreconditionError(
+                f"{self.name}: needs calibration batches (graphopt.compile(..., calibration=[...]))"
+            )
         if self.options.observer not in ("minmax", "percentile"):
             raise PreconditionError(f"{self.name}: observer must be 'minmax' or 'percentile'")
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..ir.linear import through_views
 from ..analysis.sublayers import branch_nodes, find_sublayers, node_named
 from ..errors import PreconditionError
 from ..ir.graph import eliminate_dead_code, remove_unused_attributes
+from ..ir.linear import through_views
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
@@ -80,9 +80,11 @@ class AdaptiveFFNSkipping(Pass):
         shapes = [n.meta["val"].shape for n in gm.graph.nodes
                   if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
         if not shapes or math.prod(shapes[0]) != 1:
-            raise PreconditionError(f"adaptive FFN skipping decides per token: the graph must take one token "
-                                    f"(input shape {list(shapes[0]) if shapes else '?'}); compile a KV-cache decode step, "
-                                    f"graphopt.frontend.decode.DecodeStep(model), with input_ids of shape [1, 1]")
+            raise PreconditionError(
+                f"adaptive FFN skipping decides per token: the graph must take one token "
+                f"(input shape {list(shapes[0]) if shapes else '?'}); compile a KV-cache decode step, "
+                f"graphopt.frontend.decode.DecodeStep(model), with input_ids of shape [1, 1]"
+            )
 
     def run(self, gm, ctx):
         o = self.options

@@ -110,7 +110,9 @@ class ConstantFolding(Pass):
         name = add_constant(gm, f"_folded_{node.name}", value)
         with gm.graph.inserting_before(node):
             const = gm.graph.get_attr(name)
-        const.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+        const.meta.update(
+            {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")}
+        )
         node.replace_all_uses_with(const)
         folded.append(node)
 

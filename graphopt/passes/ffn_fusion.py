@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ..analysis.quality import next_token_nll
 from ..analysis.sublayers import SkipEvaluator, Sublayer, branch_nodes, find_sublayers, node_named
 from ..errors import GraphoptError, PreconditionError
-from ..ir.graph import constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir import ops
+from ..ir.graph import constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.linear import linear_bias, linear_input, linear_weight, set_linear_weight, through_views
 from .base import Pass, PassResult, Tolerance
 
@@ -247,7 +247,9 @@ def dependency_matrix(evaluator: SkipEvaluator, run: list[Sublayer]) -> torch.Te
             total, rows = 0.0, 0
             for b_env, w_env in zip(base, without):
                 a, b = b_env[writers[j]], w_env[writers[j]]
-                cos = F.cosine_similarity(a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float(), dim=-1)
+                cos = F.cosine_similarity(
+                    a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float(), dim=-1
+                )
                 total += float((1 - cos).sum())
                 rows += cos.numel()
             matrix[i, j] = total / rows

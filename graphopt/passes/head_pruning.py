@@ -77,7 +77,11 @@ def _projection_above(node: fx.Node, gm: fx.GraphModule, limit: int = 40) -> fx.
         if current in seen or not isinstance(current, fx.Node):
             continue
         seen.add(current)
-        if current.op == "call_function" and current.target in _LINEAR and constant_value(gm, current.args[1]) is not None:
+        if (
+            current.op == "call_function"
+            and current.target in _LINEAR
+            and constant_value(gm, current.args[1]) is not None
+        ):
             return current
         if current.op == "call_function":
             stack.extend(reversed([a for a in current.args if isinstance(a, fx.Node)]))

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.linear import layer_name
-from ..analysis.importance import linear_layers, lim_scores, zscore_scores
+from ..analysis.importance import lim_scores, linear_layers, zscore_scores
 from ..errors import PreconditionError
+from ..ir.linear import layer_name
 from ..ir.quantized import fitting_block_size, quantized_bytes
 from .weight_quantization import WeightQuantization, WeightQuantizationOptions, head_layers
 
@@ -59,13 +59,18 @@ class MixedPrecisionQuantization(WeightQuantization):
         self.plan = {name: (low_bits, fitting_block_size(w.shape[1], low_group)) for name, w in layers.items()}
         spent = sum(quantized_bytes(*w.shape, *self.plan[name]) for name, w in layers.items())
         for name in sorted(layers, key=lambda n: -scores.get(n, 0.0)):
-            extra = quantized_bytes(*layers[name].shape, *o.high) - quantized_bytes(*layers[name].shape, *self.plan[name])
+            extra = quantized_bytes(*layers[name].shape, *o.high) - quantized_bytes(
+                *layers[name].shape, *self.plan[name]
+            )
             if spent + extra <= budget:
                 self.plan[name] = tuple(o.high)
                 spent += extra
         result = super().run(gm, ctx)
         raised = [n for n, s in self.plan.items() if s == tuple(o.high)]
-        result.notes.insert(0, f"{len(raised)} of {len(layers)} layers at {o.high}, the rest int{low_bits} in groups <= {low_group}; "
-                               f"{spent / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget ({o.budget_scheme}); "
-                               f"raised: {', '.join(raised[:12])}" + (" ..." if len(raised) > 12 else ""))
+        result.notes.insert(
+            0,
+            f"{len(raised)} of {len(layers)} layers at {o.high}, the rest int{low_bits} in groups <= {low_group}; "
+            f"{spent / 1e6:.2f} MB of a {budget / 1e6:.2f} MB budget ({o.budget_scheme}); "
+            f"raised: {', '.join(raised[:12])}" + (" ..." if len(raised) > 12 else ""),
+        )
         return result

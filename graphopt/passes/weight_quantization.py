@@ -31,10 +31,10 @@ import torch
 import torch.fx as fx
 
 from ..analysis.calibration import calibrate
-from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
+from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS, QuantizedWeight, gptq_quantize, quantize_weight
 from .base import Pass, PassResult, Tolerance
 
@@ -85,7 +85,9 @@ class WeightQuantization(Pass):
             raise PreconditionError(f"{self.name}: method='gptq' needs calibration batches "
                                     "(graphopt.compile(..., calibration=[...]))")
         if self.options.method == "gptq" and self.options.grid != "minmax":
-            raise PreconditionError(f"{self.name}: method='gptq' uses the 'minmax' grid, got grid={self.options.grid!r}")
+            raise PreconditionError(
+                f"{self.name}: method='gptq' uses the 'minmax' grid, got grid={self.options.grid!r}"
+            )
         if self.options.scale_dtype not in ("float32", "float16"):
             raise PreconditionError(f"{self.name}: scale_dtype must be 'float32' or 'float16', "
                                     f"got {self.options.scale_dtype!r}")
@@ -108,7 +110,8 @@ class WeightQuantization(Pass):
         notes = []
         if o.method == "auto":
             o = dataclasses.replace(o, method="gptq" if ctx.calibration else "rtn")
-            notes.append(f"method auto -> {o.method} ({'calibration batches given' if ctx.calibration else 'no calibration batches'})")
+            given = "calibration batches given" if ctx.calibration else "no calibration batches"
+            notes.append(f"method auto -> {o.method} ({given})")
         example_stats = None
         if o.restore_super_weights or (o.accuracy_level != 0 and not ctx.calibration and ctx.example_inputs):
             example_stats = calibrate(gm, [tuple(ctx.example_inputs)], progress=False)

@@ -35,6 +35,7 @@ def _report_of(target: str, args, with_simulations: bool):
     import torch
 
     import graphopt
+
     from .sources import failure_report, report_artifact, report_compiled
     if _is_artifact(target):
         if with_simulations and args.simulate:

@@ -31,11 +31,13 @@ when the profiler inflates it; weights counted once, at their first reader.</p><
 <input id="filter-module" placeholder="module contains..."><input id="filter-ms" placeholder="min ms" size="7">
 <span id="table-count" class="muted"></span></div>
 <div class="tablewrap"><table id="table"></table></div></section>
-<section class="view" id="view-graph"><p class="muted">Click a module to expand or collapse it. <span id="graph-count"></span></p>
+<section class="view" id="view-graph">
+<p class="muted">Click a module to expand or collapse it. <span id="graph-count"></span></p>
 <div id="graph"></div></section>
 <section class="view" id="view-passes"><table id="passes"></table></section>
 <section class="view" id="view-simulate"><p class="muted">Predicted from a cost model fitted to this model's measured
-kernel times on this machine; measured after compiling the change (--apply).</p><table id="simulations"></table></section>
+kernel times on this machine; measured after compiling the change (--apply).</p>
+<table id="simulations"></table></section>
 <section class="view" id="view-compare"><p id="compare-title"></p><div id="compare-chart" style="height:420px"></div>
 <table id="compare-table"></table></section>
 <script type="application/json" id="report-data">{data}</script>

@@ -227,8 +227,14 @@ def end_to_end_ms(model_path: str, feed: Mapping[str, np.ndarray], threads: int,
     return statistics.median(times), (q[2] - q[0]) / 2
 
 
-def interleaved_ms(model_paths: list[str], feed: Mapping[str, np.ndarray], threads: int, optimization_level: str = "all",
-                   runs: int = 30, warmup: int = 2) -> list[float]:
+def interleaved_ms(
+    model_paths: list[str],
+    feed: Mapping[str, np.ndarray],
+    threads: int,
+    optimization_level: str = "all",
+    runs: int = 30,
+    warmup: int = 2,
+) -> list[float]:
     """Median wall time (ms) of each model, the models' runs interleaved one by one (in an
     order that alternates every round), so drift of the machine falls on all models alike.
     Thread-pool spinning is off: an idle session's spinning threads slow the running one."""
@@ -290,12 +296,22 @@ def profile_onnx(model_path: str, feed: Mapping[str, np.ndarray] | None = None, 
         meta = exported.meta.get(node.name, {}) if node is not None else {}
         weights = exported.weight_bytes.get(node.name, weight_bytes) if node is not None else weight_bytes
         module, module_class = module_of(meta.get(NAMESPACE_KEY, ""))
-        kernels.append(KernelTime(
-            name=name, op=op, ms=statistics.median(durations[name]) / 1e3 * len(durations[name]) / max(runs, 1),
-            graph_node=node.name if node is not None else "", graph_op=node.op_type if node is not None else "",
-            module=module, module_class=module_class, source=meta.get(SOURCE_KEY, ""),
-            macs=_macs(op, shapes, out_elements),
-            weight_bytes=weights,
-            activation_bytes=max(input_bytes - max(weights, weight_bytes), 0) + out_bytes, order=position, input_shapes=shapes))
+        kernels.append(
+            KernelTime(
+                name=name,
+                op=op,
+                ms=statistics.median(durations[name]) / 1e3 * len(durations[name]) / max(runs, 1),
+                graph_node=node.name if node is not None else "",
+                graph_op=node.op_type if node is not None else "",
+                module=module,
+                module_class=module_class,
+                source=meta.get(SOURCE_KEY, ""),
+                macs=_macs(op, shapes, out_elements),
+                weight_bytes=weights,
+                activation_bytes=max(input_bytes - max(weights, weight_bytes), 0) + out_bytes,
+                order=position,
+                input_shapes=shapes,
+            )
+        )
     latency, spread = end_to_end_ms(model_path, feed, threads, optimization_level, runs=max(runs, 10), warmup=warmup)
     return Profile(kernels, latency, spread, runs, threads)

@@ -143,6 +143,7 @@ def _matmul_nbits_ms(node: fx.Node, gm: fx.GraphModule, threads: int, cache: dic
     """One MatMulNBits kernel with this node's shapes and attributes, timed alone in ONNX Runtime."""
     import onnx
     from onnx import TensorProto, helper
+
     from ..ir.graph import constant_value
     from .profile import end_to_end_ms
     x, packed, scales, zero_points = (node.args[0], *(constant_value(gm, a) for a in node.args[1:4]))
@@ -167,7 +168,9 @@ def _matmul_nbits_ms(node: fx.Node, gm: fx.GraphModule, threads: int, cache: dic
                           block_size=block_size, accuracy_level=accuracy_level)],
         "matmul_nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, k])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, n])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
     with tempfile.TemporaryDirectory(prefix="graphopt-kernel-") as tmp:
         path = os.path.join(tmp, "kernel.onnx")
         onnx.save(model, path)

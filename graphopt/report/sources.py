@@ -34,8 +34,13 @@ def report_compiled(compiled, title: str | None = None, threads: int | None = No
     feed = {name: value.detach().numpy() for name, value in
             zip(compiled.executable.runner.input_names, compiled.captured.example_inputs)}
     profile = profile_onnx(path, feed, threads, compiled.executable.optimization_level, runs=runs)
-    report = build_report(title or compiled.captured.source or "model", path, profile,
-                          [r.to_json() for r in compiled.records], artifact_bytes=directory_bytes(compiled.executable.workdir))
+    report = build_report(
+        title or compiled.captured.source or "model",
+        path,
+        profile,
+        [r.to_json() for r in compiled.records],
+        artifact_bytes=directory_bytes(compiled.executable.workdir),
+    )
     if changes:
         report.data["simulations"] = run_simulation(compiled.captured, report.data, feed, changes, threads,
                                                     apply=apply, calibration=calibration, progress=progress)
@@ -58,7 +63,9 @@ def report_artifact(directory: str, threads: int | None = None, runs: int = 10) 
                             "not supported yet (see README status)")
     options = manifest.get("backend_options") or {}
     path = os.path.join(directory, options.get("model", "model.onnx"))
-    profile = profile_onnx(path, None, threads or default_threads(), options.get("optimization_level", "all"), runs=runs)
+    profile = profile_onnx(
+        path, None, threads or default_threads(), options.get("optimization_level", "all"), runs=runs
+    )
     return build_report(os.path.basename(directory), path, profile, manifest.get("passes", []),
                         artifact_bytes=directory_bytes(directory))
 

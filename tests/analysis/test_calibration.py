@@ -15,7 +15,9 @@ def _captured(name):
     return capture(bundle.model, inputs).graph_module, bundle, inputs
 
 
-@pytest.mark.parametrize("name,layers,linears", [("llama", 3, 3 * 7 + 1), ("gpt2", 3, 3 * 4 + 1), ("qwen2", 3, 3 * 7 + 1)])
+@pytest.mark.parametrize(
+    "name,layers,linears", [("llama", 3, 3 * 7 + 1), ("gpt2", 3, 3 * 4 + 1), ("qwen2", 3, 3 * 7 + 1)]
+)
 def test_calibration_finds_every_linear_and_both_residual_adds_per_block(name, layers, linears):
     gm, bundle, inputs = _captured(name)
     batches = [bundle.example_inputs(seq_len=16, seed=s) for s in range(3)]

@@ -34,7 +34,9 @@ def test_vision_models_match_eager(name, backend):
     inputs = small_inputs(bundle)
     cm = graphopt.compile(bundle.model, inputs, backend=backend, progress=False)
     outs = cm(*inputs)
-    for got, want in zip(outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True):
+    for got, want in zip(
+        outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True
+    ):
         assert_close_to_scale(got, want, 1e-4)
 
 

@@ -38,7 +38,10 @@ def test_ops_lower_to_matmul_nbits_and_match_the_reference(bits, block):
     ids = torch.tensor([[1, 5, 49, 0, 7]])
     cm = graphopt.compile(model, (ids,), passes="none", progress=False)
     assert_close_to_scale(cm(ids), model(ids), 1e-5)
-    ops = [n.op_type for n in onnx.load(os.path.join(cm.executable.workdir, "model.onnx"), load_external_data=False).graph.node]
+    ops = [
+        n.op_type
+        for n in onnx.load(os.path.join(cm.executable.workdir, "model.onnx"), load_external_data=False).graph.node
+    ]
     assert "MatMulNBits" in ops and "Gather" in ops
 
 

@@ -12,7 +12,9 @@ from ..conftest import assert_close_to_scale, eager_outputs, run_artifact_withou
 tvm = pytest.importorskip("tvm")
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "bert", "falcon", "gptj", "phi3", "gemma2", "resnet", "densenet"])
+@pytest.mark.parametrize(
+    "name", ["llama", "qwen2", "gpt2", "bert", "falcon", "gptj", "phi3", "gemma2", "resnet", "densenet"]
+)
 @pytest.mark.parametrize("preset", ["default", "none"])
 def test_families_match_eager(name, preset):
     bundle = graphopt.models.load(name)
@@ -30,7 +32,9 @@ def test_vision_models_match_eager(name):
     inputs = small_inputs(bundle)
     cm = graphopt.compile(bundle.model, inputs, backend="tvm", progress=False)
     outs = cm(*inputs)
-    for got, want in zip(outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True):
+    for got, want in zip(
+        outs if isinstance(outs, tuple) else (outs,), eager_outputs(bundle.model, inputs), strict=True
+    ):
         assert_close_to_scale(got, want, 1e-4)
 
 
@@ -140,6 +144,7 @@ def test_tied_embedding_reads_the_packed_lm_head():
 
 def test_loading_on_a_cpu_without_the_library_features_refuses(tmp_path):
     import json
+
     from graphopt.errors import ArtifactError
     bundle = graphopt.models.load("resnet")
     path = graphopt.compile(bundle.model, small_inputs(bundle), backend="tvm", progress=False).save(str(tmp_path / "r"))

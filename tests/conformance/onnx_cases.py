@@ -123,7 +123,9 @@ def main() -> None:
     args = parser.parse_args()
     from tqdm import tqdm
     cases = [c for c in supported_cases() if not args.only or args.only in c.name]
-    outcomes = [run_case(c, args.backend) for c in tqdm(cases, desc=f"cases ({args.backend})", unit="case", disable=None)]
+    outcomes = [
+        run_case(c, args.backend) for c in tqdm(cases, desc=f"cases ({args.backend})", unit="case", disable=None)
+    ]
     counts = {s: sum(o.status == s for o in outcomes) for s in ("pass", "unsupported", "refused", "wrong", "error")}
     print(f"{'backend':<12} {'cases':>6} " + " ".join(f"{s:>11}" for s in counts))
     print(f"{args.backend:<12} {len(outcomes):>6} " + " ".join(f"{n:>11}" for n in counts.values()))

@@ -2,7 +2,6 @@ import pytest
 
 from ..conftest import load_example
 
-
 EXAMPLE = load_example("channel_pruning.py")
 
 

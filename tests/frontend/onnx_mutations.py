@@ -56,7 +56,9 @@ def _field_mutation(model, rng: random.Random) -> str:
     elif kind == "attr_type":
         for n in graph_nodes:
             for a in n.attribute:
-                a.type = rng.choice([AttributeProto.FLOAT, AttributeProto.STRING, AttributeProto.INTS, AttributeProto.TENSOR])
+                a.type = rng.choice(
+                    [AttributeProto.FLOAT, AttributeProto.STRING, AttributeProto.INTS, AttributeProto.TENSOR]
+                )
     elif kind == "attr_value":
         for n in graph_nodes:
             for a in n.attribute:
@@ -146,7 +148,9 @@ def _run_one(index: int, data: bytes, tmpdir: str) -> tuple[str, str]:
     except Exception as exc:  # noqa: BLE001
         return "accepted", f"onnxruntime: {str(exc).splitlines()[0][:200]}"
     same = len(got) == len(expected) and all(
-        tuple(g.shape) == e.shape and np.allclose(g.detach().numpy(), e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected))
+        tuple(g.shape) == e.shape and np.allclose(g.detach().numpy(), e, rtol=1e-4, atol=1e-5)
+        for g, e in zip(got, expected)
+    )
     return ("ok", "") if same else ("wrong", "outputs differ from onnxruntime's")
 
 

@@ -40,7 +40,9 @@ def _model_with(op_type, domain=""):
 def test_unsupported_op_names_node_and_op(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_model_with("Hardmax"), path)
-    with pytest.raises(UnsupportedOpError, match=r"ONNX node 'mystery' \(op Hardmax, domain ''\) in m.onnx is not supported"):
+    with pytest.raises(
+        UnsupportedOpError, match=r"ONNX node 'mystery' \(op Hardmax, domain ''\) in m.onnx is not supported"
+    ):
         graphopt.capture(str(path), (torch.randn(2, 3),))
     onnx.save(_model_with("FancyOp", "my.domain"), path)
     with pytest.raises(UnsupportedOpError, match="op FancyOp, domain 'my.domain'"):
@@ -127,7 +129,9 @@ def _one_node_model(op_type, shape, attrs, constants=(), name="n"):
     node = helper.make_node(op_type, ["x", *(key for key, _ in constants)], ["y"], name=name, **attrs)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    return helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)])
+    return helper.make_model(
+        helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 19)]
+    )
 
 
 _rng = np.random.default_rng(0)

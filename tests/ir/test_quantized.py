@@ -4,8 +4,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-from graphopt.ir.quantized import (fitting_block_size, gptq_quantize, per_channel_block_size, quantize_weight,
-                                   quantized_bytes)
+from graphopt.ir.quantized import (
+    fitting_block_size,
+    gptq_quantize,
+    per_channel_block_size,
+    quantize_weight,
+    quantized_bytes,
+)
 
 
 @settings(max_examples=25, deadline=None)

@@ -3,8 +3,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import graphopt
 from graphopt.analysis.channels import ChannelAnalysis
@@ -274,7 +273,6 @@ def test_flops_budget_that_cannot_be_met_is_a_one_line_error():
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
 def test_flops_budget_lands_close_to_its_target_with_16_channel_steps(name):
     gm, inputs = _captured(name)
-    analysis = ChannelAnalysis(gm)
     before = _layer_macs(gm)
     for ratio in (0.25, 0.4):                 # the 16-wide ResNet stage cannot shrink: 45.7% at most
         pruned = ChannelPruning(ratio=ratio, budget="flops")(copy.deepcopy(gm)).graph_module
@@ -361,7 +359,7 @@ def test_reordered_export_reads_whole_parts_of_concatenations_instead_of_gathers
     assert stats[True].consumers_concat >= 5
     copies = [n for n in graphs[True].graph.nodes
               if n.target in (torch.ops.aten.index_select.default, torch.ops.aten.slice.Tensor)]
-    assert [n.args[0].target for n in copies] == [torch.ops.aten.view.default]    # only the classifier's, after the pool
+    assert [n.args[0].target for n in copies] == [torch.ops.aten.view.default]  # only the classifier's, after the pool
     assert _layer_macs(graphs[True]) == _layer_macs(graphs[False])                 # split producers: the same MACs
     passes = lambda: [ChannelPruning(ratio=0.3, granularity=16), DeadCodeElimination()]      # noqa: E731
     reference = graphopt.compile(model, inputs, passes=passes(), backend="torch", progress=False)

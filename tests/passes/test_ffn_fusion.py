@@ -55,7 +55,9 @@ def test_fused_ffn_equals_the_sum_of_the_parallel_ffns(name):
     subs = find_sublayers(fused)
     assert [s.kind for s in subs] == ["ffn"]                 # one wide FFN is left
     config = bundle.model.config
-    hidden, width = (config.n_embd, 4 * config.n_embd) if name == "gpt2" else (config.hidden_size, config.intermediate_size)
+    hidden, width = (
+        (config.n_embd, 4 * config.n_embd) if name == "gpt2" else (config.hidden_size, config.intermediate_size)
+    )
     out_weight = next(t for n, t in fused.named_buffers() if n.endswith("fused_out_weight"))
     assert sorted(out_weight.shape) == sorted((hidden, 3 * width))
     sequential = gm(*inputs)[0]

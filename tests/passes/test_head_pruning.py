@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.errors import GraphoptError, PreconditionError
-from graphopt.passes import AttentionHeadPruning, DeadCodeElimination
 from graphopt.analysis.quality import js_divergence, log_probs
-from graphopt.passes.head_pruning import _reshape_shape, find_attentions
+from graphopt.errors import GraphoptError, PreconditionError
 from graphopt.frontend.torch_export import capture
+from graphopt.passes import AttentionHeadPruning, DeadCodeElimination
+from graphopt.passes.head_pruning import _reshape_shape, find_attentions
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs
 
@@ -59,8 +59,8 @@ def test_ratio_zero_is_the_identity_and_artifacts_shrink(tmp_path):
     cm = graphopt.compile(bundle.model, inputs, passes=[none], backend="torch", progress=False)
     assert not cm.records[0].modified
     torch.testing.assert_close(cm(*inputs), eager_outputs(bundle.model, inputs)[0], rtol=0, atol=0)
-    full = graphopt.compile(bundle.model, inputs, backend="onnxruntime", progress=False).save(str(tmp_path / "a"))
-    half = graphopt.compile(bundle.model, inputs, passes=[AttentionHeadPruning(ratio=0.5), DeadCodeElimination()],
+    graphopt.compile(bundle.model, inputs, backend="onnxruntime", progress=False).save(str(tmp_path / "a"))
+    graphopt.compile(bundle.model, inputs, passes=[AttentionHeadPruning(ratio=0.5), DeadCodeElimination()],
                             backend="onnxruntime", progress=False).save(str(tmp_path / "b"))
     size = lambda path: (tmp_path / path / "model.onnx.data").stat().st_size   # noqa: E731
     cfg = bundle.model.config

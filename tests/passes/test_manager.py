@@ -6,8 +6,16 @@ import torch
 
 from graphopt.errors import PassContractError, PassError, PreconditionError, VerificationError
 from graphopt.frontend.torch_export import capture
-from graphopt.passes import (DeadCodeElimination, DumpInstrument, Pass, PassManager, PassResult,
-                             PrintOnChangeInstrument, Tolerance, VerifyInstrument)
+from graphopt.passes import (
+    DeadCodeElimination,
+    DumpInstrument,
+    Pass,
+    PassManager,
+    PassResult,
+    PrintOnChangeInstrument,
+    Tolerance,
+    VerifyInstrument,
+)
 
 aten = torch.ops.aten
 
@@ -79,7 +87,9 @@ def test_dishonest_modified_flags_are_rejected():
 
 
 def test_failure_names_the_pass_and_the_passes_before_it():
-    with pytest.raises(PassError, match=r"pass 'Boom' failed \(passes before it: dead_code_elimination\): RuntimeError: kaboom"):
+    with pytest.raises(
+        PassError, match=r"pass 'Boom' failed \(passes before it: dead_code_elimination\): RuntimeError: kaboom"
+    ):
         PassManager([DeadCodeElimination(), Boom()]).run(_gm())
 
 

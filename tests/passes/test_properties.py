@@ -12,8 +12,17 @@ from graphopt.analysis.sublayers import find_sublayers
 from graphopt.errors import GraphoptError, VerificationError
 from graphopt.frontend.torch_export import capture
 from graphopt.ir.graph import infer_meta
-from graphopt.passes import (ChannelPermutation, ConstantFolding, DeadCodeElimination, FFNFusion, HorizontalFusion,
-                             Pass, PassManager, PassResult, VerifyInstrument)
+from graphopt.passes import (
+    ChannelPermutation,
+    ConstantFolding,
+    DeadCodeElimination,
+    FFNFusion,
+    HorizontalFusion,
+    Pass,
+    PassManager,
+    PassResult,
+    VerifyInstrument,
+)
 from graphopt.passes.layer_skipping import LayerSkipping
 
 from ..conftest import assert_close_to_scale

@@ -22,8 +22,12 @@ def _quantize(name, passes, calibration=None):
     inputs = small_inputs(bundle)
     captured = capture(bundle.model, inputs)
     gm = captured.graph_module
-    before = {"bytes": parameter_bytes(gm), "linear": sum(_count(gm, t) for t in (aten.linear.default, aten.addmm.default)),
-              "embedding": _count(gm, aten.embedding.default), "outputs": gm(*inputs)}
+    before = {
+        "bytes": parameter_bytes(gm),
+        "linear": sum(_count(gm, t) for t in (aten.linear.default, aten.addmm.default)),
+        "embedding": _count(gm, aten.embedding.default),
+        "outputs": gm(*inputs),
+    }
     result = PassManager(passes, [VerifyInstrument(inputs)]).run(gm, PassContext(inputs, calibration=calibration))
     return result.graph_module, result.records[0], before, inputs
 
@@ -137,15 +141,18 @@ def test_w8a8_inserts_qdq_keeps_outlier_channels_and_lowers_to_integer_matmul():
     calibration = [bundle.example_inputs(seq_len=16, seed=s) for s in range(3)]
     with pytest.raises(PreconditionError, match="calibration"):
         _quantize("llama", [ActivationQuantization()])
-    gm, record, before, _ = _quantize("llama", [ActivationQuantization(outlier_ratio=2.0, max_outlier_channels=1000)], calibration)
+    gm, record, before, _ = _quantize(
+        "llama", [ActivationQuantization(outlier_ratio=2.0, max_outlier_channels=1000)], calibration
+    )
     qdq = torch.ops.quantized_decomposed
     assert _count(gm, qdq.quantize_per_tensor.default) == before["linear"] - 1     # all but the LM head
     assert _count(gm, qdq.dequantize_per_channel.default) == before["linear"] - 1
     assert any("outlier channel" in c for c in record.changes)                      # ratio 2 finds some
     passes = [ActivationQuantization(), WeightQuantization(bits=8, group_size=None)]
     cm = graphopt.compile(bundle.model, inputs, passes=passes, calibration=calibration, progress=False)
-    import onnx
     import os
+
+    import onnx
     ops = {n.op_type for n in onnx.load(os.path.join(cm.executable.workdir, "model.onnx"),
                                         load_external_data=False).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "MatMulNBits"} <= ops

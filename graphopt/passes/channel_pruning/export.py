@@ -99,7 +99,10 @@ def apply_plan(gm: fx.GraphModule, analysis: ChannelAnalysis, plan: ChannelPlan)
     rewritten: dict[tuple, str] = {}     # a tied weight (embedding = LM head) edited alike stays one tensor
     replaced = {node.args[arg] for node, arg in edits}
     for (node, arg), steps in edits.items():
-        key = (node.args[arg].target, tuple((dim, tuple(index or ()), tuple(zeros or ())) for dim, index, zeros in steps))
+        key = (
+            node.args[arg].target,
+            tuple((dim, tuple(index or ()), tuple(zeros or ())) for dim, index, zeros in steps),
+        )
         if key not in rewritten:
             value = constant_value(gm, node.args[arg])
             for dim, index, zeros in steps:

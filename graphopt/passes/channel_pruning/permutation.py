@@ -17,7 +17,8 @@ class ChannelPermutationOptions:
 
 
 class ChannelPermutation(Pass):
-    """Randomly permute the channels of every movable block (exact); see the package docstring (channel_pruning/__init__.py)."""
+    """Randomly permute the channels of every movable block (exact); see the package docstring
+    (channel_pruning/__init__.py)."""
 
     name = "channel_permutation"
     Options = ChannelPermutationOptions

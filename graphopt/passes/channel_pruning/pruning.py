@@ -45,7 +45,8 @@ class ChannelPruningOptions:
 
 
 class ChannelPruning(Pass):
-    """Drop the least important input channels of every consumer; see the package docstring (channel_pruning/__init__.py)."""
+    """Drop the least important input channels of every consumer; see the package docstring
+    (channel_pruning/__init__.py)."""
 
     name = "channel_pruning"
     Options = ChannelPruningOptions
@@ -88,21 +89,33 @@ class ChannelPruning(Pass):
         changes = [
             f"{self.options.mode}{' + reordered' if plan.rank else ''}: consumer input channels "
             f"{s.consumer_columns_before} -> {s.consumer_columns_after} "
-            f"({1 - s.consumer_columns_after / max(s.consumer_columns_before, 1):.1%} dropped), producer output channels "
+            f"({1 - s.consumer_columns_after / max(s.consumer_columns_before, 1):.1%} dropped), "
+            f"producer output channels "
             f"{s.producer_channels_before} -> {s.producer_channels_after}; layer MACs "
             f"{macs_before / 1e6:.1f}M -> {macs_after / 1e6:.1f}M ({1 - macs_after / max(macs_before, 1):.1%} removed)"
-            + ("" if ratios is None else f"; {self.options.budget} budget {self.options.ratio:.0%} reached with "
-               f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"),
+            + (
+                ""
+                if ratios is None
+                else f"; {self.options.budget} budget {self.options.ratio:.0%} reached with "
+                f"consumers at channel ratios {ratios[0]:.3f}-{ratios[1]:.3f}"
+            ),
             f"consumers read all kept channels: {s.consumers_full}, a slice: {s.consumers_slice}, "
             f"a gather: {s.consumers_gather}, a concatenation of whole parts: {s.consumers_concat}"
             + (f"; {s.zero_columns} zero columns read instead of copies" if s.zero_columns else "")
-            + (f"; {s.producers_removed} layers whose whole output nobody keeps left their concatenations"
-               if s.producers_removed else ""),
+            + (
+                f"; {s.producers_removed} layers whose whole output nobody keeps left their concatenations"
+                if s.producers_removed
+                else ""
+            ),
         ]
         notes = [f"{seg.describe()}; {reason}" for seg in analysis.segments if seg.consumers
                  for reason in analysis.explain(seg)[:1]]
         dropped = 1 - s.consumer_columns_after / max(s.consumer_columns_before, 1)
-        if self.options.budget == "channels" and self.options.channel_multiple > 1 and dropped < 0.5 * self.options.ratio:
+        if (
+            self.options.budget == "channels"
+            and self.options.channel_multiple > 1
+            and dropped < 0.5 * self.options.ratio
+        ):
             notes.insert(0, f"only {dropped:.1%} of the {self.options.ratio:.0%} asked for was dropped: pinned "
                             "channels stay (below) and kept counts round up to multiples of channel_multiple="
                             f"{self.options.channel_multiple} where a layer narrows (constrained: per block); "
@@ -163,7 +176,9 @@ class ChannelPruning(Pass):
             key = analysis.segment_of(c.channels[0]).index if o.mode == "constrained" else i
             groups.setdefault(key, []).append(i)
         pending = [g for g in groups.values() if any(low.keep[i] != high.keep[i] for i in g)]
-        channel_score = _mean_scores(scores, {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)})
+        channel_score = _mean_scores(
+            scores, {i: analysis.canonical(c.channels) for i, c in enumerate(analysis.consumers)}
+        )
 
         def mixed(switched: list[list[int]]) -> ChannelPlan:
             keep = {i: set(s) for i, s in low.keep.items()}
