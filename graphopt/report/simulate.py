@@ -14,8 +14,9 @@ Each measured kernel is then predicted from its module's new size with a per-op-
 cost model, `ms = fixed + per_unit * size` (size: MACs for matmuls, convolutions and attention,
 activation bytes for the rest), fitted by least squares to this model's kernels of that op
 type. A kernel whose module has no nodes left costs nothing; a linear layer that becomes a
-quantized matmul is timed as that one ONNX Runtime kernel (MatMulNBits at the layer's shapes
-and attributes) on this machine. Framework time between kernels scales with the kernel count.
+quantized matmul costs its measured float kernel times the ratio of ONNX Runtime's
+MatMulNBits kernels (at the layers' shapes and attributes) to the float MatMuls they replace,
+both timed on this machine, interleaved, in one graph each. Framework time between kernels scales with the kernel count.
 """
 from __future__ import annotations
 
@@ -139,44 +140,57 @@ def fit_cost_model(kernels: list[dict]) -> dict[str, tuple[float, float]]:
     return model
 
 
-def _matmul_nbits_ms(node: fx.Node, gm: fx.GraphModule, threads: int, cache: dict) -> float:
-    """One MatMulNBits kernel with this node's shapes and attributes, timed alone in ONNX Runtime."""
+def _nbits_over_float_ratio(nodes: list[fx.Node], gm: fx.GraphModule, threads: int) -> float:
+    """Time of the MatMulNBits kernels of these nodes over the float MatMuls they replace, each
+    kernel with its own random weights at its shapes and attributes, run one after another in
+    one ONNX Runtime graph per kind, the two graphs' runs interleaved: a ratio, so that it holds
+    against a profile taken at another moment on a machine whose speed drifts."""
     import onnx
     from onnx import TensorProto, helper
 
     from ..ir.graph import constant_value
-    from .profile import end_to_end_ms
-    x, packed, scales, zero_points = (node.args[0], *(constant_value(gm, a) for a in node.args[1:4]))
-    bits, block_size, k, accuracy_level = node.args[4:8]
-    rows = int(np.prod(x.meta["val"].shape[:-1]))
-    key = (rows, tuple(packed.shape), tuple(zero_points.shape), bits, block_size, k, accuracy_level)
-    if key in cache:
-        return cache[key]
-    n = packed.shape[0]
+    from .profile import interleaved_ms
     rng = np.random.default_rng(0)
-    inits = [helper.make_tensor("B", TensorProto.UINT8, packed.shape,
-                                rng.integers(0, 255, packed.shape, dtype=np.uint8).tobytes(), raw=True),
-             helper.make_tensor("scales", TensorProto.FLOAT, scales.shape,
-                                (rng.random(scales.shape, dtype=np.float32) * 0.01).tobytes(), raw=True)]
-    inputs = ["A", "B", "scales"]
-    if zero_points.numel():
-        inits.append(helper.make_tensor("zp", TensorProto.UINT8, zero_points.shape,
-                                        np.full(zero_points.shape, 0x88, np.uint8).tobytes(), raw=True))
-        inputs.append("zp")
-    graph = helper.make_graph(
-        [helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                          block_size=block_size, accuracy_level=accuracy_level)],
-        "matmul_nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [rows, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [rows, n])], initializer=inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
-    )
+    graphs: dict[str, tuple[list, list]] = {"nbits": ([], []), "float": ([], [])}
+    graph_inputs, outputs, feed = {}, [], {}
+
+    def tensor(name, dtype, shape, values):
+        return helper.make_tensor(name, dtype, shape, values.tobytes(), raw=True)
+
+    for i, node in enumerate(nodes):
+        x, packed, scales, zero_points = (node.args[0], *(constant_value(gm, a) for a in node.args[1:4]))
+        bits, block_size, k, accuracy_level = node.args[4:8]
+        rows, n = int(np.prod(x.meta["val"].shape[:-1])), packed.shape[0]
+        a = f"A_{rows}x{k}"
+        if a not in graph_inputs:
+            graph_inputs[a] = helper.make_tensor_value_info(a, TensorProto.FLOAT, [rows, k])
+            feed[a] = rng.standard_normal((rows, k)).astype(np.float32)
+        nbits_nodes, nbits_inits = graphs["nbits"]
+        nbits_inits += [tensor(f"B{i}", TensorProto.UINT8, packed.shape, rng.integers(0, 255, packed.shape, np.uint8)),
+                        tensor(f"scales{i}", TensorProto.FLOAT, scales.shape,
+                               rng.random(scales.shape, dtype=np.float32) * 0.01)]
+        inputs = [a, f"B{i}", f"scales{i}"]
+        if zero_points.numel():
+            nbits_inits.append(tensor(f"zp{i}", TensorProto.UINT8, zero_points.shape,
+                                      np.full(zero_points.shape, 0x88, np.uint8)))
+            inputs.append(f"zp{i}")
+        nbits_nodes.append(helper.make_node("MatMulNBits", inputs, [f"Y{i}"], domain="com.microsoft", K=k, N=n,
+                                            bits=bits, block_size=block_size, accuracy_level=accuracy_level))
+        float_nodes, float_inits = graphs["float"]
+        float_inits.append(tensor(f"W{i}", TensorProto.FLOAT, [k, n], rng.standard_normal((k, n), np.float32) * 0.02))
+        float_nodes.append(helper.make_node("MatMul", [a, f"W{i}"], [f"Y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"Y{i}", TensorProto.FLOAT, [rows, n]))
     with tempfile.TemporaryDirectory(prefix="graphopt-kernel-") as tmp:
-        path = os.path.join(tmp, "kernel.onnx")
-        onnx.save(model, path)
-        ms, _ = end_to_end_ms(path, {"A": rng.standard_normal((rows, k)).astype(np.float32)}, threads, runs=30)
-    cache[key] = ms
-    return ms
+        paths = []
+        for kind, (graph_nodes, inits) in graphs.items():
+            graph = helper.make_graph(graph_nodes, kind, list(graph_inputs.values()), outputs, initializer=inits)
+            model = helper.make_model(
+                graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+            )
+            paths.append(os.path.join(tmp, f"{kind}.onnx"))
+            onnx.save(model, paths[-1], save_as_external_data=True, location=f"{kind}.onnx.data")
+        nbits_ms, float_ms = interleaved_ms(paths, feed, threads, runs=20)
+    return nbits_ms / float_ms
 
 
 def _match_mac_nodes(kernels: list[dict], gm: fx.GraphModule) -> dict[int, str]:
@@ -207,8 +221,9 @@ def predict(report: dict, gm_before: fx.GraphModule, gm_after: fx.GraphModule, t
     quantized: dict[str, list[fx.Node]] = defaultdict(list)
     for node in gm_after.graph.find_nodes(op="call_function", target=MATMUL_NBITS):
         quantized[module_path(node)].append(node)
-    cache: dict = {}
-    predicted, kept, done_quantized = 0.0, 0, set()
+    quantized_nodes = [n for nodes in quantized.values() for n in nodes]
+    ratio_nbits = _nbits_over_float_ratio(quantized_nodes, gm_after, threads) if quantized_nodes else 1.0
+    predicted, kept = 0.0, 0
     for k in kernels:
         node_name = matched.get(k["order"])
         module = module_path(nodes_before[node_name]) if node_name else k["module"]
@@ -220,9 +235,7 @@ def predict(report: dict, gm_before: fx.GraphModule, gm_after: fx.GraphModule, t
             continue                                           # the module is gone
         kept += 1
         if k["macs"] and module in quantized:
-            if module not in done_quantized:
-                done_quantized.add(module)
-                predicted += sum(_matmul_nbits_ms(n, gm_after, threads, cache) for n in quantized[module])
+            predicted += k["ms"] * ratio_nbits
             continue
         if node_name and node_name in nodes_after:
             old_macs = node_macs(nodes_before[node_name], gm_before)
