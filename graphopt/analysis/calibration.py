@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..ir.linear import layer_name, linear_input, linear_weight, through_views
+from ..ir.traversal import reaches
 
 aten = torch.ops.aten
 
@@ -30,7 +31,8 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     """(residual input, sublayer output linear) if `add` is a residual add, else None.
 
     The sublayer output is the operand produced by a linear layer (possibly through views);
-    the other operand is the stream, which must not itself be computed from that linear."""
+    the other operand is the stream, which must not itself be computed from that linear
+    (GELU's x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
     if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
         return None
     a, b = add.args
@@ -42,24 +44,9 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     for stream, sub in ((a, b), (b, a)):
         writer = through_views(sub)
         if linear_weight(gm, writer) is not None and linear_weight(gm, through_views(stream)) is None \
-                and not depends_on(stream, writer):
+                and not reaches(stream, writer, limit=64):
             return stream, writer
     return None
-
-
-def depends_on(node: fx.Node, ancestor: fx.Node, limit: int = 64) -> bool:
-    """Whether `ancestor` is among the nearest `limit` producers of `node` (e.g. GELU's
-    x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
-    seen, frontier = set(), [node]
-    while frontier and len(seen) < limit:
-        current = frontier.pop()
-        if current is ancestor:
-            return True
-        if current in seen:
-            continue
-        seen.add(current)
-        frontier.extend(current.all_input_nodes)
-    return False
 
 
 @dataclass

@@ -36,7 +36,8 @@ from ..ir import ops
 from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
 from ..ir.kv_attention import KV_ATTENTION
 from ..ir.linear import layer_name, linear_weight, through_views
-from .calibration import depends_on, residual_writer
+from ..ir.traversal import ancestors, reaches
+from .calibration import residual_writer
 from .quality import js_divergence, log_probs, next_token_nll
 
 aten = torch.ops.aten
@@ -85,14 +86,7 @@ class Sublayer:
 
 def _branch_nodes(writer: fx.Node, stream: fx.Node) -> set[fx.Node]:
     """The nodes computing the branch: ancestors of `writer` up to the stream."""
-    seen, frontier = set(), [writer]
-    while frontier:
-        node = frontier.pop()
-        if node in seen or node is stream or node.op in ("placeholder", "get_attr"):
-            continue
-        seen.add(node)
-        frontier.extend(node.all_input_nodes)
-    return seen
+    return ancestors([writer], stop=lambda n: n is stream or n.op in ("placeholder", "get_attr"))
 
 
 def _mixes_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> bool:
@@ -139,7 +133,7 @@ def conv_residual(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node, f
     for stream, branch in ((a, b), (b, a)):
         conv = _convolution_of(gm, through_views(branch))
         if conv is not None and _convolution_of(gm, through_views(stream)) is None \
-                and not depends_on(stream, conv):
+                and not reaches(stream, conv, limit=64):
             return stream, branch, conv
     return None
 

@@ -33,6 +33,7 @@ from ..errors import GraphoptError, PreconditionError
 from ..ir import ops
 from ..ir.graph import constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.linear import linear_bias, linear_input, linear_weight, set_linear_weight, through_views
+from ..ir.traversal import ancestors, descendants
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
@@ -95,31 +96,9 @@ def _dissect(gm: fx.GraphModule, sub: Sublayer) -> _FFN:
     else:
         raise GraphoptError(f"FFN {sub.name}: no RMSNorm gain or LayerNorm before its input linears "
                             f"(found {describe(norm)})")
-    middle = sorted(_descendants_within(inputs, branch) - set(inputs) - {writer}, key=order.get)
+    middle = sorted(descendants(inputs, within=branch) - set(inputs) - {writer}, key=order.get)
     width = linear_weight(gm, inputs[0])[0].shape[0]
     return _FFN(sub, add, stream, writer, branch, norm, gain, shift, inputs, middle, width)
-
-
-def _ancestors_within(node: fx.Node, region: set) -> set:
-    seen, frontier = set(), [node]
-    while frontier:
-        n = frontier.pop()
-        if n in seen or n not in region:
-            continue
-        seen.add(n)
-        frontier.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants_within(nodes: list[fx.Node], region: set) -> set:
-    seen, frontier = set(), list(nodes)
-    while frontier:
-        n = frontier.pop()
-        if n in seen or n not in region:
-            continue
-        seen.add(n)
-        frontier.extend(n.users)
-    return seen
 
 
 def _signature(nodes: list[fx.Node], width: int) -> list:
@@ -135,7 +114,7 @@ def _signature(nodes: list[fx.Node], width: int) -> list:
 
 def _norm_signature(m: _FFN) -> list:
     order = {n: i for i, n in enumerate(m.norm.graph.nodes)}
-    return _signature(sorted(_ancestors_within(m.norm, m.branch), key=order.get), -1)
+    return _signature(sorted(ancestors([m.norm], within=m.branch), key=order.get), -1)
 
 
 def _check_compatible(members: list[_FFN]) -> None:
