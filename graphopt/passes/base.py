@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ..errors import PassContractError
+from ..errors import GraphoptError, PassContractError
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,32 @@ class PassContext:
         return self.analyses[key]
 
 
+def option(default: Any, help: str, *, choices: tuple | None = None, at_least: float | None = None,
+           below: float | None = None, or_callable: bool = False) -> Any:
+    """A pass option: a dataclass field with its help text and the values it accepts, which
+    `Pass.__init__` checks (choices; at_least <= value [< below]; a callable if or_callable).
+    The command line builds its flags from the same fields (graphopt/cli/common.py)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "at_least": at_least,
+                                            "below": below, "or_callable": or_callable})
+
+
+def check_options(owner: str, options: Any) -> None:
+    """Raise a one-line GraphoptError naming the first option outside what its field accepts."""
+    for f in dataclasses.fields(options):
+        meta, value = f.metadata, getattr(options, f.name)
+        if "help" not in meta or (meta["or_callable"] and callable(value)):
+            continue
+        choices, low, high = meta["choices"], meta["at_least"], meta["below"]
+        if choices is not None and value not in choices:
+            also = " or a callable" if meta["or_callable"] else ""
+            raise GraphoptError(f"{owner} {f.name} must be one of {', '.join(map(repr, choices))}{also}, "
+                                f"got {value!r}")
+        if high is not None and not low <= value < high:
+            raise GraphoptError(f"{owner} {f.name} must be in [{low}, {high}), got {value!r}")
+        if low is not None and value < low:
+            raise GraphoptError(f"{owner} {f.name} must be >= {low}, got {value!r}")
+
+
 @dataclass
 class NoOptions:
     """For passes without options."""
@@ -85,6 +111,7 @@ class Pass:
         if not isinstance(options, self.Options):
             raise TypeError(f"{type(self).__name__} takes {self.Options.__name__}, got {type(options).__name__}")
         self.options = dataclasses.replace(options, **overrides) if overrides else options
+        check_options(type(self).__name__, self.options)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 
 from ..analysis.quality import js_divergence, log_probs
 from ..analysis.sublayers import run_from
-from ..errors import GraphoptError, PreconditionError
+from ..errors import PreconditionError
 from ..ir import ops
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
-from .base import Pass, PassResult, Tolerance
+from .base import Pass, PassResult, Tolerance, option
 
 aten = torch.ops.aten
 _LINEAR = (aten.linear.default,)
@@ -193,13 +193,17 @@ def ablation_group_scores(gm: fx.GraphModule, attentions: list[Attention], batch
 
 @dataclass
 class AttentionHeadPruningOptions:
-    ratio: float = 0.25                 # share of key/value groups dropped (overall, or per attention)
-    importance: str | Callable = "ablation"   # "ablation", "l2", or callable(q_rows, k_rows, v_rows, o_columns)
-    scope: str = "global"               # "global": `ratio` of all groups; "layer": every attention drops `ratio`
-    ablation_batches: int = 4           # calibration batches the ablation trials run on (the first ones)
-    exclude: tuple[str, ...] = ()       # attention module paths (fnmatch) left whole
-    min_groups: int = 1                 # groups every attention keeps
-    progress: bool = True               # a progress bar over the ablation trials
+    ratio: float = option(0.25, "share of key/value head groups dropped (overall, or per attention)",
+                          at_least=0.0, below=1.0)
+    importance: str | Callable = option("ablation", "ablation: measured output divergence per group on calibration "
+                                                    "text; l2: weight norms; or callable(q_rows, k_rows, v_rows, "
+                                                    "o_columns)", choices=("ablation", "l2"), or_callable=True)
+    scope: str = option("global", "global: the share of all groups, least important first; layer: of every "
+                                  "attention", choices=("global", "layer"))
+    ablation_batches: int = option(4, "calibration batches the ablation trials run on (the first ones)", at_least=1)
+    exclude: tuple[str, ...] = option((), "attention module paths (fnmatch) left whole")
+    min_groups: int = option(1, "groups every attention keeps", at_least=1)
+    progress: bool = option(True, "a progress bar over the ablation trials")
 
 
 class AttentionHeadPruning(Pass):
@@ -211,15 +215,6 @@ class AttentionHeadPruning(Pass):
 
     def __init__(self, options=None, **overrides):
         super().__init__(options, **overrides)
-        o = self.options
-        if not 0.0 <= o.ratio < 1.0:
-            raise GraphoptError(f"AttentionHeadPruning ratio must be in [0, 1), got {o.ratio}")
-        if not callable(o.importance) and o.importance not in ("l2", "ablation"):
-            raise GraphoptError("AttentionHeadPruning importance must be 'l2', 'ablation' or a callable")
-        if o.scope not in ("layer", "global"):
-            raise GraphoptError(f"AttentionHeadPruning scope must be 'layer' or 'global', got {o.scope!r}")
-        if o.min_groups < 1 or o.ablation_batches < 1:
-            raise GraphoptError("AttentionHeadPruning min_groups and ablation_batches must be >= 1")
         self.pruned: dict[str, PrunedAttention] = {}     # attention name -> what was kept
         self.scores: dict[str, list[float]] = {}         # attention name -> importance per group
 

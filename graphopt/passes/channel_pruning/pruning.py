@@ -13,7 +13,7 @@ from ...analysis.channels import ChannelAnalysis, Consumer, input_channel_rms
 from ...analysis.cost import node_macs
 from ...errors import GraphoptError, PreconditionError
 from ...ir.graph import constant_value
-from ..base import Pass, PassResult, Tolerance
+from ..base import Pass, PassResult, Tolerance, option
 from .export import ExportStats, apply_plan
 from .plan import ACTIVATION, BUDGETS, IMPORTANCE, ChannelPlan, l1_importance, plan_cost
 from .reorder import reorder_ranks
@@ -21,27 +21,30 @@ from .reorder import reorder_ranks
 
 @dataclass
 class ChannelPruningOptions:
-    ratio: float = 0.3                 # fraction of each consumer's input channels dropped (budget="channels")
-    # "channels": `ratio` is the share of every consumer's input channels dropped; "flops" /
-    # "weights": the share of the prunable layers' multiply-accumulates / weight elements
-    # removed, reached by searching the channel ratio (so both modes can be compared at equal cost).
-    budget: str = "channels"
-    mode: str = "unconstrained"        # or "constrained"
-    reorder: bool = True               # UPSCALE layout (unconstrained mode)
-    slack: float = 0.0                 # extra zero columns (fraction) a consumer may read to avoid a copy
-    importance: str | Callable = "l1"  # "l1", "l2", "activation", or f(weight, in_dim) -> score per input channel
-    scope: str = "layer"               # "layer": each consumer drops `ratio`; "global": ranked across layers
-    exclude: tuple[str, ...] = ()      # consumer names (module paths, fnmatch patterns) left whole
-    min_channels: int = 1              # every consumer keeps at least this many
+    ratio: float = option(0.3, "fraction of each consumer's input channels dropped (of the layer MACs / weights "
+                               "with budget flops / weights)", at_least=0.0, below=1.0)
+    budget: str = option("channels", "what ratio is a share of: every consumer's input channels, or the prunable "
+                                     "layers' MACs / weight elements (reached by searching the channel ratio)",
+                         choices=BUDGETS)
+    mode: str = option("unconstrained", "unconstrained: any channels; constrained: channels a whole segment shares",
+                       choices=("unconstrained", "constrained"))
+    reorder: bool = option(True, "UPSCALE channel reordering (unconstrained mode)")
+    slack: float = option(0.0, "extra zero columns (fraction) a consumer may read to avoid a copy", at_least=0.0)
+    importance: str | Callable = option("l1", "l1, l2, activation, or f(weight, in_dim) -> score per input channel",
+                                        choices=(*IMPORTANCE, ACTIVATION), or_callable=True)
+    scope: str = option("layer", "layer: every consumer drops the same share; global: channels ranked across layers",
+                        choices=("layer", "global"))
+    exclude: tuple[str, ...] = option((), "consumers left whole (module paths, fnmatch patterns)")
+    min_channels: int = option(1, "channels every consumer keeps at least", at_least=1)
     # Kept counts are rounded up to multiples of this where the layer's width is one: ONNX
     # Runtime runs a conv in its fast blocked (NCHWc) layout only when both its input and
     # output channel counts are multiples of 16 (8 on AVX2) or below it.
-    channel_multiple: int = 16
-    # Unconstrained: consumers keep or drop whole groups of this many channels of a block (a
-    # run of a producer's output channels). With 16 and DenseNet layers of 16 new channels, a
-    # consumer reads whole layers' outputs, and the reordered export reads them as one
-    # concatenation (no gather: ORT's blocked kernels keep their layout). 1: any channels.
-    granularity: int = 1
+    channel_multiple: int = option(16, "kept channel counts are rounded up to multiples of this", at_least=1)
+    # With 16 and DenseNet layers of 16 new channels, a consumer reads whole layers' outputs,
+    # and the reordered export reads them as one concatenation (no gather: ORT's blocked
+    # kernels keep their layout).
+    granularity: int = option(1, "unconstrained: consumers keep or drop whole groups of this many channels of a "
+                                 "block (16: whole 16-channel DenseNet layers, read without copies)", at_least=1)
 
 
 class ChannelPruning(Pass):
@@ -54,20 +57,6 @@ class ChannelPruning(Pass):
 
     def __init__(self, options=None, **overrides):
         super().__init__(options, **overrides)
-        o = self.options
-        if o.mode not in ("constrained", "unconstrained"):
-            raise GraphoptError(f"ChannelPruning mode must be 'constrained' or 'unconstrained', got {o.mode!r}")
-        if o.budget not in BUDGETS:
-            raise GraphoptError(f"ChannelPruning budget must be one of {BUDGETS}, got {o.budget!r}")
-        if o.scope not in ("layer", "global"):
-            raise GraphoptError(f"ChannelPruning scope must be 'layer' or 'global', got {o.scope!r}")
-        if not 0.0 <= o.ratio < 1.0:
-            raise GraphoptError(f"ChannelPruning ratio must be in [0, 1), got {o.ratio}")
-        if o.channel_multiple < 1 or o.min_channels < 1 or o.granularity < 1:
-            raise GraphoptError("ChannelPruning channel_multiple, min_channels and granularity must be >= 1")
-        if not callable(o.importance) and o.importance not in (*IMPORTANCE, ACTIVATION):
-            raise GraphoptError(f"ChannelPruning importance must be one of {sorted(IMPORTANCE) + [ACTIVATION]} "
-                                "or a callable")
         self.stats: ExportStats | None = None
 
     def run(self, gm, ctx):
