@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from graphopt.cli import main
 
 
@@ -57,8 +59,10 @@ def test_channels_and_compile_with_channel_pruning(tmp_path, capsys):
     assert main(["compile", "--model", "resnet", "--repeats", "1", "--prune-channels", "0.4", "--prune-budget", "flops",
                  "--prune-scope", "global", "--out", str(tmp_path / "flops")]) == 0
     assert "flops budget 40% reached with consumers at channel ratios" in capsys.readouterr().out
-    assert main(["compile", "--model", "resnet", "--prune-channels", "0.3", "--prune-importance", "nope"]) == 1
-    assert "importance must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:       # the flag's choices come from ChannelPruningOptions
+        main(["compile", "--model", "resnet", "--prune-channels", "0.3", "--prune-importance", "nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope' (choose from 'l1', 'l2', 'activation')" in capsys.readouterr().err
 
 
 def test_compile_with_head_pruning(tmp_path, capsys):
@@ -106,3 +110,24 @@ def test_compile_for_text_generation_and_generate(tmp_path, capsys):
     assert "time to first token" in captured.err
     assert main(["compile", "--model", "resnet", "--task", "text-generation"]) == 1
     assert "needs a causal language model" in capsys.readouterr().err
+
+
+def test_artifact_commands_parse_without_importing_torch():
+    import subprocess
+    import sys
+    code = ("import sys; from graphopt.cli import build_parser; "
+            "args = build_parser('inspect').parse_args(['inspect', 'x']); "
+            "print(args.command, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["inspect", "False"]
+
+
+def test_pruning_flags_come_from_the_pass_options(capsys):
+    from graphopt.cli import build_parser
+    from graphopt.passes.channel_pruning import ChannelPruningOptions
+    args = build_parser("compile").parse_args(["compile", "--prune-budget", "flops"])
+    assert args.prune_budget == "flops" and args.prune_channels == 0.0
+    assert args.prune_mode == ChannelPruningOptions.mode and args.head_scope == "global"
+    with pytest.raises(SystemExit):
+        build_parser("compile").parse_args(["compile", "--prune-budget", "joules"])
+    assert "invalid choice: 'joules'" in capsys.readouterr().err

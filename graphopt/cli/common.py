@@ -1,0 +1,85 @@
+"""Helpers the `graphopt` subcommands share: timing, input and calibration making, backend options."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..errors import GraphoptError
+
+
+def median_ms(fn, repeats: int) -> float:
+    from ..timing import median_seconds
+    return median_seconds(fn, repeats, warmup=1) * 1e3
+
+
+def dim_size(text: str) -> tuple[str, int]:
+    name, _, size = text.partition("=")
+    if not name or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=SIZE, got {text!r}")
+    return name, int(size)
+
+
+def backend_options(args) -> dict | None:
+    if args.backend == "tvm":
+        return {"threads": args.threads, "target": args.tvm_target}
+    if args.tvm_target != "host":
+        raise GraphoptError("--tvm-target is for --backend tvm")
+    return {"threads": args.threads} if args.backend == "onnxruntime" else None
+
+
+def example_inputs(bundle, seq_len: int):
+    if not bundle.is_sequence_model:
+        return bundle.example_inputs()
+    if bundle.tokenizer is None:
+        return bundle.example_inputs(seq_len=seq_len)
+    try:
+        from ..corpus import read_text
+        return bundle.example_inputs(seq_len=seq_len, text=read_text("evaluation.txt", 20000))
+    except GraphoptError:
+        return bundle.example_inputs(seq_len=seq_len)
+
+
+def calibration_batches(bundle, args):
+    """Windows of calibration.txt (or --calibration-text) for passes that learn from data;
+    random token ids for test models without a tokenizer."""
+    if args.calibration_tokens <= 0 or not bundle.is_sequence_model:
+        return None
+    if bundle.tokenizer is None:
+        print(f"{bundle.name} has no tokenizer: calibrating on random token ids", file=sys.stderr)
+        return [bundle.example_inputs(seq_len=args.seq_len, seed=s)
+                for s in range(1, 1 + max(1, args.calibration_tokens // args.seq_len))]
+    from ..analysis.quality import token_windows
+    from ..corpus import read_text
+    if args.calibration_text:
+        with open(args.calibration_text, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        try:
+            text = read_text("calibration.txt")
+        except GraphoptError:
+            return None
+    return [(w,) for w in token_windows(bundle.tokenizer, text, args.seq_len, args.calibration_tokens)]
+
+
+def folded_graph(bundle, inputs):
+    """The model's IR after constant folding: what the analysis commands look at."""
+    from ..frontend.torch_export import capture
+    from ..passes import ConstantFolding
+    gm = capture(bundle.model, inputs).graph_module
+    ConstantFolding()(gm)
+    return gm
+
+
+
+def option_flag(parser: argparse.ArgumentParser, flag: str, options: type, name: str, **overrides) -> None:
+    """A flag made from a pass option field (passes/base.py `option`): its default, accepted
+    choices, type and help; `overrides` replace any of them."""
+    f = next(f for f in dataclasses.fields(options) if f.name == name)
+    kwargs = {"default": f.default, "help": f.metadata["help"]}
+    if f.metadata["choices"] is not None:
+        kwargs["choices"] = list(f.metadata["choices"])
+    if type(f.default) in (int, float):
+        kwargs["type"] = type(f.default)
+    kwargs.update(overrides)
+    parser.add_argument(flag, **kwargs)
