@@ -1,9 +1,10 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (see README.md).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
-STAMP = .setup.stamp
+# The stamp lives with the Python it set up: a checkout carried to a fresh machine sets up again.
+STAMP := $(shell $(PYTHON) -c 'import sys; print(sys.prefix)')/graphopt-setup-$(notdir $(CURDIR)).stamp
 
-.PHONY: setup demo test test-slow test-all bench bench-generate llama-bench genai-model clean
+.PHONY: setup demo lint test test-slow test-all bench bench-generate llama-bench genai-model clean
 
 # The report's browser tests drive Debian's chromium through chromedriver (root: apt-get).
 $(STAMP): pyproject.toml requirements.txt
@@ -23,7 +24,12 @@ demo: $(STAMP)
 	$(PYTHON) -m graphopt.cli compile --model smollm2 --task text-generation --passes int4 --out dist/smollm2-gen
 	$(PYTHON) -m graphopt.cli generate dist/smollm2-gen --chat --max-new-tokens 48 --prompt "What is a compiler?"
 
-test: $(STAMP)
+# ruff on everything; mypy on the torch-free deployment side (files listed in pyproject.toml).
+lint: $(STAMP)
+	$(PYTHON) -m ruff check graphopt tests benchmarks examples
+	$(PYTHON) -m mypy
+
+test: $(STAMP) lint
 	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 test-slow: $(STAMP)

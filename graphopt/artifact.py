@@ -241,8 +241,8 @@ def load(directory: str, threads: int | None = None) -> LoadedModel:
             check_cpu_features(options["cpu_features"], f"artifact {directory} (TVM, built for CPU '{built_for}')")
         except BackendError as exc:
             raise ArtifactError(str(exc)) from None
-        runner = TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
+        tvm_runner = TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
                            os.path.join(directory, options.get("params", TVM_PARAMS)), inputs, outputs,
                            threads or options.get("threads"))
-        return LoadedModel(directory, manifest, runner)
+        return LoadedModel(directory, manifest, tvm_runner)
     raise ArtifactError(f"artifact {directory}: backend '{backend}' cannot be loaded by this graphopt")

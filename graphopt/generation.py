@@ -257,7 +257,7 @@ class TextGenerator:
                   (lengths - 1).reshape(batch, 1))
         stats.prompt_seconds = time.perf_counter() - start
         going = np.ones(batch, dtype=bool)
-        decode_start = None
+        decode_start: float | None = None
         for produced in range(max_new_tokens):
             tokens = sampler(logits[:, 0, :])
             step = {b: int(tokens[b]) for b in range(batch) if going[b]}
@@ -275,7 +275,8 @@ class TextGenerator:
             lengths = lengths + 1
             self._run(io, np.where(going, tokens, self.pad).reshape(batch, 1), positions, lengths - 1,
                       int(lengths.max()), np.zeros((batch, 1), dtype=np.int64))
-            stats.decode_seconds = time.perf_counter() - decode_start
+            if decode_start is not None:
+                stats.decode_seconds = time.perf_counter() - decode_start
 
     def next_token_logits(self, ids: np.ndarray) -> np.ndarray:
         """Logits [B, S, V] at every position of full-length rows `ids` [B, S] (one prompt
@@ -342,6 +343,8 @@ def load_tokenizer(directory: str | None, task: dict, files: dict[str, bytes] | 
         raise GraphoptError("generating text needs the tokenizers package: pip install tokenizers") from None
     if files is not None:
         data = files[name]
+    elif directory is None:
+        raise ArtifactError("load_tokenizer needs the artifact's directory or its files")
     else:
         with open(os.path.join(directory, name), "rb") as f:
             data = f.read()

@@ -30,7 +30,8 @@ class TensorSpec:
 
     @classmethod
     def from_json(cls, data: dict) -> "TensorSpec":
-        index_range = tuple(int(v) for v in data["index_range"]) if data.get("index_range") else None
+        bounds = data.get("index_range")
+        index_range = (int(bounds[0]), int(bounds[1])) if bounds else None
         return cls(str(data["name"]), tuple(data["shape"]), str(data["dtype"]), index_range)
 
     def describe(self) -> str:
