@@ -25,8 +25,7 @@ MODEL_FILE = "model.onnx"
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # Opset 23 has Attention (GQA, causal) and RMSNormalization, which ONNX Runtime runs as
-# single kernels: ~1,900 -> ~1,100 ONNX nodes on SmolLM2. Latency measured equal to opset 18
-# in an interleaved A/B (236.1 vs 238.2 ms, 15 rounds): the prefill is MatMul-bound.
+# single kernels (measured: docs/measurements/decisions.md).
 DEFAULT_OPSET = 23
 
 # graphopt's own ops (torch.library) -> onnxscript functions: every op a pass inserts lowers
@@ -122,7 +121,7 @@ def _optimize_without_growing(model) -> None:
 
 
 # Per-node metadata torch.onnx writes; all but the module path ("namespace") repeat what the
-# manifest and the IR hold, and took 4.3 of SmolLM2's int4 graph's 5.1 MB. The stack trace is
+# manifest and the IR hold, and most of the graph file's bytes. The stack trace is
 # kept as one line, SOURCE_KEY: the model's own source line (graphopt.report shows it).
 SOURCE_KEY = "graphopt.source"
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes",

@@ -40,7 +40,7 @@ def _exp_f32(x, lanes: int):
     exponent = tirx.shift_left(tirx.Cast(int_type, n) + const(127, "int32"), const(23, "int32"))
     value = poly * tirx.reinterpret("float32" if lanes == 1 else f"float32x{lanes}", exponent)
     # exactly 0 below the clamp: a softmax's masked -inf must not leave ~1e-38, whose
-    # quotients are denormals (a following P @ V ran 50x slower on them)
+    # quotients are denormals (slow: docs/measurements/decisions.md)
     return tirx.Select(underflow, const(0.0), value)
 
 

@@ -9,23 +9,21 @@ from .dead_code import DeadCodeElimination
 from .horizontal_fusion import HorizontalFusion
 from .weight_quantization import WeightQuantization
 
-# int8 weight-only, fp32 compute in ONNX Runtime (accuracy_level 0): the int8-activation
-# kernel is faster but cost SmolLM2 +1.35% perplexity (see docs/measurements/quantization.md).
+# The measurements behind each preset: docs/measurements/decisions.md.
+# int8 weight-only, fp32 compute in ONNX Runtime (accuracy_level 0).
 _INT8 = partial(WeightQuantization, bits=8, group_size=None, accuracy_level=0)
 # int4 g32 on the exact block range with a float minimum per block (llama.cpp's Q4_1 grid),
 # embeddings and the (tied) LM head int8 g32 symmetric (Q8_0's grid), scales in float16:
-# SmolLM2's GGUF weights come back exactly (see docs/generation.md for the measured cost).
+# SmolLM2's GGUF weights come back exactly.
 _INT4 = partial(WeightQuantization, bits=4, group_size=32, method="rtn", grid="offset", scale_dtype="float16",
                 head_group_size=32, head_grid="symmetric")
 # int4 g64 with range clipping and super weights restored: GPTQ when compile() gets
-# calibration batches (SmolLM2: +6.5% perplexity), round-to-nearest otherwise (+15.5%);
-# embeddings and the (tied) LM head int8.
+# calibration batches, round-to-nearest otherwise; embeddings and the (tied) LM head int8.
 _INT4_GPTQ = partial(WeightQuantization, bits=4, group_size=64, method="auto", clip="mse",
                      restore_super_weights=True)
 
-# Horizontal fusion is not in "default": measured on SmolLM2 with ONNX Runtime (2 threads),
-# the wider MatMul runs at the same GFLOP/s as the separate ones and the Split after it
-# copies its outputs, so it cost 5-8% of prefill latency. It is kept as the opt-in "fuse".
+# Horizontal fusion is not in "default" (it measured slower on ONNX Runtime); it is the
+# opt-in "fuse".
 PRESETS = {
     "none": [],
     "default": [ConstantFolding, DeadCodeElimination],
