@@ -250,15 +250,17 @@ def predict(report: dict, gm_before: fx.GraphModule, gm_after: fx.GraphModule, t
         predicted += fixed + (k["ms"] - fixed) * ratio
     added = _added_nodes(gm_before, gm_after, set(quantized))
     overall = fit_cost_model([dict(k, op="*") for k in kernels])
+    added_ms = 0.0
     for node in added:
         macs, size = node_macs(node, gm_after), _output_bytes(node)
         fixed, slope = overall["*/macs"] if macs and "*/macs" in overall else overall.get("*/bytes", (0.0, 0.0))
-        predicted += fixed + slope * (macs or size)
+        added_ms += fixed + slope * (macs or size)
+    predicted += added_ms
     kept += len(added)
     totals = report["totals"]
     framework = totals["unattributed_ms"] * (kept / max(len(kernels), 1))
     return {"predicted_ms": predicted + framework, "predicted_bytes": parameter_bytes(gm_after),
-            "kernels_kept": kept, "nodes_added": len(added)}
+            "kernels_kept": kept, "nodes_added": len(added), "added_ms": added_ms}
 
 
 _FREE_OPS = {torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,

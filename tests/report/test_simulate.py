@@ -58,7 +58,10 @@ def test_predictions_follow_what_each_change_removes(llama_compiled, llama_repor
         after, _ = apply_change(captured.graph_module, captured.example_inputs, parse_change(text))
         prediction = predict(data, captured.graph_module, after, threads=1)
         assert prediction["predicted_bytes"] == parameter_bytes(after) < parameter_bytes(captured.graph_module)
-        assert 0 < prediction["predicted_ms"] < baseline, text
+        # what the change removes makes the kept kernels cheaper; the nodes it inserts (a pruned
+        # tiny model's gathers) are costed on their own and may outweigh that
+        assert 0 < prediction["predicted_ms"] - prediction["added_ms"] < baseline, text
+        assert prediction["added_ms"] >= 0, text
     after, _ = apply_change(captured.graph_module, captured.example_inputs, parse_change("drop:model.layers.1.mlp"))
     assert predict(data, captured.graph_module, after, 1)["kernels_kept"] < len(data["kernels"])
 
