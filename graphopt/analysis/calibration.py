@@ -27,12 +27,8 @@ from ..ir.traversal import reaches
 aten = torch.ops.aten
 
 
-def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(residual input, sublayer output linear) if `add` is a residual add, else None.
-
-    The sublayer output is the operand produced by a linear layer (possibly through views);
-    the other operand is the stream, which must not itself be computed from that linear
-    (GELU's x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
+def same_shape_add(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of `add` if it is an aten add of two graph values of one shape."""
     if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2:
         return None
     a, b = add.args
@@ -41,6 +37,19 @@ def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node]
     va, vb = a.meta.get("val"), b.meta.get("val")
     if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
         return None
+    return a, b
+
+
+def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(residual input, sublayer output linear) if `add` is a residual add, else None.
+
+    The sublayer output is the operand produced by a linear layer (possibly through views);
+    the other operand is the stream, which must not itself be computed from that linear
+    (GELU's x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
+    operands = same_shape_add(add)
+    if operands is None:
+        return None
+    a, b = operands
     for stream, sub in ((a, b), (b, a)):
         writer = through_views(sub)
         if linear_weight(gm, writer) is not None and linear_weight(gm, through_views(stream)) is None \

@@ -37,7 +37,7 @@ from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attrib
 from ..ir.kv_attention import KV_ATTENTION
 from ..ir.linear import layer_name, linear_weight, through_views
 from ..ir.traversal import ancestors, reaches
-from .calibration import residual_writer
+from .calibration import residual_writer, same_shape_add
 from .quality import js_divergence, log_probs, next_token_nll
 
 aten = torch.ops.aten
@@ -122,14 +122,10 @@ def _convolution_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
 def conv_residual(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """(stream, branch output, its convolution) if `add` adds an identity shortcut to a branch
     ending in a convolution (or its batch norm), else None."""
-    if add.op != "call_function" or add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+    operands = same_shape_add(add)
+    if operands is None or add.kwargs:
         return None
-    a, b = add.args
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-        return None
-    va, vb = a.meta.get("val"), b.meta.get("val")
-    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or va.shape != vb.shape:
-        return None
+    a, b = operands
     for stream, branch in ((a, b), (b, a)):
         conv = _convolution_of(gm, through_views(branch))
         if conv is not None and _convolution_of(gm, through_views(stream)) is None \

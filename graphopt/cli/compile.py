@@ -9,6 +9,19 @@ from ..runtime import default_threads
 from .common import backend_options, calibration_batches, dim_size, example_inputs, median_ms, option_flag
 
 
+def print_graph_stats(s: dict) -> None:
+    print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
+    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> "
+          f"{s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+
+
+def print_compile_time_and_save(cm, out: str | None) -> None:
+    print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in cm.stats["seconds"].items()))
+    if out:
+        path = cm.save(out)
+        print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
+
+
 def cmd_compile(args) -> None:
     import torch
 
@@ -59,19 +72,14 @@ def cmd_compile(args) -> None:
     s = cm.stats
     print(cm.summary())
     print(f"\n{args.model}: inputs {', '.join(i.describe() for i in cm.inputs)}")
-    print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
-    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> "
-          f"{s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print_graph_stats(s)
     print(f"  compute            {s['macs_captured'] / 1e9:.3f} -> {s['macs_optimized'] / 1e9:.3f} GMAC per call "
           "(convolutions, linear layers, matmuls, attention)")
     print(f"  latency (median of {args.repeats})  {reference_name} {eager_ms:.1f} ms -> graphopt {args.backend} "
           f"{compiled_ms:.1f} ms  ({eager_ms / compiled_ms:.2f}x)")
     print(f"  max |diff| vs {reference_name} {diff:.2e} (output scale {scale:.3g}, "
           f"relative {diff / max(scale, 1e-30):.2e})")
-    print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
-    if args.out:
-        path = cm.save(args.out)
-        print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
+    print_compile_time_and_save(cm, args.out)
 
 
 def _compile_task(args) -> None:
@@ -105,15 +113,11 @@ def _compile_task(args) -> None:
     s = cm.stats
     print(cm.summary())
     print(f"\n{args.model} for {args.task}: one graph for prompt and decode, cache in place")
-    print(f"  graph nodes        {s['nodes_captured']} -> {s['nodes_optimized']}")
-    print(f"  constants          {s['parameter_bytes_captured'] / 1e6:.1f} MB -> "
-          f"{s['parameter_bytes_optimized'] / 1e6:.1f} MB")
+    print_graph_stats(s)
     print(f"  next-token logits on {ids.shape[1]} tokens: max |diff| vs torch eager {diff:.2e} "
           f"(scale {scale:.3g}, relative {diff / max(scale, 1e-30):.2e})")
-    print("  compile time       " + ", ".join(f"{k} {v:.1f}s" for k, v in s["seconds"].items()))
+    print_compile_time_and_save(cm, args.out)
     if args.out:
-        path = cm.save(args.out)
-        print(f"  artifact           {path} ({directory_bytes(path) / 1e6:.1f} MB)")
         print(f"  try: graphopt generate {args.out} --prompt \"Tell me about cats.\" --chat")
 
 
