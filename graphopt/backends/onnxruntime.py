@@ -105,25 +105,28 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
         raise BackendError(f"ONNX export failed: {first}") from exc
 
 
-# Largest constant (elements) the exporter's optimizer may fold into a stored initializer.
-# Bigger folds (fp32 casts of fp16 scales, rotary tables computed from their frequencies)
-# stay as nodes: ONNX Runtime folds them when the session loads, and the file stays small.
+# Largest constant (elements) the exporter's optimizer may fold into, or fold away: a fold of
+# a bigger one (an fp32 cast of fp16 scales, rotary tables computed from their frequencies)
+# stays a node, which ONNX Runtime folds when the session loads, so the file stays small.
+# (The optimizer counts elements, not bytes: an fp16 -> fp32 cast looks free to it.)
 STORED_FOLD_LIMIT = 1024
 
 
 def _optimize_without_growing(model) -> None:
     """torch.onnx's optimize=True (onnxscript's constant folding and fusions), with folded
-    constants capped at STORED_FOLD_LIMIT elements."""
+    constants and the constants they replace capped at STORED_FOLD_LIMIT elements."""
     import onnxscript.optimizer
     import onnxscript.rewriter.onnx_fusions
-    onnxscript.optimizer.optimize_ir(model, output_size_limit=STORED_FOLD_LIMIT)
+    onnxscript.optimizer.optimize_ir(model, input_size_limit=STORED_FOLD_LIMIT, output_size_limit=STORED_FOLD_LIMIT)
     onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 # Per-node metadata torch.onnx writes; all but the module path ("namespace") repeat what the
 # manifest and the IR hold, and most of the graph file's bytes. The stack trace is
-# kept as one line, SOURCE_KEY: the model's own source line (graphopt.report shows it).
+# kept as one line, SOURCE_KEY: the model's own source line (graphopt.report shows it), and
+# the namespace as its innermost module scope and the node (all that graphopt.report reads).
 SOURCE_KEY = "graphopt.source"
+NAMESPACE_KEY = "namespace"     # torch.onnx's module path of each node (both read by graphopt.report)
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes",
                      "pkg.torch.onnx.fx_node", "pkg.onnxscript.rewriter.rule_name")
 
@@ -137,12 +140,21 @@ def _keep_module_paths_only(model) -> None:
                 node.metadata_props[SOURCE_KEY] = source
             for key in _DROPPED_METADATA:
                 node.metadata_props.pop(key, None)
+            namespace = node.metadata_props.get(NAMESPACE_KEY)
+            if namespace:
+                node.metadata_props[NAMESPACE_KEY] = innermost_scope(namespace)
             for attr in node.attributes.values():
                 if attr.type.name == "GRAPH":
                     strip(attr.value)
     strip(model.graph)
     for function in model.functions.values():
         strip(function)
+
+
+def innermost_scope(namespace: str) -> str:
+    """torch.onnx's namespace ': _FlatIO/model: pkg.Net/.../model.blocks.0: pkg.Block/add_3: aten.add'
+    shortened to its innermost module scope and the node: 'model.blocks.0: pkg.Block/add_3: aten.add'."""
+    return "/".join(namespace.split("/")[-2:])
 
 
 def _broadcast_attention_heads(gm: torch.fx.GraphModule) -> bool:

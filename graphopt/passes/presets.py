@@ -14,7 +14,8 @@ from .weight_quantization import WeightQuantization
 _INT8 = partial(WeightQuantization, bits=8, group_size=None, accuracy_level=0)
 # int4 g32 on the exact block range with a float minimum per block (llama.cpp's Q4_1 grid),
 # embeddings and the (tied) LM head int8 g32 symmetric (Q8_0's grid), scales in float16:
-# SmolLM2's GGUF weights come back exactly.
+# SmolLM2's GGUF weights come back exactly. Horizontal fusion first (q/k/v and gate/up as one
+# matmul each, the same blocks): fewer, wider MatMulNBits and offset products per layer.
 _INT4 = partial(WeightQuantization, bits=4, group_size=32, method="rtn", grid="offset", scale_dtype="float16",
                 head_group_size=32, head_grid="symmetric")
 # int4 g64 with range clipping and super weights restored: GPTQ when compile() gets
@@ -29,7 +30,7 @@ PRESETS = {
     "default": [ConstantFolding, DeadCodeElimination],
     "fuse": [ConstantFolding, HorizontalFusion, DeadCodeElimination],
     "int8": [ConstantFolding, _INT8, DeadCodeElimination],
-    "int4": [ConstantFolding, _INT4, DeadCodeElimination],
+    "int4": [ConstantFolding, HorizontalFusion, _INT4, DeadCodeElimination],
     "int4-gptq": [ConstantFolding, _INT4_GPTQ, DeadCodeElimination],
 }
 
