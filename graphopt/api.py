@@ -105,13 +105,15 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
             backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
             calibration: Sequence[Any] | None = None, progress: bool = True, task: str | None = None,
-            tokenizer: Any = None) -> CompiledModel:
+            tokenizer: Any = None, cache_dtype: str | None = None) -> CompiledModel:
     """Capture `model`, run `passes` (a preset name or a list of Pass instances), lower to `backend`.
 
     `task="text-generation"` compiles a Hugging Face causal LM for generation instead of one
     forward pass (graphopt.text_generation): no example inputs (the graph's are made from the
     config), `tokenizer` (a fast Hugging Face tokenizer) travels in the artifact, `calibration`
-    is token id windows [batch, tokens], and the result has .generate(prompt, ...).
+    is token id windows [batch, tokens], `cache_dtype` ("float32", the default, or "float16":
+    half the cache's bytes, attention computed from float16 values) sets the KV cache's type,
+    and the result has .generate(prompt, ...).
 
     `verify=True` runs the graph before and after each pass on `example_inputs` and fails
     with the pass's name if outputs move beyond its declared tolerance. `calibration` is a
@@ -125,10 +127,11 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
             raise GraphoptError(f"unknown task '{task}'; available: {', '.join(TASKS)}")
         if example_inputs is not None or dynamic_dims is not None:
             raise GraphoptError(f"task '{task}' makes its own example inputs and dynamic dims; pass neither")
-        return compile_text_generation(model, tokenizer, passes, backend, calibration, verify=verify,
-                                       instruments=instruments, backend_options=backend_options, progress=progress)
-    if tokenizer is not None:
-        raise GraphoptError("tokenizer= is for task='text-generation'")
+        return compile_text_generation(model, tokenizer, passes, backend, calibration, cache_dtype=cache_dtype,
+                                       verify=verify, instruments=instruments, backend_options=backend_options,
+                                       progress=progress)
+    if tokenizer is not None or cache_dtype is not None:
+        raise GraphoptError("tokenizer= and cache_dtype= are for task='text-generation'")
     if example_inputs is None:
         raise GraphoptError("compile() needs example_inputs (or task='text-generation' for a causal LM)")
     backend_impl = get_backend(backend, **dict(backend_options or {}))

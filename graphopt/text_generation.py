@@ -17,6 +17,7 @@ import torch
 from .errors import GraphoptError
 from .frontend.generation import GenerationGraph, cache_shape, dynamic_dims, example_inputs, prompt_inputs
 from .generation import TASK
+from .ir.kv_attention import CACHE_DTYPES
 
 TASKS = (TASK,)
 TOKENIZER_FILE = "tokenizer.json.gz"
@@ -28,7 +29,8 @@ def _token_ids(value, name: str) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, dict[str, bytes]]:
+def task_section(model: torch.nn.Module, tokenizer: Any | None,
+                 cache_dtype: str = "float32") -> tuple[dict, dict[str, bytes]]:
     """The manifest's task section and the extra files (the gzipped tokenizer.json) of a generation artifact."""
     config = model.config
     _, kv_heads, _, head_dim = cache_shape(config, 1, 1)
@@ -37,7 +39,7 @@ def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, d
         _token_ids(getattr(config, "eos_token_id", None), "eos")
     section = {"name": TASK, "layers": int(config.num_hidden_layers), "kv_heads": kv_heads, "head_dim": head_dim,
                "max_positions": int(config.max_position_embeddings), "vocab_size": int(config.vocab_size),
-               "cache_dtype": "float32", "eos_token_ids": eos,
+               "cache_dtype": cache_dtype, "eos_token_ids": eos,
                "pad_token_id": getattr(config, "pad_token_id", None), "tokenizer": None}
     files: dict[str, bytes] = {}
     if tokenizer is not None:
@@ -57,9 +59,13 @@ def task_section(model: torch.nn.Module, tokenizer: Any | None) -> tuple[dict, d
 
 
 def compile_text_generation(model: torch.nn.Module, tokenizer: Any | None, passes, backend: str,
-                            calibration: Sequence[Any] | None, **options):
+                            calibration: Sequence[Any] | None, cache_dtype: str | None = None, **options):
     """See graphopt.compile(task="text-generation")."""
     from .api import compile as compile_graph
+    cache_dtype = cache_dtype or "float32"
+    if cache_dtype not in CACHE_DTYPES:
+        raise GraphoptError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
+    dtype = CACHE_DTYPES[cache_dtype]
     if backend != "onnxruntime":
         raise GraphoptError(f"task '{TASK}' lowers to onnxruntime only (its in-place KV cache is ONNX Runtime's "
                             f"GroupQueryAttention); got backend '{backend}'")
@@ -72,8 +78,8 @@ def compile_text_generation(model: torch.nn.Module, tokenizer: Any | None, passe
             ids = item[0] if isinstance(item, (tuple, list)) else item
             if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
                 raise GraphoptError("text-generation calibration batches are token id tensors [batch, tokens]")
-            batches.append(prompt_inputs(config, ids))
-    compiled = compile_graph(graph, example_inputs(config), passes, backend,
+            batches.append(prompt_inputs(config, ids, dtype=dtype))
+    compiled = compile_graph(graph, example_inputs(config, dtype), passes, backend,
                              dynamic_dims=dynamic_dims(graph.layers), calibration=batches, **options)
-    compiled.task, compiled.extra_files = task_section(model, tokenizer)
+    compiled.task, compiled.extra_files = task_section(model, tokenizer, cache_dtype)
     return compiled

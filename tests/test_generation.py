@@ -221,6 +221,34 @@ def test_int4_offset_grid_artifact_tracks_the_torch_reference(tmp_path):
     assert torch.ops.graphopt.matmul_nbits.default in ops
 
 
+def test_float16_cache_artifact_equals_its_torch_reference_in_prompt_and_decode(tmp_path):
+    model = causal_lm("llama")
+    cm = graphopt.compile(model, task="text-generation", cache_dtype="float16", progress=False)
+    cm.save(str(tmp_path / "fp16-cache"))
+    lm = graphopt.load(str(tmp_path / "fp16-cache"))
+    assert lm.manifest["task"]["cache_dtype"] == "float16"
+    from graphopt.frontend.generation import prompt_inputs
+    from graphopt.generation import generator_for
+    generator = generator_for(lm.directory, lm.manifest, lm.runner)
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = cm.captured.graph_module(*prompt_inputs(model.config, ids, dtype=torch.float16))[0].numpy()
+        fp32 = model(input_ids=ids).logits.numpy()
+    ours = generator.next_token_logits(ids.numpy())
+    scale = np.abs(reference).max()
+    assert np.abs(ours - reference).max() <= 1e-4 * scale          # measured 1.5e-5
+    assert 1e-5 * scale < np.abs(ours - fp32).max() <= 2e-3 * scale   # the float16 cache's cost (2.3e-4), visible
+    steps = generator.generate_tokens([ids[0].tolist()], 4, capacity=20)
+    next(steps)
+    assert generator._buffers[0].numpy().dtype == np.float16      # the bound buffers are half-size
+    rows = [ids[0].tolist()]
+    assert tokens_of(generator, rows, 12)[0][:4] == hf_greedy(model, rows[0], 12)[:4]
+    with pytest.raises(GraphoptError, match="cache_dtype must be one of float32, float16"):
+        graphopt.compile(model, task="text-generation", cache_dtype="int8", progress=False)
+    with pytest.raises(GraphoptError, match="for task='text-generation'"):
+        graphopt.compile(model, (ids,), cache_dtype="float16", progress=False)
+
+
 def test_layer_skipping_applies_and_head_pruning_refuses_generation_graphs():
     from graphopt.passes import AttentionHeadPruning, preset
     from graphopt.passes.layer_skipping import LayerSkipping

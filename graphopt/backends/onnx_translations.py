@@ -55,12 +55,19 @@ def matmul_nbits(x, packed, scales, zero_points, bits: int, block_size: int, k: 
 
 def kv_attention(query, key, value, past_key, past_value, seqlens_k, total_length, num_heads: int,
                  kv_num_heads: int, scale: float, cos_cache=None, sin_cache=None):
-    if cos_cache is None:
-        return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length,
-                                    num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
-    return _GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_length, cos_cache,
-                                sin_cache, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, do_rotary=1,
-                                _num_outputs=3)
+    narrower, model_type = past_key.dtype != query.dtype, query   # a float16 cache: attention in float16
+    if narrower:
+        query, key, value = (op.CastLike(t, past_key) for t in (query, key, value))
+        if cos_cache is not None:
+            cos_cache, sin_cache = op.CastLike(cos_cache, past_key), op.CastLike(sin_cache, past_key)
+    rotary = {} if cos_cache is None else {"do_rotary": 1}
+    tables = () if cos_cache is None else (cos_cache, sin_cache)
+    out, present_key, present_value = _GroupQueryAttention(
+        query, key, value, past_key, past_value, seqlens_k, total_length, *tables, num_heads=num_heads,
+        kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3, **rotary)
+    if narrower:
+        out = op.CastLike(out, model_type)
+    return out, present_key, present_value
 
 
 def _unpack_nibbles(packed):

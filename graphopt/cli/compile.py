@@ -34,6 +34,8 @@ def cmd_compile(args) -> None:
     print(f"loading {args.model} ...", file=sys.stderr)
     if args.task:
         return _compile_task(args)
+    if args.cache_dtype:
+        raise GraphoptError("--cache-dtype is for --task text-generation")
     onnx_file = args.model.endswith(".onnx")
     if onnx_file:            # the reference is ONNX Runtime on the file as given
         from ..frontend.onnx import example_inputs_for
@@ -100,7 +102,8 @@ def _compile_task(args) -> None:
     lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
     calibration = None if lossless else calibration_batches(bundle, args)
     cm = graphopt.compile(bundle.model, passes=pass_list(args), backend=args.backend, task=args.task,
-                          tokenizer=bundle.tokenizer, calibration=calibration, verify=not args.no_verify,
+                          tokenizer=bundle.tokenizer, cache_dtype=args.cache_dtype, calibration=calibration,
+                          verify=not args.no_verify,
                           instruments=[PrintOnChangeInstrument()],
                           backend_options={"threads": args.threads} if args.threads else None)
     ids = example_inputs(bundle, args.seq_len)[0]
@@ -178,6 +181,8 @@ def add_parsers(sub, with_pass_flags: bool = True) -> None:
     c.add_argument("--backend", default="onnxruntime")
     c.add_argument("--task", choices=["text-generation"],
                    help="text-generation: prompt and decode steps with an in-place KV cache, tokenizer included")
+    c.add_argument("--cache-dtype", choices=["float32", "float16"],
+                   help="--task text-generation: the KV cache's type (default float32; float16 halves its bytes)")
     c.add_argument("--passes", default="default", help="preset name: none, default, fuse, int8, int4")
     c.add_argument("--skip-sublayers", type=int, default=0, help="remove this many attention/FFN sublayers")
     c.add_argument("--skip-method", default="finercut", help="tail, bi, finercut, finercut-oneshot")

@@ -212,11 +212,11 @@ def prompt_inputs(config, input_ids: torch.Tensor, capacity: int | None = None, 
             torch.tensor(seq, dtype=torch.int32), keep.contiguous(), *past)
 
 
-def example_inputs(config) -> tuple[torch.Tensor, ...]:
+def example_inputs(config, cache_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     """Capture inputs: every dynamic dim at a distinct size >= 2 (torch.export specialises
     sizes 0 and 1 and must not see two dims equal by accident)."""
     ids = torch.randint(0, int(config.vocab_size), (2, 6), generator=torch.Generator().manual_seed(0))
-    return prompt_inputs(config, ids, capacity=9, kept=3)
+    return prompt_inputs(config, ids, capacity=9, kept=3, dtype=cache_dtype)
 
 
 def dynamic_dims(layers: int) -> dict[int, dict[int, str]]:
