@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -32,11 +33,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 COLUMNS = ["name", "prompt_tps_128", "prompt_tps_512", "decode_tps_128", "decode_tps_1024", "ttft_ms",
            "peak_rss_mb", "bytes", "perplexity"]
-# The lossy row: int4 plus the removal of 2 of 60 sublayers by FinerCut (perplexity printed).
+# The lossy rows: int4 plus the removal of 2 of 60 sublayers by FinerCut, and int4 with a
+# float16 KV cache (perplexity printed).
 ARTIFACTS = {
     "graphopt fp32": ["--passes", "default"],
     "graphopt int4": ["--passes", "int4"],
     "graphopt int4 + skip 2 sublayers": ["--passes", "int4", "--skip-sublayers", "2"],
+    "graphopt int4, float16 cache": ["--passes", "int4", "--cache-dtype", "float16"],
 }
 NEW_TOKENS = 32
 
@@ -261,7 +264,7 @@ def prepare_genai(directory: str) -> None:
 
 
 def ensure_artifact(name: str, directory: str, threads: int) -> str:
-    path = os.path.join(directory, name.replace("graphopt ", "").replace(" + ", "-").replace(" ", "-"))
+    path = os.path.join(directory, re.sub(r"[^a-z0-9]+", "-", name.removeprefix("graphopt ")).strip("-"))
     if not os.path.exists(os.path.join(path, "manifest.json")):
         print(f"compiling {name} -> {path}", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", "--model", "smollm2", "--task",
