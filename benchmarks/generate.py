@@ -1,8 +1,8 @@
 """Text generation on SmolLM2-135M: graphopt's generation artifacts against llama.cpp, ONNX
 Runtime GenAI and Hugging Face generate, one run, same machine and thread count.
 
-    python benchmarks/generate.py [--threads 2] [--json out.json]
-        [--llama-bench PATH] [--genai-model DIR] [--artifacts dist/generate]
+    python benchmarks/generate.py [--threads 2] [--repeats 3] [--rounds 1] [--rows NAME ...]
+        [--json out.json] [--llama-bench PATH] [--genai-model DIR] [--artifacts dist/generate]
 
 Every row runs in its own child process (its peak RSS is that process's, from wait4) on the
 same prompts: token windows of ../shared/corpus/evaluation.txt. prompt_tps_N is N prompt
@@ -10,9 +10,11 @@ tokens over the time to process them; decode_tps_C is 32 greedy tokens after a C
 over their time; ttft_ms is the time to the first new token after a 128-token prompt;
 perplexity is on evaluation.txt in 256-token windows (the artifact's own logits; null where
 the peer exposes none). Missing artifacts are compiled first with `graphopt compile --task
-text-generation`. llama.cpp runs the GGUF the model ships as (llama-bench; build it with
-`make llama-bench`), ONNX Runtime GenAI its model builder's int4 export of the same weights
-(`make genai-model`); a peer that is not there prints "not installed".
+text-generation`. With --rounds N every row runs N times, rounds alternating the row order,
+and each cell is the median of its rounds (a VM's speed can drift over minutes). llama.cpp
+runs the GGUF the model ships as (llama-bench; build it with `make llama-bench`), ONNX Runtime
+GenAI its model builder's int4 export of the same weights (`make genai-model`); a peer that
+is not there prints "not installed".
 """
 from __future__ import annotations
 
@@ -278,6 +280,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=1, help="run every row this many times, interleaved; "
+                    "each cell is the median of its rounds")
     ap.add_argument("--artifacts", default=os.path.join(REPO, "dist", "generate"))
     ap.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH", os.path.join(REPO, "dist", "peers",
                                                                                         "llama-bench")))
@@ -297,14 +301,12 @@ def main(argv=None) -> int:
         return 0
     from graphopt.models.hf import SMOLLM2_GGUF, smollm2_dir
     gguf = os.path.join(smollm2_dir(), SMOLLM2_GGUF)
-    rows = []
     wanted = (lambda name: not args.rows or name in args.rows)
+    measures = []            # (name, measure) of every row to run, in table order
     for name in ARTIFACTS:
         if wanted(name):
             path = ensure_artifact(name, args.artifacts, args.threads)
-            row = {"name": name, **run_child("artifact:" + path, args)}
-            row["perplexity"] = run_child("perplexity:" + path, args)["perplexity"]
-            rows.append(row)
+            measures.append((name, lambda path=path: run_child("artifact:" + path, args)))
     peers = [("llama.cpp (llama-bench, Q4_1 GGUF)", lambda: llama_cpp_row(args.llama_bench, gguf, args.threads,
                                                                           args.repeats),
               os.access(args.llama_bench, os.X_OK)),
@@ -312,9 +314,20 @@ def main(argv=None) -> int:
               _importable("onnxruntime_genai") and os.path.exists(os.path.join(args.genai_model, "genai_config.json"))),
              ("torch eager (Hugging Face, fp32)", lambda: run_child("torch:", args), True)]
     for name, measure, installed in peers:
-        if not wanted(name):
-            continue
-        rows.append({"name": name, **(measure() if installed else {"note": "not installed"})})
+        if wanted(name):
+            measures.append((name, measure if installed else (lambda: {"note": "not installed"})))
+    # Each round runs every row, in reverse order every other round, so a drift of the
+    # machine's speed during the run falls on every row alike; a cell is the median of its rounds.
+    results: dict[str, list[dict]] = {name: [] for name, _ in measures}
+    for round_index in range(args.rounds):
+        for name, measure in (measures if round_index % 2 == 0 else measures[::-1]):
+            print(f"round {round_index + 1}/{args.rounds}: {name}", file=sys.stderr)
+            results[name].append(measure())
+    rows = [{"name": name, **median_row(results[name])} for name, _ in measures]
+    for row in rows:
+        if row["name"] in ARTIFACTS:
+            path = ensure_artifact(row["name"], args.artifacts, args.threads)
+            row["perplexity"] = run_child("perplexity:" + path, args)["perplexity"]
     for row in rows:
         for column in COLUMNS:
             row.setdefault(column, None)
@@ -335,6 +348,15 @@ def main(argv=None) -> int:
     print_table(rows, shown)
     write_json(rows, args.json)
     return 0
+
+
+def median_row(measured: list[dict]) -> dict:
+    """One row from the rounds' rows: the median of each number, the first of anything else."""
+    row = dict(measured[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = _median([m[key] for m in measured if m.get(key) is not None])
+    return row
 
 
 def _importable(name: str) -> bool:
