@@ -32,8 +32,8 @@ from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
+from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
-from graphopt.runtime import OrtRunner  # noqa: E402
 
 
 def linear_layers_alone(model: torch.nn.Module, tokens: int):

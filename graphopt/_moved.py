@@ -13,6 +13,10 @@ MOVED = {
     "graphopt.ir.onnx_import": "graphopt.frontend.onnx",
     "graphopt.ir.decode": "graphopt.frontend.decode",
     "graphopt.ir.generation": "graphopt.frontend.generation",
+    "graphopt.backends.onnx_translations": "graphopt.backends.onnxruntime.translations",
+    "graphopt.backends.tvm_pipeline": "graphopt.backends.tvm.pipeline",
+    "graphopt.backends.tvm_schedules": "graphopt.backends.tvm.schedules",
+    "graphopt.backends.tvm_intrinsics": "graphopt.backends.tvm.intrinsics",
 }
 
 

@@ -17,6 +17,7 @@ import tempfile
 from importlib import metadata
 from typing import Any
 
+from .backends import runner_loader
 from .errors import ArtifactError
 from .specs import TensorSpec
 
@@ -222,27 +223,6 @@ def load(directory: str, threads: int | None = None) -> LoadedModel:
     verify_files(directory, manifest)
     inputs = [TensorSpec.from_json(s) for s in manifest["inputs"]]
     outputs = [TensorSpec.from_json(s) for s in manifest["outputs"]]
-    backend = manifest["backend"]
-    if backend == "onnxruntime":
-        from .runtime import OrtRunner
-        options = manifest.get("backend_options") or {}
-        runner = OrtRunner(os.path.join(directory, options.get("model", "model.onnx")), inputs, outputs,
-                           threads or options.get("threads"), options.get("optimization_level", "all"))
-        return LoadedModel(directory, manifest, runner)
-    if backend == "tvm":
-        from .errors import BackendError
-        from .runtime import TVM_LIBRARY, TVM_PARAMS, TvmRunner, check_cpu_features
-        options = manifest.get("backend_options") or {}
-        built_for = (options.get("target") or {}).get("mcpu")
-        if "cpu_features" not in options:
-            raise ArtifactError(f"artifact {directory}: its manifest does not say which CPU features the TVM library "
-                                f"(built for '{built_for}') needs; recompile it with this graphopt")
-        try:
-            check_cpu_features(options["cpu_features"], f"artifact {directory} (TVM, built for CPU '{built_for}')")
-        except BackendError as exc:
-            raise ArtifactError(str(exc)) from None
-        tvm_runner = TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
-                           os.path.join(directory, options.get("params", TVM_PARAMS)), inputs, outputs,
-                           threads or options.get("threads"))
-        return LoadedModel(directory, manifest, tvm_runner)
-    raise ArtifactError(f"artifact {directory}: backend '{backend}' cannot be loaded by this graphopt")
+    load_runner = runner_loader(manifest["backend"], directory)
+    runner = load_runner(directory, manifest.get("backend_options") or {}, inputs, outputs, threads)
+    return LoadedModel(directory, manifest, runner)

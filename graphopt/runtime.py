@@ -1,15 +1,17 @@
-"""Torch-free execution of lowered models: what a loaded artifact needs (numpy + onnxruntime,
-or numpy + the TVM runtime)."""
+"""What every torch-free runner shares: inputs as numpy arrays, and the thread count a
+runtime uses when not told. The runners themselves live with their backends
+(graphopt.backends.onnxruntime.runner, graphopt.backends.tvm.runner); their old names here
+import with a DeprecationWarning for one release."""
 from __future__ import annotations
 
+import importlib
 import os
-import re
-from typing import Any, Sequence
+import warnings
+from typing import Any
 
 import numpy as np
 
-from .errors import BackendError, GraphoptError, UnsupportedOpError
-from .specs import TensorSpec, check_inputs
+from .errors import GraphoptError
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -17,53 +19,6 @@ def to_numpy(value: Any) -> np.ndarray:
         value = value.detach().cpu().contiguous().numpy()
     array = np.asarray(value)
     return array if array.flags.c_contiguous else np.ascontiguousarray(array)   # (which makes 0-d arrays 1-d)
-
-
-# graphopt's names of ONNX Runtime's graph optimization levels.
-ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-              "all": "ORT_ENABLE_ALL"}
-
-
-def ort_session_options(threads: int, optimization_level: str = "all"):
-    """SessionOptions with `threads` intra-op threads, a level from ORT_LEVELS, warnings off."""
-    import onnxruntime as ort
-    if optimization_level not in ORT_LEVELS:
-        raise BackendError(f"unknown onnxruntime optimization level '{optimization_level}'; "
-                           f"use one of {', '.join(ORT_LEVELS)}")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[optimization_level])
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return options
-
-
-class OrtRunner:
-    """An onnxruntime InferenceSession with input checking against the captured specs."""
-
-    def __init__(self, model_path: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec],
-                 threads: int | None = None, optimization_level: str = "all"):
-        import onnxruntime as ort
-        options = ort_session_options(threads or default_threads(), optimization_level)
-        try:
-            self.session = ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", first)
-            if missing:
-                op, version, node = missing.groups()
-                raise UnsupportedOpError(f"onnxruntime has no CPU kernel for {op} (opset {version}) with the input "
-                                         f"types of node '{node}' in {os.path.basename(model_path)}") from exc
-            raise BackendError(f"onnxruntime could not load {model_path}: {first}") from exc
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        if len(self.input_names) != len(self.inputs):
-            raise BackendError(f"{model_path} has {len(self.input_names)} inputs, the specs name {len(self.inputs)}")
-
-    def run(self, values: Sequence[Any]) -> list[np.ndarray]:
-        check_inputs(self.inputs, values)
-        feed = {name: to_numpy(v) for name, v in zip(self.input_names, values)}
-        return self.session.run(None, feed)
 
 
 def default_threads() -> int:
@@ -76,119 +31,17 @@ def default_threads() -> int:
     return int(value)
 
 
-TVM_LIBRARY = "model.so"
-TVM_PARAMS = "params.bin"
+_ORT_RUNNER = "graphopt.backends.onnxruntime.runner"
+_TVM_RUNNER = "graphopt.backends.tvm.runner"
+MOVED_NAMES = {**{name: _ORT_RUNNER for name in ("ORT_LEVELS", "ort_session_options", "OrtRunner")},
+               **{name: _TVM_RUNNER for name in ("TVM_LIBRARY", "TVM_PARAMS", "use_all_cores_for_tvm", "X86_64_LEVELS",
+                                                 "ISA_FLAGS", "cpu_flags", "required_cpu_features",
+                                                 "check_cpu_features", "tvm_target", "host_target", "TvmRunner")}}
 
 
-def use_all_cores_for_tvm() -> None:
-    """TVM sizes its thread pool, when first used, from TVM_NUM_THREADS or else half the
-    logical CPUs (it assumes hyper-threading): one thread on a 2-core VM, which made SmolLM2
-    2x slower. So it is set to default_threads(). The pool can shrink later
-    (runtime.config_threadpool) but never grow."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
-
-
-# The x86-64 micro-architecture levels (x86-64 psABI), as Linux /proc/cpuinfo flag names;
-# each level includes the ones before it.
-X86_64_LEVELS = {
-    "x86-64-v2": ("cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"),
-    "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),
-    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
-}
-# Instruction-set flags LLVM may emit for a host-specific CPU (-mcpu=znver4, ...).
-ISA_FLAGS = frozenset(f for level in X86_64_LEVELS.values() for f in level) | {
-    "sse", "sse2", "avx512_bf16", "avx512_vnni", "avx512vbmi", "avx512_vbmi2", "avx512ifma", "avx512_bitalg",
-    "avx512_vpopcntdq", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "gfni", "vaes",
-    "vpclmulqdq", "sha_ni", "adx"}
-
-
-def cpu_flags() -> frozenset[str] | None:
-    """This CPU's feature flags (Linux /proc/cpuinfo), or None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return None
-
-
-def required_cpu_features(target: dict) -> list[str] | None:
-    """The CPU flags code built for `target` may use: a named x86-64 level's, else (a
-    host-specific -mcpu) every instruction-set flag of the building machine."""
-    mcpu = target.get("mcpu", "")
-    if mcpu in X86_64_LEVELS:
-        names = list(X86_64_LEVELS)
-        return sorted(f for level in names[: names.index(mcpu) + 1] for f in X86_64_LEVELS[level])
-    flags = cpu_flags()
-    return sorted(flags & ISA_FLAGS) if flags is not None else None
-
-
-def check_cpu_features(required: Sequence[str] | None, what: str) -> None:
-    """Raise BackendError naming the flags in `required` this CPU lacks."""
-    flags = cpu_flags()
-    if not required or flags is None:
-        return
-    missing = sorted(set(required) - flags)
-    if missing:
-        raise BackendError(f"{what} needs CPU features this machine lacks: {', '.join(missing)}; recompile it here, "
-                           "or compile with backend option target='x86-64-v3' (AVX2) for a portable library")
-
-
-def tvm_target(target: dict | str | None) -> dict:
-    """A TVM target dict from None / 'host' (this CPU), an x86-64 level name, or a dict."""
-    if isinstance(target, dict):
-        return dict(target)
-    if target in (None, "host"):
-        return host_target()
-    if target in X86_64_LEVELS:
-        return {"kind": "llvm", "num-cores": os.cpu_count() or 1, "mcpu": target}
-    raise BackendError(f"unknown TVM target '{target}'; use 'host', {', '.join(map(repr, X86_64_LEVELS))} "
-                       "or a TVM target dict")
-
-
-def host_target() -> dict:
-    """The TVM target for this machine's CPU (LLVM with the host's features)."""
-    use_all_cores_for_tvm()
-    import tvm
-    target = tvm.target.Target.from_device("cpu") if hasattr(tvm.target.Target, "from_device") else None
-    mcpu = str(target.attrs.get("mcpu", "")) if target is not None else ""
-    out = {"kind": "llvm", "num-cores": os.cpu_count() or 1}
-    if mcpu:
-        out["mcpu"] = mcpu
-    return out
-
-
-class TvmRunner:
-    """A TVM shared library (Relax VM executable) plus its weights, with input checking.
-
-    Needs numpy and the `tvm` runtime only; the weights file is TVM's parameter format."""
-
-    def __init__(self, library_path: str, params_path: str, inputs: Sequence[TensorSpec],
-                 outputs: Sequence[TensorSpec], threads: int | None = None):
-        use_all_cores_for_tvm()
-        import tvm
-        from tvm.runtime import vm as tvm_vm
-        if threads:
-            tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
-        try:
-            library = tvm.runtime.load_module(library_path)
-            params = tvm.runtime.load_param_dict_from_file(params_path)
-        except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BackendError(f"tvm could not load {library_path}: {first}") from exc
-        self.device = tvm.cpu()
-        self.vm = tvm_vm.VirtualMachine(library, self.device)
-        self.params = [params[f"p{i}"] for i in range(len(params))]
-        self.inputs = list(inputs)
-        self.outputs = list(outputs)
-        self._tensor = tvm.runtime.tensor
-
-    def run(self, values: Sequence[Any]) -> list[np.ndarray]:
-        check_inputs(self.inputs, values)
-        args = [self._tensor(to_numpy(v), self.device) for v in values]
-        out = self.vm["main"](*args, *self.params)
-        outs = [out] if hasattr(out, "numpy") else [out[i] for i in range(len(out))]
-        # zero-copy views that keep the TVM buffers alive (.numpy() copies)
-        return [np.from_dlpack(o) for o in outs]
+def __getattr__(name: str):
+    if name not in MOVED_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warnings.warn(f"graphopt.runtime.{name} moved to {MOVED_NAMES[name]}.{name}; the old name goes in the next "
+                  "release", DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(MOVED_NAMES[name]), name)

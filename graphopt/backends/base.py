@@ -1,4 +1,13 @@
-"""The backend contract: Backend.compile(captured) -> Executable (run + save)."""
+"""The backend contract, in two halves:
+
+- lowering (needs torch): Backend.compile(captured) -> Executable, which runs the lowered
+  model in process and writes its files into an artifact (save_files -> the manifest's
+  backend section);
+- loading (torch-free, the backend's runner module): load_runner(directory, backend_options,
+  inputs, outputs, threads) -> an object with run(values) -> list of numpy arrays.
+
+Both are named in graphopt.backends.BACKENDS; docs/writing_backends.md shows a whole backend.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence

@@ -38,8 +38,8 @@ def cmd_compile(args) -> None:
         raise GraphoptError("--cache-dtype is for --task text-generation")
     onnx_file = args.model.endswith(".onnx")
     if onnx_file:            # the reference is ONNX Runtime on the file as given
+        from ..backends.onnxruntime.runner import OrtRunner
         from ..frontend.onnx import example_inputs_for
-        from ..runtime import OrtRunner
         from ..specs import dtype_name
         model = args.model
         inputs = example_inputs_for(model, dict(args.dim))

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..runtime import default_threads, ort_session_options
+from ..backends.onnxruntime.runner import ort_session_options
+from ..runtime import default_threads
 
 SOURCE_KEY = "graphopt.source"      # as written by graphopt.backends.onnxruntime
 NAMESPACE_KEY = "namespace"         # torch.onnx's module path of each node

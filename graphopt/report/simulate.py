@@ -283,7 +283,7 @@ def measure(captured, gm_after: fx.GraphModule, feed: dict, threads: int, runs: 
     """Lower `gm_after` and the unchanged graph to ONNX Runtime the same way; time both, their
     runs interleaved. (The unchanged model is exported again rather than the report's file
     reused: two exports of one graph can lay weights out differently, measured 5% apart.)"""
-    from ..backends.onnxruntime import MODEL_FILE, export_onnx
+    from ..backends.onnxruntime.lower import MODEL_FILE, export_onnx
     from .profile import interleaved_ms
     with tempfile.TemporaryDirectory(prefix="graphopt-apply-") as tmp:
         paths = {}

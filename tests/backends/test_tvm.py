@@ -69,8 +69,8 @@ def test_artifact_runs_without_torch(tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 7, 128, "dynamic"])
 def test_packed_dense_matches_numpy(rows):
-    from graphopt.backends.tvm_schedules import packed_dense
-    from graphopt.runtime import host_target
+    from graphopt.backends.tvm.runner import host_target
+    from graphopt.backends.tvm.schedules import packed_dense
     k, n, lanes = 96, 64, 32
     symbolic = rows == "dynamic"
     rows = 37 if symbolic else rows
@@ -91,7 +91,7 @@ def test_every_weight_matmul_is_packed(preset, per_layer):
     """q, k, v, o, gate, up, down (fused: qkv, o, gate_up, down) per layer and the LM head,
     including the weights a pass made; attention's two matmuls per layer stay Relax matmuls."""
     from graphopt.backends.tvm import import_relax
-    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    from graphopt.backends.tvm.pipeline import PackDenseWeights
     bundle = graphopt.models.load("llama")
     cm = graphopt.compile(bundle.model, small_inputs(bundle), passes=preset, backend="torch", progress=False)
     mod, params = import_relax(cm.captured)
@@ -120,7 +120,7 @@ def test_output_width_not_a_multiple_of_16_is_padded_and_sliced():
     cm = graphopt.compile(model, (x,), backend="tvm", progress=False)
     assert_close_to_scale(cm(x), model(x).detach(), 1e-5)
     from graphopt.backends.tvm import import_relax
-    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    from graphopt.backends.tvm.pipeline import PackDenseWeights
     text = PackDenseWeights()(import_relax(cm.captured)[0])["main"].script()
     assert "packed_dense_40x64" in text and "packed_dense_50x64" in text and text.count("R.strided_slice") == 2
 
@@ -129,7 +129,7 @@ def test_tied_embedding_reads_the_packed_lm_head():
     """GPT-2 ties its token embedding to the LM head: the lookup reads rows from the packed
     panels, so the artifact holds that weight once."""
     from graphopt.backends.tvm import import_relax
-    from graphopt.backends.tvm_pipeline import PackDenseWeights
+    from graphopt.backends.tvm.pipeline import PackDenseWeights
     bundle = graphopt.models.load("gpt2")
     assert bundle.model.config.tie_word_embeddings
     cm = graphopt.compile(bundle.model, small_inputs(bundle), backend="tvm", progress=False)
@@ -203,7 +203,7 @@ def test_negative_indices_are_wrapped_not_read_out_of_bounds(preset):
 def test_a_portable_target_records_its_features_and_a_missing_one_refuses_to_load(tmp_path):
     import json
 
-    from graphopt.runtime import X86_64_LEVELS, cpu_flags
+    from graphopt.backends.tvm.runner import X86_64_LEVELS, cpu_flags
     flags = cpu_flags()
     if flags is None or not set(X86_64_LEVELS["x86-64-v3"]) <= flags:
         pytest.skip("this CPU is not x86-64-v3")

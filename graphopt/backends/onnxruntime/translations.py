@@ -16,8 +16,8 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
-from ..ir.kv_attention import KV_ATTENTION
-from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
+from ...ir.kv_attention import KV_ATTENTION
+from ...ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
 
 MICROSOFT = Opset("com.microsoft", 1)
 

@@ -9,7 +9,7 @@ plain arithmetic, which LLVM vectorizes. Below -87.3 it returns 0 (libm gives de
 to -103.3); above 88.3 it returns e^88.3 (~2.2e38) where libm reaches 3.4e38 and then inf.
 
 The registration is process-wide (TVM keeps intrinsic lowerings in a global registry): after
-`import graphopt.backends.tvm`, every float32 exp that TVM compiles for LLVM uses it.
+`import graphopt.backends.tvm.lower`, every float32 exp that TVM compiles for LLVM uses it.
 """
 from __future__ import annotations
 

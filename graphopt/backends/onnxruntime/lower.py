@@ -12,14 +12,12 @@ import warnings
 
 import torch
 
-from ..errors import BackendError, UnsupportedOpError
-from ..frontend.torch_export import CapturedModel
-from ..ir.graph import export_retrying_with_reshapes, format_source
-from ..runtime import OrtRunner
-from .base import Backend, Executable
-from .onnx_translations import TRANSLATIONS
-
-MODEL_FILE = "model.onnx"
+from ...errors import BackendError, UnsupportedOpError
+from ...frontend.torch_export import CapturedModel
+from ...ir.graph import export_retrying_with_reshapes, format_source
+from ..base import Backend, Executable
+from .runner import MODEL_FILE, OrtRunner
+from .translations import TRANSLATIONS
 
 # torch.onnx warns at every export that torchvision (which we never use) is missing.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -100,7 +98,7 @@ def export_onnx(captured: CapturedModel, path: str, opset: int | None = None) ->
         unsupported = _unsupported_op(message)
         if unsupported:
             raise UnsupportedOpError(f"onnxruntime backend: no ONNX translation for {unsupported}; "
-                                     "register one in graphopt.backends.onnxruntime.CUSTOM_TRANSLATIONS") from exc
+                                     "register one in graphopt.backends.onnxruntime.lower.CUSTOM_TRANSLATIONS") from exc
         first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         raise BackendError(f"ONNX export failed: {first}") from exc
 

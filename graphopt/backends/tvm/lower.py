@@ -12,14 +12,14 @@ Lowering, step by step:
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
-   matmul with a weight operand into a call of `packed_dense` (tvm_schedules), reading the
+   matmul with a weight operand into a call of `packed_dense` (schedules.py), reading the
    weight packed in panels; LiftTransformParams moves the packing out of `main`, and it runs
    once at compile time.
 4. TVM's CPU pipeline (legalize, fuse) with our schedule rules in the middle, built for the
    host CPU (LLVM, AVX-512 when present).
 
 The artifact holds `model.so` (export_library) and `params.bin` (TVM's own parameter
-format, not pickle); graphopt.runtime.TvmRunner runs it with only numpy and the TVM runtime.
+format, not pickle); graphopt.backends.tvm.runner.TvmRunner runs it with only numpy and the TVM runtime.
 """
 from __future__ import annotations
 
@@ -32,11 +32,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..errors import BackendError, UnsupportedOpError
-from ..frontend.torch_export import CapturedModel
-from ..ir import ops
-from ..ir.graph import add_constant, constant_value, export_retrying_with_reshapes
-from ..runtime import (
+from ...errors import BackendError, UnsupportedOpError
+from ...frontend.torch_export import CapturedModel
+from ...ir import ops
+from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
+from ..base import Backend, Executable
+from .intrinsics import register_fast_exp
+from .runner import (
     TVM_LIBRARY,
     TVM_PARAMS,
     TvmRunner,
@@ -45,11 +47,9 @@ from ..runtime import (
     tvm_target,
     use_all_cores_for_tvm,
 )
-from .base import Backend, Executable
-from .tvm_intrinsics import register_fast_exp
 
 use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
-register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see tvm_intrinsics)
+register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see intrinsics.py)
 
 # Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
 # from_exported_program(custom_convert_map=...) takes them.
@@ -278,7 +278,7 @@ def check_supported(program: torch.export.ExportedProgram, convert_map: dict) ->
             name = getattr(node.target, "__name__", str(node.target))
             raise UnsupportedOpError(
                 f"tvm backend: no Relax conversion for op '{name}' (node '{node.name}'){_source_line(node)}; "
-                "add one to graphopt.backends.tvm.CUSTOM_CONVERT_MAP or use backend='onnxruntime'")
+                "add one to graphopt.backends.tvm.lower.CUSTOM_CONVERT_MAP or use backend='onnxruntime'")
 
 
 def import_relax(captured: CapturedModel):
@@ -326,7 +326,7 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     import tvm
     from tvm import relax
 
-    from .tvm_pipeline import PackDenseWeights, cpu_pipeline
+    from .pipeline import PackDenseWeights, cpu_pipeline
 
     mod, params = import_relax(captured)
     target = tvm.target.Target(target_dict)

@@ -9,7 +9,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
-from .tvm_schedules import default_rules, dense_lanes, packed_dense
+from .schedules import default_rules, dense_lanes, packed_dense
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
