@@ -24,11 +24,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..backends.onnxruntime.runner import ort_session_options
+from ..backends.onnxruntime.runner import NAMESPACE_KEY, SOURCE_KEY, ort_session_options
 from ..runtime import default_threads
-
-SOURCE_KEY = "graphopt.source"      # as written by graphopt.backends.onnxruntime
-NAMESPACE_KEY = "namespace"         # torch.onnx's module path of each node
 
 # Kernels whose multiply-accumulates are counted: out_elements x the reduced dimension.
 _MATMUL_OPS = {"MatMul", "Gemm", "FusedMatMul", "MatMulNBits", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",

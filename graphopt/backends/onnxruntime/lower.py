@@ -16,7 +16,7 @@ from ...errors import BackendError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
 from ...ir.graph import export_retrying_with_reshapes, format_source
 from ..base import Backend, Executable
-from .runner import MODEL_FILE, OrtRunner
+from .runner import MODEL_FILE, NAMESPACE_KEY, SOURCE_KEY, OrtRunner
 from .translations import TRANSLATIONS
 
 # torch.onnx warns at every export that torchvision (which we never use) is missing.
@@ -123,8 +123,6 @@ def _optimize_without_growing(model) -> None:
 # manifest and the IR hold, and most of the graph file's bytes. The stack trace is
 # kept as one line, SOURCE_KEY: the model's own source line (graphopt.report shows it), and
 # the namespace as its innermost module scope and the node (all that graphopt.report reads).
-SOURCE_KEY = "graphopt.source"
-NAMESPACE_KEY = "namespace"     # torch.onnx's module path of each node (both read by graphopt.report)
 _DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.class_hierarchy", "pkg.torch.onnx.name_scopes",
                      "pkg.torch.onnx.fx_node", "pkg.onnxscript.rewriter.rule_name")
 

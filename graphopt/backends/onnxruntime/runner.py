@@ -13,6 +13,10 @@ from ...runtime import default_threads, to_numpy
 from ...specs import TensorSpec, check_inputs
 
 MODEL_FILE = "model.onnx"
+# Per-node metadata of the graphs lower.py writes, read by graphopt.report: the model's source
+# line, and torch.onnx's namespace cut to the innermost module scope and the node.
+SOURCE_KEY = "graphopt.source"
+NAMESPACE_KEY = "namespace"
 
 # graphopt's names of ONNX Runtime's graph optimization levels.
 ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
