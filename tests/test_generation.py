@@ -15,7 +15,8 @@ import graphopt
 from graphopt.errors import ArtifactError, GraphoptError
 from graphopt.generation import Sampler
 
-MODELS = ["llama", pytest.param("qwen2", marks=pytest.mark.slow), pytest.param("mistral", marks=pytest.mark.slow)]
+MODELS = ["llama", "mixtral", pytest.param("qwen2", marks=pytest.mark.slow),
+          pytest.param("mistral", marks=pytest.mark.slow), pytest.param("qwen3_moe", marks=pytest.mark.slow)]
 
 
 def byte_tokenizer(vocab_size: int):

@@ -28,9 +28,9 @@ ATTENTION = "graphopt_kv"
 INPUT_NAMES = ("input_ids", "position_ids", "seqlens_k", "total_length", "logit_positions")
 # Architectures whose forward is embed -> decoder layers -> norm -> LM head and whose attention
 # goes through the attention interface with no window, sink or soft-cap (checked in _refuse).
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 # Their attention is q/k/v projections -> rotary -> attention -> o_proj, nothing in between.
-ROTARY_INSIDE = ("llama", "mistral", "qwen2")
+ROTARY_INSIDE = ("llama", "mistral", "qwen2", "mixtral")
 
 
 class _CacheState:

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError, GraphoptError
 from ..specs import TensorSpec, dtype_name
+from .moe import experts_as_one_op
 
 
 @dataclass
@@ -210,7 +211,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     dynamic_dims = {int(k): {int(d): str(n) for d, n in v.items()} for k, v in (dynamic_dims or {}).items()}
     infer = False
     try:
-        with _no_kv_cache(model), torch.no_grad():
+        with _no_kv_cache(model), experts_as_one_op(model), torch.no_grad():
             raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
             flat = flat_tensors(raw)
             out_names = _output_names(raw)

@@ -40,6 +40,26 @@ RANDOM_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma2": ("Gemma2Config", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                     vocab_size=512, max_position_embeddings=512, sliding_window=8)),
+    # Mixture of experts (graphopt.frontend.moe): softmax top-2 of 4 experts, renormalised.
+    "mixtral": ("MixtralConfig", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                      max_position_embeddings=512, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None)),
+    # Qwen3-MoE: q/k norms, softmax top-2 of 8 without renormalisation, one dense layer.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, vocab_size=512, max_position_embeddings=512, num_experts=8,
+                                         num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1])),
+    # DeepSeek-V3: multi-head latent attention, a dense first layer, sigmoid routing with a
+    # score-correction bias over 4 groups of 2 (top-2 groups, then top-2 experts), scaled
+    # weights, one shared expert.
+    "deepseek_v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                             vocab_size=512, max_position_embeddings=512, n_routed_experts=8,
+                                             n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                             first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                             routed_scaling_factor=2.5)),
 }
 
 # Vision transformers and mobile CNNs from transformers (no torchvision), for 32x32 images.

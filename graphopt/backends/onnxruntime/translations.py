@@ -7,6 +7,9 @@ custom_translation_table.
     graphopt.kv_attention(q, k, v, past_k, past_v, ...)    ->  com.microsoft.GroupQueryAttention
                                                               (in place when past and present
                                                               are bound to one buffer)
+    graphopt.moe_experts(x, index, weights, gate_up, down)  ->  per expert: its tokens (NonZero,
+                                                              Gather), two MatMuls, ScatterND-add
+                                                              (standard ONNX ops only)
 The packed tensors are the initializers as they are: MatMulNBits reads our layout directly,
 and a tied embedding shares them with the LM head instead of keeping an fp32 copy.
 """
@@ -17,6 +20,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from ...ir.kv_attention import KV_ATTENTION
+from ...ir.moe import ACTIVATIONS, MOE_EXPERTS
 from ...ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
 
 MICROSOFT = Opset("com.microsoft", 1)
@@ -95,4 +99,41 @@ def embedding_nbits(indices, packed, scales, zero_points, bits: int, block_size:
     return op.Slice(op.Reshape(values, flat_shape), [0], [k], [-1])
 
 
-TRANSLATIONS = {MATMUL_NBITS: matmul_nbits, EMBEDDING_NBITS: embedding_nbits, KV_ATTENTION: kv_attention}
+def _activation(x, activation: str):
+    if activation == "silu":
+        return op.Mul(x, op.Sigmoid(x))
+    if activation == "relu":
+        return op.Relu(x)
+    half, one = op.CastLike(op.Constant(value_float=0.5), x), op.CastLike(op.Constant(value_float=1.0), x)
+    if activation == "gelu":
+        erf = op.Erf(op.Mul(x, op.CastLike(op.Constant(value_float=2 ** -0.5), x)))
+        return op.Mul(op.Mul(half, x), op.Add(one, erf))
+    if activation == "gelu_tanh":
+        inner = op.Mul(op.CastLike(op.Constant(value_float=(2 / 3.141592653589793) ** 0.5), x),
+                       op.Add(x, op.Mul(op.CastLike(op.Constant(value_float=0.044715), x), op.Mul(x, op.Mul(x, x)))))
+        return op.Mul(op.Mul(half, x), op.Add(one, op.Tanh(inner)))
+    raise ValueError(f"moe_experts: no ONNX form for activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
+
+
+def moe_experts(hidden, top_k_index, top_k_weights, gate_up, down, activation: str):
+    intermediate = down.shape[2]
+    out = op.CastLike(op.ConstantOfShape(op.Shape(hidden)), hidden)
+    no_weight = op.CastLike(op.Constant(value_float=0.0), top_k_weights)
+    for expert in range(gate_up.shape[0]):
+        hit = op.Equal(top_k_index, op.Constant(value_int=expert))                          # [T, k]
+        weight = op.ReduceSum(op.Where(hit, top_k_weights, no_weight), [1], keepdims=0)     # [T]
+        routed = op.ReduceMax(op.Cast(hit, to=6), [1], keepdims=0)                           # int32 [T]
+        tokens = op.Reshape(op.NonZero(routed), op.Constant(value_ints=[-1]))               # [n]
+        projected = op.MatMul(op.Gather(hidden, tokens, axis=0),
+                              op.Transpose(op.Gather(gate_up, op.Constant(value_int=expert), axis=0)))
+        gate = op.Slice(projected, [0], [intermediate], [1])
+        up = op.Slice(projected, [intermediate], [2 * intermediate], [1])
+        y = op.MatMul(op.Mul(_activation(gate, activation), up),
+                      op.Transpose(op.Gather(down, op.Constant(value_int=expert), axis=0)))
+        y = op.Mul(y, op.Unsqueeze(op.CastLike(op.Gather(weight, tokens, axis=0), y), [1]))
+        out = op.ScatterND(out, op.Unsqueeze(tokens, [1]), y, reduction="add")
+    return out
+
+
+TRANSLATIONS = {MATMUL_NBITS: matmul_nbits, EMBEDDING_NBITS: embedding_nbits, KV_ATTENTION: kv_attention,
+                MOE_EXPERTS: moe_experts}

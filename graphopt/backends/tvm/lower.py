@@ -7,8 +7,11 @@ Lowering, step by step:
    weights that passes made (plain attributes, buffers) become parameters, or the importer
    would embed them as constants; static-size slices of dynamic dims become index_select;
    negative indices are wrapped (TVM's take would read out of bounds); a pooling stride left
-   empty (= the kernel) is written out. If re-exporting then fails on a view of an attention
-   output, those views become reshapes (graphopt.ir.graph.export_retrying_with_reshapes).
+   empty (= the kernel) is written out; an unsorted topk asks for sorted output (any order
+   is allowed, the importer takes sorted only); mixture-of-experts ops take their dense form
+   (graphopt.ir.moe.dense_moe_experts: static shapes, every expert on every token). If
+   re-exporting then fails on a view of an attention output, those views become reshapes
+   (graphopt.ir.graph.export_retrying_with_reshapes).
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
 3. The importer keeps the weights as function parameters. `PackDenseWeights` turns every
@@ -36,6 +39,7 @@ from ...errors import BackendError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
 from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
+from ...ir.moe import densify_experts
 from ..base import Backend, Executable
 from .intrinsics import register_fast_exp
 from .runner import (
@@ -112,9 +116,11 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
     or where it would embed weights in the library."""
     _register_tensor_attributes(gm)
-    changed = _cast_bool_sums(gm)
+    changed = densify_experts(gm)
+    changed = _cast_bool_sums(gm) or changed
     changed = _nonnegative_indices(gm) or changed
     changed = _explicit_pool_strides(gm) or changed
+    changed = _sorted_topk(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     if changed:
         gm.recompile()
@@ -149,6 +155,20 @@ def _explicit_pool_strides(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ops.WINDOW_POOLS and len(node.args) > 2 and not node.args[2]:
             node.update_arg(2, list(node.args[1]))
+            changed = True
+    return changed
+
+
+def _sorted_topk(gm: fx.GraphModule) -> bool:
+    """topk(..., sorted=False) (DeepSeek-V3's router) leaves the order unspecified and TVM's
+    importer takes sorted output only ("Currently supports only sorted output"): ask for it."""
+    changed = False
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.topk.default):
+        if len(node.args) > 4 and not node.args[4]:
+            node.update_arg(4, True)
+            changed = True
+        elif node.kwargs.get("sorted") is False:
+            node.update_kwarg("sorted", True)
             changed = True
     return changed
 

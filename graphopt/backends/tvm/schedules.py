@@ -102,7 +102,7 @@ class LoopNest(ScheduleRule):
         infos = _inline_injective(sch, infos)
         for info in infos:
             kinds = _loop_kinds(sch, info.block_rv)
-            if kinds is None:
+            if kinds is None or _touches_bool(sch.get(info.block_rv)):
                 continue
             attempt = sch.copy()
             try:
@@ -123,6 +123,12 @@ def _loop_kinds(sch: s_tir.Schedule, block) -> list[str] | None:
     if not loops or "O" in kinds or len(kinds) != len(loops) or "S" not in kinds:
         return None
     return kinds
+
+
+def _touches_bool(stmt) -> bool:
+    """Vectorized, a bool buffer (i8 in memory) meets bool values (i1) in one LLVM `and`, which
+    fails LLVM's verifier (DeepSeek-V3's attention mask); such blocks keep TVM's plain loops."""
+    return any("bool" in str(region.source.dtype) for region in (*stmt.reads, *stmt.writes))
 
 
 def _inline_injective(sch: s_tir.Schedule, infos) -> list:
