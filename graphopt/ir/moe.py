@@ -14,7 +14,9 @@ first), down [E, H, I] its down projection: Hugging Face's fused expert layout. 
 accumulated expert by expert in ascending order, as transformers' eager loop does. The
 implementation here is the reference; the backends lower the op sparsely (each expert runs on
 the tokens routed to it) or densely (every expert on every token, weighted by a [T, E] routing
-matrix that is zero off the top-k): `dense_moe_experts` is that dense form in ATen ops.
+matrix that is zero off the top-k): `dense_moe_experts` is that dense form in ATen ops, and
+`densify_experts` rewrites a graph's experts into it (each expert's weights a 2-D constant of
+its own, so backends pack them like any linear layer's).
 """
 from __future__ import annotations
 
@@ -80,13 +82,45 @@ def dense_moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_wei
     return (per_expert * routing.t().unsqueeze(-1).to(per_expert.dtype)).sum(0).to(hidden.dtype)
 
 
+def dense_moe_experts_unstacked(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                                activation: str, *weights: torch.Tensor) -> torch.Tensor:
+    """dense_moe_experts with each expert's weights a separate 2-D tensor (`weights` = the E
+    gate_up matrices, then the E down matrices): one plain matmul per weight, which a backend
+    packs like any linear layer's (TVM's batched matmul over stacked weights is not)."""
+    _check_activation(activation)
+    experts = len(weights) // 2
+    act = ACTIVATIONS[activation]
+    routing = routing_matrix(top_k_index, top_k_weights, experts)
+    out = torch.zeros_like(hidden)
+    for expert, (gate_up, down) in enumerate(zip(weights[:experts], weights[experts:])):
+        intermediate = down.shape[1]
+        projected = F.linear(hidden, gate_up)
+        y = F.linear(act(projected[..., :intermediate]) * projected[..., intermediate:], down)
+        out = out + y * routing[:, expert:expert + 1].to(y.dtype)
+    return out
+
+
 def densify_experts(gm: torch.fx.GraphModule) -> bool:
-    """Replace every moe_experts node of `gm` by a call of dense_moe_experts (a Python function
-    that a re-export traces into ATen ops). True if any changed."""
+    """Replace every moe_experts node of `gm` by its dense form, a call of a Python function
+    that a re-export traces into ATen ops: dense_moe_experts_unstacked when the expert weights
+    are constants (each expert's matrices become constants of their own), else
+    dense_moe_experts. True if any changed."""
+    from .graph import add_constant, constant_value, eliminate_dead_code, remove_unused_attributes
     changed = False
     for node in gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS):
-        node.target = dense_moe_experts
+        hidden, index, weights, gate_up, down, activation = node.args
+        stacked = [constant_value(gm, gate_up), constant_value(gm, down)]
         changed = True
+        if any(value is None for value in stacked):
+            node.target = dense_moe_experts
+            continue
+        with gm.graph.inserting_before(node):
+            per_expert = [gm.graph.get_attr(add_constant(gm, f"{source.target}_{expert}", value[expert].clone()))
+                          for source, value in zip((gate_up, down), stacked) for expert in range(value.shape[0])]
+        node.target = dense_moe_experts_unstacked
+        node.args = (hidden, index, weights, activation, *per_expert)
     if changed:
+        eliminate_dead_code(gm)
+        remove_unused_attributes(gm)
         gm.recompile()
     return changed

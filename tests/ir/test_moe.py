@@ -50,3 +50,19 @@ def test_experts_without_tokens_are_skipped_and_unknown_activation_raises():
                           dense_moe_experts(hidden, only_two, weights, gate_up, down, "silu"), 1e-6)
     with pytest.raises(ValueError, match="unknown activation 'swish'"):
         MOE_EXPERTS(hidden, index, weights, gate_up, down, "swish")
+
+
+def test_densify_gives_each_expert_its_own_weights_and_keeps_the_output():
+    from graphopt.frontend.torch_export import capture
+    from graphopt.ir.moe import densify_experts
+    bundle = graphopt.models.load("mixtral")
+    inputs = bundle.example_inputs(seq_len=10)
+    captured = capture(bundle.model, inputs)
+    want = captured(*inputs)[0]
+    assert densify_experts(captured.graph_module)
+    gm = captured.graph_module
+    assert not gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS)
+    names = [name for name, _ in gm.named_buffers()]
+    assert sum("experts_gate_up_proj_" in n for n in names) == 3 * 4
+    assert not any(n.endswith("experts.gate_up_proj") for n, _ in gm.named_parameters())
+    assert_close_to_scale(captured(*inputs)[0], want, 1e-6)

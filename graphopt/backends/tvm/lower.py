@@ -115,8 +115,8 @@ class TvmBackend(Backend):
 def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
     or where it would embed weights in the library."""
+    changed = densify_experts(gm)          # first: its per-expert weights become parameters below
     _register_tensor_attributes(gm)
-    changed = densify_experts(gm)
     changed = _cast_bool_sums(gm) or changed
     changed = _nonnegative_indices(gm) or changed
     changed = _explicit_pool_strides(gm) or changed
