@@ -124,3 +124,69 @@ def densify_experts(gm: torch.fx.GraphModule) -> bool:
         remove_unused_attributes(gm)
         gm.recompile()
     return changed
+
+
+@torch.library.custom_op("graphopt::moe_experts_nbits", mutates_args=())
+def moe_experts_nbits(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                      gate_up: list[torch.Tensor], down: list[torch.Tensor], bits: int, gate_up_block_size: int,
+                      down_block_size: int, activation: str, accuracy_level: int) -> torch.Tensor:
+    """moe_experts with block-quantized expert weights. `gate_up` and `down` are each
+    [packed, scales, zero_points, minimums] with a leading expert dim: packed
+    [E, N, n_blocks, blob], scales [E, N * n_blocks], zero_points [E, bytes] (or [E, 0]: every
+    zero point 2**(bits-1)), minimums [E, N, n_blocks] for the "offset" grid (or [E, 0, 0]),
+    in graphopt.ir.quantized's layout for each expert, blocks of gate_up_block_size and
+    down_block_size along each matrix's rows. `accuracy_level` is a lowering hint
+    (ONNX Runtime's MatMulNBits)."""
+    hidden_size, intermediate = hidden.shape[-1], gate_up[0].shape[1] // 2
+    return moe_experts(hidden, top_k_index, top_k_weights,
+                       dequantize_experts(gate_up, bits, gate_up_block_size, hidden_size),
+                       dequantize_experts(down, bits, down_block_size, intermediate), activation)
+
+
+@moe_experts_nbits.register_fake
+def _moe_experts_nbits_fake(hidden, top_k_index, top_k_weights, gate_up, down, bits, gate_up_block_size,
+                            down_block_size, activation, accuracy_level):
+    return torch.empty_like(hidden)
+
+
+MOE_EXPERTS_NBITS = torch.ops.graphopt.moe_experts_nbits.default
+
+
+def dequantize_experts(parts: list[torch.Tensor], bits: int, block_size: int, k: int) -> torch.Tensor:
+    """[E, N, k] float32 from moe_experts_nbits's [packed, scales, zero_points, minimums]."""
+    from .quantized import QuantizedWeight
+    packed, scales, zero_points, minimums = parts
+    return torch.stack([QuantizedWeight(packed[e], scales[e], zero_points[e], bits, block_size, k,
+                                        minimums[e] if minimums.numel() else None).dequantize()
+                        for e in range(packed.shape[0])])
+
+
+def stack_quantized(weights: list) -> list[torch.Tensor]:
+    """Per-expert QuantizedWeights (one scheme) -> moe_experts_nbits's stacked parts."""
+    experts = len(weights)
+    minimums = [w.minimums for w in weights]
+    return [torch.stack([w.packed for w in weights]), torch.stack([w.scales for w in weights]),
+            torch.stack([w.zero_points for w in weights]) if weights[0].zero_points.numel()
+            else torch.zeros(experts, 0, dtype=torch.uint8),
+            torch.stack(minimums) if minimums[0] is not None
+            else torch.zeros(experts, 0, 0, dtype=weights[0].scales.dtype)]
+
+
+def router_linears(gm: torch.fx.GraphModule) -> set:
+    """The linear nodes that compute MoE routing: the first linears met walking back from each
+    moe_experts node's top-k index and weight inputs (quantization keeps them in fp32)."""
+    from .linear import linear_weight
+    found: set = set()
+    for node in (*gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS),
+                 *gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS_NBITS)):
+        stack, seen = [a for a in node.args[1:3] if isinstance(a, torch.fx.Node)], set()
+        while stack:
+            current = stack.pop()
+            if current in seen or current is node.args[0] or current.op != "call_function":
+                continue
+            seen.add(current)
+            if linear_weight(gm, current) is not None:
+                found.add(current)
+                continue
+            stack.extend(current.all_input_nodes)
+    return found

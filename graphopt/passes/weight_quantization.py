@@ -6,6 +6,8 @@ constant 2-D float matrix, any embedding with a constant table):
     matmul(x, W), mm(x, W) -> matmul_nbits(x, quantize(W.T))
     addmm(b, x, W)        ->  add(matmul_nbits(x, quantize(W.T)), b)     (GPT-2's Conv1D)
     embedding(W, ids)     ->  embedding_nbits(ids, Wq)      (shares Wq with a tied LM head)
+    moe_experts(x, ..., gate_up, down) -> moe_experts_nbits(x, ..., each expert's matrices
+                             quantized round-to-nearest; the router linears stay fp32)
     with super weights restored:
     linear(x, W)          ->  matmul_nbits(x, Wq) + index_select(x, -1, cols) @ E
 where E [S, N] holds, for each of the S restored weights, W[row, col] - Wq[row, col] at row.
@@ -35,7 +37,15 @@ from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
-from ..ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS, QuantizedWeight, gptq_quantize, quantize_weight
+from ..ir.moe import MOE_EXPERTS, MOE_EXPERTS_NBITS, router_linears, stack_quantized
+from ..ir.quantized import (
+    EMBEDDING_NBITS,
+    MATMUL_NBITS,
+    QuantizedWeight,
+    fitting_block_size,
+    gptq_quantize,
+    quantize_weight,
+)
 from .base import Pass, PassResult, Tolerance
 
 aten = torch.ops.aten
@@ -133,8 +143,20 @@ class WeightQuantization(Pass):
         counts = {"linear": 0, "embedding": 0}
         bytes_before = bytes_after = 0
         heads = head_layers(gm)
+        routers = router_linears(gm)
+        counts["experts"] = 0
         for node in list(gm.graph.nodes):
-            if node.op != "call_function":
+            if node.op != "call_function" or node in routers:
+                continue
+            if node.target is MOE_EXPERTS:
+                done = self._replace_experts(gm, node, o)
+                if done is None:
+                    skipped.append(layer_name(node))
+                    continue
+                change, before, after = done
+                changes.append(change)
+                counts["experts"] += 1
+                bytes_before, bytes_after = bytes_before + before, bytes_after + after
                 continue
             is_embedding = node.target is aten.embedding.default and o.embeddings
             lw = None if is_embedding else linear_weight(gm, node)
@@ -168,6 +190,8 @@ class WeightQuantization(Pass):
                 if o.method == "gptq" and observed is not None and node not in heads:
                     q = gptq_quantize(w, observed.hessian, bits, group, clip=o.clip)
                 else:
+                    if group and grid != "minmax" and w.shape[1] % group:   # fixed grids need whole blocks
+                        group = fitting_block_size(w.shape[1], group)
                     q = quantize_weight(w, bits, group, o.clip if grid == "minmax" else "none", o.zscore,
                                         channel_weights=observed.input_mean_sq if observed is not None else None,
                                         grid=grid, scale_dtype=getattr(torch, o.scale_dtype))
@@ -192,12 +216,54 @@ class WeightQuantization(Pass):
         if changes:
             eliminate_dead_code(gm)
             remove_unused_attributes(gm)
-            changes.insert(0, f"{counts['linear']} linear and {counts['embedding']} embedding weights quantized; "
-                              f"{bytes_before / 1e6:.1f} MB fp32 -> {bytes_after / 1e6:.1f} MB")
+            experts = f", {counts['experts']} MoE expert sets" if counts["experts"] else ""
+            changes.insert(0, f"{counts['linear']} linear and {counts['embedding']} embedding weights{experts} "
+                              f"quantized; {bytes_before / 1e6:.1f} MB fp32 -> {bytes_after / 1e6:.1f} MB")
+        if routers:
+            notes.append(f"MoE routers kept in fp32: {', '.join(sorted(layer_name(r) for r in routers))}")
+        if counts["experts"] and o.method == "gptq":
+            notes.append("MoE experts: round-to-nearest (GPTQ's per-expert calibration inputs are not collected)")
         if skipped:
             notes.append(f"kept in fp32 by exclude/overrides: {', '.join(skipped[:10])}"
                          + (" ..." if len(skipped) > 10 else ""))
         return PassResult(gm, bool(changes), changes, notes)
+
+    def _replace_experts(self, gm, node, o) -> tuple[str, int, int] | None:
+        """moe_experts -> moe_experts_nbits, every expert's matrices round-to-nearest on the
+        layer's scheme; None if the scheme keeps the layer in fp32."""
+        layer = layer_name(node)
+        scheme = self.scheme(layer)
+        if scheme is None:
+            return None
+        bits, group = scheme
+        hidden, index, weights, gate_up, down, activation = node.args
+        stacked = [constant_value(gm, gate_up), constant_value(gm, down)]
+        if any(value is None for value in stacked):
+            return None
+        parts, blocks, before, after = [], [], 0, 0
+        clip = o.clip if o.grid == "minmax" else "none"
+        for which, value in zip(("gate_up", "down"), stacked):
+            k = value.shape[2]
+            block = fitting_block_size(k, group) if group and o.grid != "minmax" and k % group else group
+            quantized = [quantize_weight(value[e].detach().float(), bits, block, clip, o.zscore, grid=o.grid,
+                                         scale_dtype=getattr(torch, o.scale_dtype))
+                         for e in range(value.shape[0])]
+            with gm.graph.inserting_before(node):
+                parts.append([gm.graph.get_attr(add_constant(gm, f"{layer}_{which}_{part}_q{bits}", tensor))
+                              for part, tensor in zip(("packed", "scales", "zero_points", "minimums"),
+                                                      stack_quantized(quantized))])
+            blocks.append(quantized[0].block_size)
+            before += value.numel() * value.element_size()
+            after += sum(q.nbytes for q in quantized)
+        with gm.graph.inserting_before(node):
+            out = gm.graph.call_function(MOE_EXPERTS_NBITS, (hidden, index, weights, parts[0], parts[1], bits,
+                                                             *blocks, activation, o.accuracy_level))
+        self._finish(gm, node, [out], out)
+        experts = stacked[0].shape[0]
+        grid = f" {o.grid} grid" if o.grid != "minmax" else ""
+        groups = "per-channel" if group is None else "/".join(f"g{b}" for b in dict.fromkeys(blocks))
+        return (f"{layer}: {experts} experts [{stacked[0].shape[1]}x{stacked[0].shape[2]}, "
+                f"{stacked[1].shape[1]}x{stacked[1].shape[2]}] -> int{bits} {groups}{grid}", before, after)
 
     def _getattrs(self, gm, names):
         return [gm.graph.get_attr(n) for n in names]

@@ -160,3 +160,39 @@ def test_w8a8_inserts_qdq_keeps_outlier_channels_and_lowers_to_integer_matmul():
     with torch.no_grad():
         ref = bundle.model(*inputs).logits
     assert float((out - ref).abs().max() / ref.abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("grid", ["minmax", "offset"])
+def test_moe_experts_are_quantized_per_expert_with_the_router_in_fp32(name, grid):
+    from graphopt.ir.moe import MOE_EXPERTS, MOE_EXPERTS_NBITS, router_linears
+    from graphopt.passes import ConstantFolding
+    from graphopt.passes.weight_quantization import head_layers
+
+    from ..conftest import assert_close_to_scale
+    bundle = graphopt.models.load(name)
+    inputs = small_inputs(bundle)
+    captured = capture(bundle.model, inputs)
+    moe_layers = _count(captured.graph_module, MOE_EXPERTS)
+    routers = sorted(n.name for n in router_linears(captured.graph_module))
+    passes = [ConstantFolding(), WeightQuantization(bits=4, group_size=32, grid=grid, accuracy_level=0)]
+    cm = graphopt.compile(bundle.model, inputs, passes=passes, progress=False)
+    gm = cm.captured.graph_module
+    assert _count(gm, MOE_EXPERTS) == 0 and _count(gm, MOE_EXPERTS_NBITS) == moe_layers > 0
+    assert sorted(n.name for n in router_linears(gm)) == routers            # still plain fp32 linears
+    assert all(n.target is aten.linear.default for n in router_linears(gm) if n not in head_layers(gm))
+    record = next(r for r in cm.records if r.name == "weight_quantization")
+    assert any("MoE routers kept in fp32" in note for note in record.notes)
+    assert any("MoE expert sets" in change for change in record.changes)
+    # ONNX Runtime (fp32 compute) runs exactly what the quantized graph means.
+    assert_close_to_scale(cm(*inputs), cm.captured(*inputs)[0], 1e-4)
+
+
+def test_quantized_experts_dequantize_to_each_experts_own_grid():
+    from graphopt.ir.moe import dequantize_experts, stack_quantized
+    from graphopt.ir.quantized import quantize_weight
+    experts = torch.randn(3, 24, 64)
+    for grid in ("minmax", "offset"):
+        quantized = [quantize_weight(experts[e], 4, 32, grid=grid) for e in range(3)]
+        stacked = dequantize_experts(stack_quantized(quantized), 4, 32, 64)
+        assert torch.equal(stacked, torch.stack([q.dequantize() for q in quantized]))

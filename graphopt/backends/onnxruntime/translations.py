@@ -10,6 +10,7 @@ custom_translation_table.
     graphopt.moe_experts(x, index, weights, gate_up, down)  ->  per expert: its tokens (NonZero,
                                                               Gather), two MatMuls, ScatterND-add
                                                               (standard ONNX ops only)
+    graphopt.moe_experts_nbits(...)                         ->  the same with MatMulNBits per expert
 The packed tensors are the initializers as they are: MatMulNBits reads our layout directly,
 and a tied embedding shares them with the LM head instead of keeping an fp32 copy.
 """
@@ -20,7 +21,7 @@ from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
 from ...ir.kv_attention import KV_ATTENTION
-from ...ir.moe import ACTIVATIONS, MOE_EXPERTS
+from ...ir.moe import ACTIVATIONS, MOE_EXPERTS, MOE_EXPERTS_NBITS
 from ...ir.quantized import EMBEDDING_NBITS, MATMUL_NBITS
 
 MICROSOFT = Opset("com.microsoft", 1)
@@ -115,25 +116,59 @@ def _activation(x, activation: str):
     raise ValueError(f"moe_experts: no ONNX form for activation '{activation}' (known: {', '.join(ACTIVATIONS)})")
 
 
-def moe_experts(hidden, top_k_index, top_k_weights, gate_up, down, activation: str):
-    intermediate = down.shape[2]
+def _sparse_experts(hidden, top_k_index, top_k_weights, experts: int, intermediate: int, activation: str, project):
+    """Each expert on the tokens routed to it; project(expert, "gate_up" | "down", x) is x @ W.T."""
     out = op.CastLike(op.ConstantOfShape(op.Shape(hidden)), hidden)
     no_weight = op.CastLike(op.Constant(value_float=0.0), top_k_weights)
-    for expert in range(gate_up.shape[0]):
+    for expert in range(experts):
         hit = op.Equal(top_k_index, op.Constant(value_int=expert))                          # [T, k]
         weight = op.ReduceSum(op.Where(hit, top_k_weights, no_weight), [1], keepdims=0)     # [T]
         routed = op.ReduceMax(op.Cast(hit, to=6), [1], keepdims=0)                           # int32 [T]
         tokens = op.Reshape(op.NonZero(routed), op.Constant(value_ints=[-1]))               # [n]
-        projected = op.MatMul(op.Gather(hidden, tokens, axis=0),
-                              op.Transpose(op.Gather(gate_up, op.Constant(value_int=expert), axis=0)))
+        projected = project(expert, "gate_up", op.Gather(hidden, tokens, axis=0))
         gate = op.Slice(projected, [0], [intermediate], [1])
         up = op.Slice(projected, [intermediate], [2 * intermediate], [1])
-        y = op.MatMul(op.Mul(_activation(gate, activation), up),
-                      op.Transpose(op.Gather(down, op.Constant(value_int=expert), axis=0)))
+        y = project(expert, "down", op.Mul(_activation(gate, activation), up))
         y = op.Mul(y, op.Unsqueeze(op.CastLike(op.Gather(weight, tokens, axis=0), y), [1]))
         out = op.ScatterND(out, op.Unsqueeze(tokens, [1]), y, reduction="add")
     return out
 
 
+def moe_experts(hidden, top_k_index, top_k_weights, gate_up, down, activation: str):
+    weights = {"gate_up": gate_up, "down": down}
+
+    def project(expert, which, x):
+        return op.MatMul(x, op.Transpose(op.Gather(weights[which], op.Constant(value_int=expert), axis=0)))
+    return _sparse_experts(hidden, top_k_index, top_k_weights, gate_up.shape[0], down.shape[2], activation, project)
+
+
+def moe_experts_nbits(hidden, top_k_index, top_k_weights, gate_up, down, bits: int, gate_up_block_size: int,
+                      down_block_size: int, activation: str, accuracy_level: int):
+    parts = {"gate_up": gate_up, "down": down}
+    intermediate = gate_up[0].shape[1] // 2
+    sizes = {"gate_up": hidden.shape[-1], "down": intermediate}
+    blocks = {"gate_up": gate_up_block_size, "down": down_block_size}
+
+    def project(expert, which, x):
+        packed, scales, zero_points, minimums = parts[which]
+        block_size = blocks[which]
+        index = op.Constant(value_int=expert)
+        n, n_blocks = packed.shape[1], packed.shape[2]
+        scale = op.Cast(op.Gather(scales, index, axis=0), to=1)
+        zp = () if zero_points.shape[1] == 0 else (op.Gather(zero_points, index, axis=0),)
+        y = _MatMulNBits(x, op.Gather(packed, index, axis=0), scale, *zp, K=sizes[which], N=n, bits=bits,
+                         block_size=block_size, accuracy_level=accuracy_level)
+        if minimums.shape[1] == 0:
+            return y
+        # The "offset" grid: + blocksum(x) @ (minimum + 2**(bits-1) * scale).T (see WeightQuantization).
+        offsets = op.Transpose(op.Add(op.Cast(op.Gather(minimums, index, axis=0), to=1),
+                                      op.Mul(op.Reshape(scale, op.Constant(value_ints=[n, n_blocks])),
+                                             op.Constant(value_float=float(1 << (bits - 1))))))
+        sums = op.ReduceSum(op.Reshape(x, op.Constant(value_ints=[-1, n_blocks, block_size])), [-1], keepdims=0)
+        return op.Add(y, op.MatMul(sums, offsets))
+    return _sparse_experts(hidden, top_k_index, top_k_weights, gate_up[0].shape[0], intermediate, activation,
+                           project)
+
+
 TRANSLATIONS = {MATMUL_NBITS: matmul_nbits, EMBEDDING_NBITS: embedding_nbits, KV_ATTENTION: kv_attention,
-                MOE_EXPERTS: moe_experts}
+                MOE_EXPERTS: moe_experts, MOE_EXPERTS_NBITS: moe_experts_nbits}
