@@ -5,6 +5,7 @@ from .base import EXACT, NoOptions, Pass, PassContext, PassResult, Tolerance
 from .channel_pruning import ChannelPermutation, ChannelPruning
 from .constant_folding import ConstantFolding
 from .dead_code import DeadCodeElimination
+from .expert_pruning import ExpertPruning
 from .ffn_fusion import FFNFusion
 from .head_pruning import AttentionHeadPruning
 from .horizontal_fusion import HorizontalFusion
@@ -21,5 +22,5 @@ __all__ = [
     "PrintOnChangeInstrument", "VerifyInstrument", "PassManager", "PassRecord", "PipelineResult",
     "PRESETS", "preset", "WeightQuantization", "MixedPrecisionQuantization", "ActivationQuantization",
     "ChannelPruning", "ChannelPermutation", "LayerSkipping", "FFNFusion", "AdaptiveFFNSkipping",
-    "AttentionHeadPruning",
+    "AttentionHeadPruning", "ExpertPruning",
 ]
