@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..ir.linear import layer_name, linear_input, linear_weight, through_views
+from ..ir.moe import MOE_OPS
 from ..ir.traversal import reaches
 
 aten = torch.ops.aten
@@ -40,19 +41,32 @@ def same_shape_add(add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
-def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(residual input, sublayer output linear) if `add` is a residual add, else None.
+def branch_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node that can end a residual branch: a linear layer, a mixture-of-experts op, or the
+    sum of an MoE op and a linear (shared experts, as in DeepSeek-V3)."""
+    if linear_weight(gm, node) is not None or node.target in MOE_OPS:
+        return True
+    if node.op == "call_function" and node.target is torch.ops.aten.add.Tensor and len(node.args) == 2 \
+            and all(isinstance(a, fx.Node) for a in node.args):
+        parts = [through_views(a) for a in node.args]
+        return any(p.target in MOE_OPS for p in parts) and all(branch_output(gm, p) for p in parts)
+    return False
 
-    The sublayer output is the operand produced by a linear layer (possibly through views);
-    the other operand is the stream, which must not itself be computed from that linear
-    (GELU's x + 0.044715 x^3 is not a residual add: both sides come from one linear)."""
+
+def residual_writer(gm: fx.GraphModule, add: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(residual input, sublayer output) if `add` is a residual add, else None.
+
+    The sublayer output is the operand produced by a linear layer or an MoE block (possibly
+    through views; see branch_output); the other operand is the stream, which must not itself
+    be such an output nor computed from this one (GELU's x + 0.044715 x^3 is not a residual
+    add: both sides come from one linear)."""
     operands = same_shape_add(add)
     if operands is None:
         return None
     a, b = operands
     for stream, sub in ((a, b), (b, a)):
         writer = through_views(sub)
-        if linear_weight(gm, writer) is not None and linear_weight(gm, through_views(stream)) is None \
+        if branch_output(gm, writer) and not branch_output(gm, through_views(stream)) \
                 and not reaches(stream, writer, limit=64):
             return stream, writer
     return None

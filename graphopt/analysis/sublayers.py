@@ -1,12 +1,13 @@
 """Sublayers of a residual network, found by graph pattern, and fast what-if evaluation of
 removing them.
 
-A sublayer is a residual add `stream + f(stream)` whose `f` ends in a linear layer (see
-`calibration.residual_writer`). It is an attention sublayer when `f` mixes tokens
-(scaled_dot_product_attention, softmax, or a matmul of two activations) and an FFN
-otherwise. An attention sublayer followed by an FFN sublayer is a block. This holds for
-Llama/Qwen2/Mistral (RMSNorm, SwiGLU) and GPT-2 (LayerNorm, Conv1D as addmm, GELU) alike;
-module names are only used to label what was found.
+A sublayer is a residual add `stream + f(stream)` whose `f` ends in a linear layer or a
+mixture-of-experts block (see `calibration.residual_writer`). It is an attention sublayer
+when `f` mixes tokens (scaled_dot_product_attention, softmax, or a matmul of two
+activations) and an FFN otherwise; an MoE block is always an FFN. An attention sublayer
+followed by an FFN sublayer is a block. This holds for Llama/Qwen2/Mistral (RMSNorm, SwiGLU),
+GPT-2 (LayerNorm, Conv1D as addmm, GELU) and MoE models (Mixtral, Qwen3-MoE, DeepSeek-V3)
+alike; module names are only used to label what was found.
 
 In a convolutional network, a residual add `stream + f(stream)` whose `f` ends in a
 convolution (or its batch norm) and whose stream is not itself a convolution's output (an
@@ -36,6 +37,7 @@ from ..ir import ops
 from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
 from ..ir.kv_attention import KV_ATTENTION
 from ..ir.linear import layer_name, linear_weight, through_views
+from ..ir.moe import MOE_OPS
 from ..ir.traversal import ancestors, reaches
 from .calibration import residual_writer, same_shape_add
 from .quality import js_divergence, log_probs, next_token_nll
@@ -90,6 +92,8 @@ def _branch_nodes(writer: fx.Node, stream: fx.Node) -> set[fx.Node]:
 
 
 def _mixes_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> bool:
+    if any(node.target in MOE_OPS for node in nodes):
+        return False              # an MoE block is an FFN (its router's softmax mixes experts, not tokens)
     for node in nodes:
         if node.op != "call_function":
             continue
@@ -152,8 +156,9 @@ def find_sublayers(gm: fx.GraphModule) -> list[Sublayer]:
         if kind == "attention" or not seen_attention:
             block += 1
         seen_attention = kind == "attention"
-        found.append(Sublayer(len(found), kind, _module_of(layer_name(writer)), block,
-                              node.name, stream.name, writer.name))
+        # A writer that is a sum (MoE + shared experts) belongs to the block's module itself.
+        name = layer_name(writer) if writer.target is aten.add.Tensor else _module_of(layer_name(writer))
+        found.append(Sublayer(len(found), kind, name, block, node.name, stream.name, writer.name))
     return found
 
 

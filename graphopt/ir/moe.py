@@ -150,6 +150,7 @@ def _moe_experts_nbits_fake(hidden, top_k_index, top_k_weights, gate_up, down, b
 
 
 MOE_EXPERTS_NBITS = torch.ops.graphopt.moe_experts_nbits.default
+MOE_OPS = frozenset({MOE_EXPERTS, MOE_EXPERTS_NBITS})
 
 
 def dequantize_experts(parts: list[torch.Tensor], bits: int, block_size: int, k: int) -> torch.Tensor:

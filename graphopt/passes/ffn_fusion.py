@@ -33,6 +33,7 @@ from ..errors import GraphoptError, PreconditionError
 from ..ir import ops
 from ..ir.graph import constant_value, describe, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.linear import linear_bias, linear_input, linear_weight, set_linear_weight, through_views
+from ..ir.moe import MOE_OPS
 from ..ir.traversal import ancestors, descendants
 from .base import Pass, PassResult, Tolerance
 
@@ -70,9 +71,16 @@ class _FFN:
     width: int                          # intermediate width F
 
 
+def is_moe(gm: fx.GraphModule, sub: Sublayer) -> bool:
+    return any(n.target in MOE_OPS for n in branch_nodes(gm, sub))
+
+
 def _dissect(gm: fx.GraphModule, sub: Sublayer) -> _FFN:
     writer, stream, add = (node_named(gm, n) for n in (sub.writer, sub.stream, sub.add))
     branch = branch_nodes(gm, sub)
+    if is_moe(gm, sub):
+        raise GraphoptError(f"FFN {sub.name} is a mixture-of-experts block: FFN fusion concatenates dense FFNs' "
+                            "weights and has no MoE form (its dependency metric still scores it)")
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     inputs = sorted((n for n in branch if n is not writer and linear_weight(gm, n) is not None), key=order.get)
     if not inputs:
@@ -314,6 +322,10 @@ class FFNFusion(Pass):
         for run in runs:
             matrix = dependency_matrix(evaluator, run)
             self.dependencies[run[0].name] = matrix
+            if any(is_moe(gm, sub) for sub in run):
+                notes.append(f"{' + '.join(sub.name for sub in run)}: mixture-of-experts FFNs, dependency measured "
+                             f"(max M {float(matrix.max()):.3f}) but not fused (fusion has no MoE form)")
+                continue
             groups = [[i] for i in range(len(run))]
             rejected: set[tuple[int, int]] = set()
             while True:

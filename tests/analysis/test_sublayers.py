@@ -121,3 +121,18 @@ def test_identity_residual_blocks_of_a_cnn_are_removable_sublayers():
 def test_an_lm_has_no_convolutional_blocks():
     gm, _, _ = _graph("gpt2")
     assert "block" not in {s.kind for s in find_sublayers(gm)}
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_moe_blocks_are_ffn_sublayers_and_remove_like_one(name):
+    gm, bundle, inputs = _graph(name)
+    subs = find_sublayers(gm)
+    assert [s.kind for s in subs] == ["attention", "ffn"] * 3
+    assert [s.name for s in subs if s.kind == "ffn"] == [f"model.layers.{i}.mlp" for i in range(3)]
+    remove_sublayers(gm, [subs[3]])
+    reference = copy.deepcopy(bundle.model)
+    mlp = reference.model.layers[1].mlp
+    mlp.forward = lambda hidden_states: torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        expected = reference(*inputs).logits
+    assert_close_to_scale(gm(*inputs)[0], expected, 1e-5)

@@ -19,7 +19,7 @@ def _logits(cm, ids):
     return out[0] if isinstance(out, tuple) else out
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral"])
 def test_if_lowering_runs_or_skips_the_ffns(name):
     bundle = graphopt.models.load(name)
     ids = bundle.example_inputs(seq_len=1)

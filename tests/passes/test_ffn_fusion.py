@@ -102,3 +102,16 @@ def test_attention_between_ffns_is_refused():
         FFNFusion(runs=(("model.layers.0.self_attn", "model.layers.0.mlp"),))(gm, PassContext(inputs))
     with pytest.raises(GraphoptError, match="calibration batches"):
         FFNFusion()(gm, PassContext(inputs))
+
+
+def test_moe_ffns_get_their_dependency_measured_and_are_not_fused():
+    gm, bundle, inputs = _without_attention("mixtral", keep_first=True)
+    calibration = [bundle.example_inputs(seq_len=16, seed=s) for s in (1, 2, 3)]
+    chooser = FFNFusion(max_dependency=1.0, max_perplexity_increase=1.0)
+    result = chooser(gm, PassContext(inputs, calibration=calibration))
+    assert not result.modified
+    matrix = chooser.dependencies["model.layers.0.mlp"]
+    assert matrix.shape == (3, 3) and 0 < float(matrix[0, 1]) < 2
+    assert "mixture-of-experts FFNs, dependency measured" in result.notes[0]
+    with pytest.raises(GraphoptError, match="model.layers.0.mlp is a mixture-of-experts block"):
+        FFNFusion(runs=(("model.layers.0.mlp", "model.layers.1.mlp"),))(gm, PassContext(inputs))
