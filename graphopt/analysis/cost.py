@@ -1,8 +1,8 @@
 """What a graph costs, node by node: multiply-accumulates (MACs) and weight bytes.
 
 Read-only. MACs count the ops that dominate CPU time in the models graphopt targets: convolutions,
-linear layers (linear, addmm, mm, bmm, matmul, graphopt's quantized matmul_nbits) and
-scaled-dot-product attention, from the
+linear layers (linear, addmm, mm, bmm, matmul, graphopt's quantized matmul_nbits), mixture-of-
+experts blocks (the routed tokens' expert matmuls) and scaled-dot-product attention, from the
 shapes in `node.meta["val"]`. Everything else (elementwise ops, norms, pools) counts as zero
 MACs. A pruning pass uses `node_macs` to hold a compute budget; a report can rank nodes by it.
 """
@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from ..ir import ops
 from ..ir.graph import constant_value, parameter_bytes
+from ..ir.moe import MOE_EXPERTS, MOE_OPS
 
 aten = torch.ops.aten
 
@@ -52,6 +53,12 @@ def node_macs(node: fx.Node, gm: fx.GraphModule | None = None) -> int:
         x = node.args[1] if target is aten.addmm.default else node.args[0]
         xs = _shape(x)
         return math.prod(out) * xs[-1] if xs else 0
+    if target in MOE_OPS:                            # each token through its top-k experts: 3 H x I products
+        hidden, index = _shape(node.args[0]), _shape(node.args[1])
+        if hidden is None or index is None:
+            return 0
+        intermediate = (_shape(node.args[3]) if target is MOE_EXPERTS else _shape(node.args[3][0]))[1] // 2
+        return math.prod(index) * 3 * hidden[-1] * intermediate
     if target is aten.scaled_dot_product_attention.default:
         q, k, v = (_shape(a) for a in node.args[:3])
         if q is None or k is None or v is None:

@@ -57,7 +57,7 @@ def cmd_compile(args) -> None:
         instruments.append(DumpInstrument(args.dump_dir))
     passes = pass_list(args)
     lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
-                and not args.prune_heads)
+                and not args.prune_heads and not args.prune_experts)
     calibration = None if lossless or onnx_file else calibration_batches(bundle, args)
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
@@ -99,7 +99,8 @@ def _compile_task(args) -> None:
     bundle = graphopt.models.load(args.model)
     if not bundle.is_sequence_model:
         raise GraphoptError(f"--task {args.task} needs a causal language model; {args.model} is not one")
-    lossless = args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
+    lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
+                and not args.prune_experts)
     calibration = None if lossless else calibration_batches(bundle, args)
     cm = graphopt.compile(bundle.model, passes=pass_list(args), backend=args.backend, task=args.task,
                           tokenizer=bundle.tokenizer, cache_dtype=args.cache_dtype, calibration=calibration,
@@ -127,7 +128,14 @@ def _compile_task(args) -> None:
 def pass_list(args) -> list:
     """The preset's passes, with layer skipping (and FFN fusion), then head and channel
     pruning, after constant folding."""
-    from ..passes import AttentionHeadPruning, ChannelPruning, ConstantFolding, DeadCodeElimination, preset
+    from ..passes import (
+        AttentionHeadPruning,
+        ChannelPruning,
+        ConstantFolding,
+        DeadCodeElimination,
+        ExpertPruning,
+        preset,
+    )
     from ..passes.ffn_fusion import FFNFusion
     from ..passes.layer_skipping import LayerSkipping
     passes = preset(args.passes)
@@ -139,6 +147,8 @@ def pass_list(args) -> list:
                                    kinds=tuple(args.skip_kinds.split(","))))
         if args.fuse_ffn:
             extra.append(FFNFusion())
+    if args.prune_experts:
+        extra.append(ExpertPruning(keep=args.prune_experts))
     if args.prune_heads:
         extra.append(AttentionHeadPruning(ratio=args.prune_heads, importance=args.head_importance,
                                           scope=args.head_scope))
@@ -155,8 +165,9 @@ def pass_list(args) -> list:
 
 
 def add_pruning_flags(c) -> None:
-    """Channel and head pruning flags, built from the passes' option fields (they import torch)."""
+    """Channel, head and expert pruning flags, built from the passes' option fields (they import torch)."""
     from ..passes.channel_pruning import ChannelPruningOptions
+    from ..passes.expert_pruning import ExpertPruningOptions
     from ..passes.head_pruning import AttentionHeadPruningOptions
     option_flag(c, "--prune-channels", ChannelPruningOptions, "ratio", default=0.0)
     option_flag(c, "--prune-budget", ChannelPruningOptions, "budget")
@@ -169,6 +180,7 @@ def add_pruning_flags(c) -> None:
     option_flag(c, "--prune-heads", AttentionHeadPruningOptions, "ratio", default=0.0)
     option_flag(c, "--head-importance", AttentionHeadPruningOptions, "importance")
     option_flag(c, "--head-scope", AttentionHeadPruningOptions, "scope")
+    option_flag(c, "--prune-experts", ExpertPruningOptions, "keep", default=0.0)
 
 
 def add_parsers(sub, with_pass_flags: bool = True) -> None:

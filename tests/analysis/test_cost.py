@@ -54,3 +54,11 @@ def test_compile_reports_macs_and_quantized_matmuls_keep_theirs():
     assert any("matmul_nbits" in op for op in int4.stats["ops_optimized"])
     # the offset grid adds blocksum(x) @ offsets: one MAC per 32-weight block and token
     assert plain.stats["macs_optimized"] < int4.stats["macs_optimized"] <= plain.stats["macs_optimized"] * (1 + 1 / 32)
+
+
+def test_moe_blocks_count_the_routed_tokens_expert_matmuls():
+    from graphopt.ir.moe import MOE_EXPERTS
+    bundle = graphopt.models.load("mixtral")                 # hidden 64, expert width 96, top-2
+    gm = capture(bundle.model, bundle.example_inputs(seq_len=10)).graph_module
+    for node in gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS):
+        assert node_macs(node, gm) == 10 * 2 * 3 * 64 * 96
