@@ -1,6 +1,9 @@
 """128-token SmolLM2 prefill latency: torch eager, torch.compile, ONNX Runtime on the plain
 torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, and
-graphopt (tvm) with the "default" and "fuse" presets.
+graphopt (tvm) with the "default" and "fuse" presets; OpenVINO as a peer on graphopt's own
+model.onnx (f32 precision hint, and its default hint: bf16 on CPUs with AVX-512 BF16 or AMX),
+and graphopt's openvino backend at both (a peer that is not installed prints "not installed").
+The header names the CPU's vector and matrix features.
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--json out.json]
 
@@ -20,6 +23,7 @@ compare the ratios, not the absolute times.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import tempfile
@@ -33,6 +37,7 @@ from common import interleaved_medians, print_table, write_json  # noqa: E402
 import graphopt  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
+from graphopt.backends.tvm.runner import cpu_flags  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
 
 
@@ -61,6 +66,10 @@ def peak_gemm_flops(size: int = 2048, calls: int = 10) -> float:
     return 2 * size ** 3 / best
 
 
+OPENVINO_ROWS = ("openvino f32 (graphopt's model.onnx)", "openvino default hint (graphopt's model.onnx)",
+                 "graphopt openvino (f32)", "graphopt openvino (default)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=128)
@@ -78,6 +87,7 @@ def main() -> None:
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     candidates, setup, diffs = {}, {}, {}
+    not_installed: list[str] = []
 
     def add(name, fn, started=None):
         with torch.no_grad():
@@ -115,6 +125,28 @@ def main() -> None:
         add(f"graphopt onnxruntime ({preset})", lambda cm=cm: cm(ids), start)
         if preset == "default":
             macs = graph_cost(cm.graph_module).macs     # the exact presets leave the MACs as they are
+            cm_default = cm
+    if importlib.util.find_spec("openvino") is None:
+        for name in OPENVINO_ROWS:
+            print(f"  {name}: not installed", file=sys.stderr)
+            not_installed.append(name)
+    else:
+        import openvino as ov
+        onnx_path = os.path.join(cm_default.save(os.path.join(tmp.name, "graphopt-ort")), "model.onnx")
+        core = ov.Core()
+        for name, hint in (("openvino f32 (graphopt's model.onnx)", "f32"),
+                           ("openvino default hint (graphopt's model.onnx)", None)):
+            start = time.perf_counter()
+            config = {"INFERENCE_NUM_THREADS": args.threads}
+            if hint:
+                config["INFERENCE_PRECISION_HINT"] = hint
+            peer = core.compile_model(onnx_path, "CPU", config)
+            add(name, lambda peer=peer: torch.from_numpy(peer(ids.numpy())[0]), start)
+        for precision in ("f32", "default"):
+            start = time.perf_counter()
+            cm = graphopt.compile(model, (ids,), backend="openvino", progress=False,
+                                  backend_options={"threads": args.threads, "precision": precision})
+            add(f"graphopt openvino ({precision})", lambda cm=cm: cm(ids), start)
     for preset in () if args.skip_tvm else ("default", "fuse"):
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
@@ -130,9 +162,14 @@ def main() -> None:
              "speedup_vs_ort_plain": plain_ms / (s * 1e3), "setup_s": setup.get(name),
              "max_abs_diff": diffs.get(name)}
             for name, s in medians.items()]
+    rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
+              "setup_s": None, "max_abs_diff": None, "note": "not installed"} for name in not_installed]
+    flags = cpu_flags() or frozenset()
+    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.repeats} interleaved rounds")
-    print_table(rows, ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff"])
+          f"median of {args.repeats} interleaved rounds; CPU features: {' '.join(features) or 'unknown'}")
+    print_table(rows, ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff",
+                       "note"])
     write_json(rows, args.json)
     tmp.cleanup()
 

@@ -18,6 +18,8 @@ BACKENDS = {
     "onnxruntime": ("graphopt.backends.onnxruntime.lower:OnnxRuntimeBackend",
                     "graphopt.backends.onnxruntime.runner:load_runner"),
     "tvm":         ("graphopt.backends.tvm.lower:TvmBackend", "graphopt.backends.tvm.runner:load_runner"),
+    "openvino":    ("graphopt.backends.openvino.lower:OpenVinoBackend",
+                    "graphopt.backends.openvino.runner:load_runner"),
 }
 
 

@@ -24,7 +24,7 @@ def test_every_backend_in_the_table_resolves_to_its_class_and_loader(name):
 
 def test_unknown_backends_are_one_line_errors():
     assert available() == list(BACKENDS)
-    with pytest.raises(BackendError, match="unknown backend 'tensorrt'; available: torch, onnxruntime, tvm"):
+    with pytest.raises(BackendError, match="unknown backend 'tensorrt'; available: torch, onnxruntime, tvm, openvino"):
         get_backend("tensorrt")
     with pytest.raises(ArtifactError, match="artifact /a: backend 'tensorrt' cannot be loaded by this graphopt"):
         runner_loader("tensorrt", "/a")
@@ -36,11 +36,14 @@ def test_backend_packages_and_runners_import_without_torch():
         sys.modules["torch"] = None            # any `import torch` now raises ImportError
         import graphopt.backends.onnxruntime
         import graphopt.backends.tvm
+        import graphopt.backends.openvino
         from graphopt.backends import runner_loader
+        from graphopt.backends.openvino.runner import OpenVinoRunner
         from graphopt.backends.onnxruntime.runner import OrtRunner
         from graphopt.backends.tvm.runner import TvmRunner
         assert runner_loader("onnxruntime", "x").__module__ == "graphopt.backends.onnxruntime.runner"
         assert runner_loader("tvm", "x").__module__ == "graphopt.backends.tvm.runner"
+        assert runner_loader("openvino", "x").__module__ == "graphopt.backends.openvino.runner"
         try:
             graphopt.backends.onnxruntime.OnnxRuntimeBackend     # the lowering side does need torch
         except ImportError:
