@@ -3,7 +3,9 @@ torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" 
 graphopt (tvm) with the "default" and "fuse" presets; OpenVINO as a peer on graphopt's own
 model.onnx (f32 precision hint, and its default hint: bf16 on CPUs with AVX-512 BF16 or AMX),
 and graphopt's openvino backend at both (a peer that is not installed prints "not installed").
-The header names the CPU's vector and matrix features.
+The header names the CPU's vector and matrix features. `--quality` adds each row's
+perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
+change from eager's: what reduced-precision rows cost.
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--json out.json]
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from common import interleaved_medians, print_table, write_json  # noqa: E402
 
 import graphopt  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
+from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
 from graphopt.backends.tvm.runner import cpu_flags  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
@@ -70,6 +74,20 @@ OPENVINO_ROWS = ("openvino f32 (graphopt's model.onnx)", "openvino default hint 
                  "graphopt openvino (f32)", "graphopt openvino (default)")
 
 
+def windows_perplexity(run, windows, ids: torch.Tensor) -> float:
+    """exp(mean next-token NLL) of a candidate over [1, seq_len] windows. A candidate is a
+    closure over the benchmark's `ids`, so each window is copied into that tensor first."""
+    total, count = 0.0, 0
+    for window in windows:
+        ids.copy_(window)
+        with torch.no_grad():
+            out = run()
+        logits = torch.as_tensor(out.logits if hasattr(out, "logits") else out)[0, :-1].double()
+        total += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+        count += logits.shape[0]
+    return math.exp(total / count)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-len", type=int, default=128)
@@ -77,6 +95,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--skip-torch-compile", action="store_true")
     ap.add_argument("--skip-tvm", action="store_true")
+    ap.add_argument("--quality", action="store_true",
+                    help="perplexity of every row on evaluation.txt (128-token windows) and its change from eager")
+    ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -162,14 +183,22 @@ def main() -> None:
              "speedup_vs_ort_plain": plain_ms / (s * 1e3), "setup_s": setup.get(name),
              "max_abs_diff": diffs.get(name)}
             for name, s in medians.items()]
+    if args.quality:
+        windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), args.seq_len, args.quality_tokens)
+        perplexities = {name: windows_perplexity(fn, windows, ids) for name, fn in candidates.items()
+                        if name != "fp32 linear layers alone (torch)"}
+        for row in rows:
+            if row["name"] in perplexities:
+                row["perplexity"] = perplexities[row["name"]]
+                row["perplexity_change"] = perplexities[row["name"]] / perplexities["torch eager"] - 1
     rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
               "setup_s": None, "max_abs_diff": None, "note": "not installed"} for name in not_installed]
     flags = cpu_flags() or frozenset()
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "
           f"median of {args.repeats} interleaved rounds; CPU features: {' '.join(features) or 'unknown'}")
-    print_table(rows, ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff",
-                       "note"])
+    columns = ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff"]
+    print_table(rows, columns + (["perplexity", "perplexity_change"] if args.quality else []) + ["note"])
     write_json(rows, args.json)
     tmp.cleanup()
 
