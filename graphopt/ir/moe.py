@@ -173,21 +173,25 @@ def stack_quantized(weights: list) -> list[torch.Tensor]:
             else torch.zeros(experts, 0, 0, dtype=weights[0].scales.dtype)]
 
 
-def router_linears(gm: torch.fx.GraphModule) -> set:
-    """The linear nodes that compute MoE routing: the first linears met walking back from each
-    moe_experts node's top-k index and weight inputs (quantization keeps them in fp32)."""
+def routing_walk(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[list, list]:
+    """(router linears, every other node) met walking back from an MoE node's top-k index and
+    weight inputs, stopping at linear layers and at the node's hidden input."""
     from .linear import linear_weight
-    found: set = set()
-    for node in (*gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS),
-                 *gm.graph.find_nodes(op="call_function", target=MOE_EXPERTS_NBITS)):
-        stack, seen = [a for a in node.args[1:3] if isinstance(a, torch.fx.Node)], set()
-        while stack:
-            current = stack.pop()
-            if current in seen or current is node.args[0] or current.op != "call_function":
-                continue
-            seen.add(current)
-            if linear_weight(gm, current) is not None:
-                found.add(current)
-                continue
-            stack.extend(current.all_input_nodes)
-    return found
+    stack, seen, linears, others = [a for a in node.args[1:3] if isinstance(a, torch.fx.Node)], set(), [], []
+    while stack:
+        current = stack.pop()
+        if current in seen or current is node.args[0]:
+            continue
+        seen.add(current)
+        if current.op == "call_function" and linear_weight(gm, current) is not None:
+            linears.append(current)
+            continue
+        others.append(current)
+        stack.extend(current.all_input_nodes)
+    return linears, others
+
+
+def router_linears(gm: torch.fx.GraphModule) -> set:
+    """The linear nodes that compute MoE routing (quantization keeps them in fp32)."""
+    return {linear for node in gm.graph.nodes if node.op == "call_function" and node.target in MOE_OPS
+            for linear in routing_walk(gm, node)[0]}

@@ -27,8 +27,8 @@ import torch.fx as fx
 
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, constant_value, infer_meta, remove_unused_attributes
-from ..ir.linear import layer_name, linear_weight
-from ..ir.moe import MOE_EXPERTS, MOE_EXPERTS_NBITS
+from ..ir.linear import layer_name
+from ..ir.moe import MOE_EXPERTS, MOE_EXPERTS_NBITS, routing_walk
 from .base import Pass, PassResult, Tolerance, option
 
 aten = torch.ops.aten
@@ -129,28 +129,22 @@ def routing_counts(gm: fx.GraphModule, batches, nodes) -> dict[fx.Node, torch.Te
 def _prunable_router(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node | None, int, str]:
     """(the router linear, top-k, "") if every op from it to the top-k inputs is free of the
     expert count, else (None, 0, why not)."""
-    stack, seen, routers, top_k = [a for a in node.args[1:3] if isinstance(a, fx.Node)], set(), [], 0
-    while stack:
-        current = stack.pop()
-        if current in seen or current is node.args[0]:
-            continue
-        seen.add(current)
+    routers, others = routing_walk(gm, node)
+    top_k = 0
+    for current in others:
+        what = getattr(current.target, "__name__", current.target)
         if current.op != "call_function":
             return None, 0, f"its routing reads {current.op} '{current.target}'"
-        if linear_weight(gm, current) is not None:
-            if current.target is not aten.linear.default:
-                return None, 0, f"its router is {current.target}, not a linear layer"
-            routers.append(current)
-            continue
         if current.target is not operator.getitem and current.target not in _EXPERT_COUNT_FREE:
-            return None, 0, f"its router applies {getattr(current.target, '__name__', current.target)}"
+            return None, 0, f"its router applies {what}"
         if any(constant_value(gm, arg) is not None for arg in current.all_input_nodes):
-            return None, 0, f"its router's {getattr(current.target, '__name__', current.target)} reads a constant"
+            return None, 0, f"its router's {what} reads a constant"
         if current.target is aten.topk.default:
             top_k = int(current.args[1])
-        stack.extend(current.all_input_nodes)
     if len(routers) != 1 or not top_k:
         return None, 0, "no single router linear and top-k found"
+    if routers[0].target is not aten.linear.default:
+        return None, 0, f"its router is {routers[0].target}, not a linear layer"
     return routers[0], top_k, ""
 
 
