@@ -40,7 +40,7 @@ def test_int4_weights_run_as_compressed_weights_and_the_artifact_loads_without_t
 def test_reduced_precision_hint_is_recorded_and_stays_close():
     bundle = graphopt.models.load("llama")
     inputs = small_inputs(bundle)
-    cm = graphopt.compile(bundle.model, inputs, backend="openvino", backend_options={"precision": "bf16"},
+    cm = graphopt.compile(bundle.model, inputs, backend="openvino", backend_options={"precision": "bf16", "threads": 2},
                           progress=False)
     options = cm.executable.save_files(str(__import__("tempfile").mkdtemp()))
     assert options["precision"] == "bf16" and options["precision_on_compile_host"] in ("bf16", "f32")
@@ -50,3 +50,13 @@ def test_reduced_precision_hint_is_recorded_and_stays_close():
 def test_unknown_precision_is_a_one_line_error():
     with pytest.raises(BackendError, match="unknown OpenVINO precision 'int3'; use one of f32, bf16, f16, default"):
         graphopt.backends.get_backend("openvino", precision="int3")
+
+
+def test_bf16_with_one_thread_is_refused_where_openvino_would_crash():
+    import openvino as ov
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16: OpenVINO runs f32 and does not crash")
+    bundle = graphopt.models.load("llama")
+    with pytest.raises(BackendError, match=r"crashes \(SIGFPE\) compiling bf16 with one thread on this CPU"):
+        graphopt.compile(bundle.model, small_inputs(bundle), backend="openvino",
+                         backend_options={"precision": "default", "threads": 1}, progress=False)

@@ -36,7 +36,13 @@ class OpenVinoRunner:
                  threads: int | None = None, precision: str = "f32"):
         import openvino as ov
         core = ov.Core()
-        options = compile_options(threads or default_threads(), precision)
+        threads = threads or default_threads()
+        if threads == 1 and precision in ("bf16", "default") and "BF16" in core.get_property(
+                "CPU", "OPTIMIZATION_CAPABILITIES"):
+            # Measured: OpenVINO 2026.4's CPU plugin dies with SIGFPE in compile_model here.
+            raise BackendError(f"OpenVINO {ov.__version__} crashes (SIGFPE) compiling bf16 with one thread on this "
+                               "CPU; use threads >= 2 or precision='f32'")
+        options = compile_options(threads, precision)
         try:
             self.compiled = core.compile_model(model_path, "CPU", options)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line text
