@@ -30,6 +30,28 @@ class Executable:
         raise NotImplementedError
 
 
+class WorkdirExecutable(Executable):
+    """An Executable whose files live in a temporary directory it owns: `run` goes through its
+    numpy runner, `copy_files` puts the files into an artifact, the directory goes with it."""
+
+    workdir: str = ""
+    runner: Any = None
+
+    def run(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
+
+    def copy_files(self, directory: str, names: Sequence[str] | None = None) -> None:
+        import os
+        import shutil
+        for name in names if names is not None else sorted(os.listdir(self.workdir)):
+            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+
+    def __del__(self):
+        import shutil
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 class Backend:
     name: str = ""
 

@@ -15,7 +15,7 @@ import torch
 from ...errors import BackendError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
 from ...ir.graph import export_retrying_with_reshapes, format_source
-from ..base import Backend, Executable
+from ..base import Backend, WorkdirExecutable
 from .runner import MODEL_FILE, NAMESPACE_KEY, SOURCE_KEY, OrtRunner
 from .translations import TRANSLATIONS
 
@@ -31,7 +31,7 @@ DEFAULT_OPSET = 23
 CUSTOM_TRANSLATIONS: dict = dict(TRANSLATIONS)
 
 
-class OrtExecutable(Executable):
+class OrtExecutable(WorkdirExecutable):
     backend = "onnxruntime"
 
     def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, optimization_level: str):
@@ -41,16 +41,9 @@ class OrtExecutable(Executable):
         self.runner = OrtRunner(os.path.join(workdir, MODEL_FILE), captured.inputs, captured.outputs,
                                 threads, optimization_level)
 
-    def run(self, args):
-        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
-
     def save_files(self, directory):
-        for name in sorted(os.listdir(self.workdir)):
-            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+        self.copy_files(directory)
         return {"model": MODEL_FILE, "threads": self.threads, "optimization_level": self.optimization_level}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
 class OnnxRuntimeBackend(Backend):

@@ -7,16 +7,14 @@ import os
 import shutil
 import tempfile
 
-import torch
-
 from ...errors import BackendError
 from ...frontend.torch_export import CapturedModel
-from ..base import Backend, Executable
+from ..base import Backend, WorkdirExecutable
 from ..onnxruntime.lower import DEFAULT_OPSET, export_onnx
 from .runner import MODEL_FILE, PRECISIONS, OpenVinoRunner
 
 
-class OpenVinoExecutable(Executable):
+class OpenVinoExecutable(WorkdirExecutable):
     backend = "openvino"
 
     def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, precision: str):
@@ -26,17 +24,10 @@ class OpenVinoExecutable(Executable):
         self.runner = OpenVinoRunner(os.path.join(workdir, MODEL_FILE), captured.inputs, captured.outputs,
                                      threads, precision)
 
-    def run(self, args):
-        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
-
     def save_files(self, directory):
-        for name in sorted(os.listdir(self.workdir)):
-            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+        self.copy_files(directory)
         return {"model": MODEL_FILE, "threads": self.threads, "precision": self.precision,
                 "precision_on_compile_host": self.runner.precision}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
 class OpenVinoBackend(Backend):

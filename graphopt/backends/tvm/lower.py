@@ -40,7 +40,7 @@ from ...frontend.torch_export import CapturedModel
 from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
-from ..base import Backend, Executable
+from ..base import Backend, WorkdirExecutable
 from .intrinsics import register_fast_exp
 from .runner import (
     TVM_LIBRARY,
@@ -60,7 +60,7 @@ register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see
 CUSTOM_CONVERT_MAP: dict = {}
 
 
-class TvmExecutable(Executable):
+class TvmExecutable(WorkdirExecutable):
     backend = "tvm"
 
     def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, target: dict,
@@ -72,18 +72,11 @@ class TvmExecutable(Executable):
         self.runner = TvmRunner(os.path.join(workdir, TVM_LIBRARY), os.path.join(workdir, TVM_PARAMS),
                                 captured.inputs, captured.outputs, threads)
 
-    def run(self, args):
-        return tuple(torch.from_numpy(out) for out in self.runner.run(args))
-
     def save_files(self, directory):
-        for name in (TVM_LIBRARY, TVM_PARAMS):
-            shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
+        self.copy_files(directory, (TVM_LIBRARY, TVM_PARAMS))
         return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
                 "target": self.target, "cpu_features": required_cpu_features(self.target),
                 "compile_seconds": round(self.compile_seconds, 1)}
-
-    def __del__(self):
-        shutil.rmtree(getattr(self, "workdir", ""), ignore_errors=True)
 
 
 class TvmBackend(Backend):
