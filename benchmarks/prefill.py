@@ -1,7 +1,8 @@
 """128-token SmolLM2 prefill latency: torch eager, torch.compile, ONNX Runtime on the plain
 torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, and
-graphopt (tvm) with the "default" and "fuse" presets; OpenVINO as a peer on graphopt's own
-model.onnx (f32 precision hint, and its default hint: bf16 on CPUs with AVX-512 BF16 or AMX),
+graphopt (tvm) with the "default" and "fuse" presets and bf16 precision (weight matmuls in
+graphopt's AMX-BF16 / AVX512-BF16 kernels; "not supported on this CPU" without them); OpenVINO
+as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs with AVX-512 BF16 or AMX),
 and graphopt's openvino backend at both (a peer that is not installed prints "not installed").
 The header names the CPU's vector and matrix features. `--quality` adds each row's
 perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
@@ -41,6 +42,7 @@ import graphopt  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
+from graphopt.backends.tvm.bf16 import bf16_kernel_for  # noqa: E402
 from graphopt.backends.tvm.runner import cpu_flags  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
 
@@ -109,6 +111,7 @@ def main() -> None:
         reference = model(input_ids=ids).logits
     candidates, setup, diffs = {}, {}, {}
     not_installed: list[str] = []
+    unsupported: list[str] = []
 
     def add(name, fn, started=None):
         with torch.no_grad():
@@ -168,11 +171,15 @@ def main() -> None:
             cm = graphopt.compile(model, (ids,), backend="openvino", progress=False,
                                   backend_options={"threads": args.threads, "precision": precision})
             add(f"graphopt openvino ({precision})", lambda cm=cm: cm(ids), start)
-    for preset in () if args.skip_tvm else ("default", "fuse"):
+    tvm_rows = [("default", {}), ("fuse", {}), ("bf16", {"precision": "bf16"})]
+    for label, options in () if args.skip_tvm else tvm_rows:
+        if options.get("precision") == "bf16" and bf16_kernel_for(cpu_flags()) is None:
+            unsupported.append(f"graphopt tvm ({label})")
+            continue
         start = time.perf_counter()
-        cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
-                              backend_options={"threads": args.threads}, progress=False)
-        add(f"graphopt tvm ({preset})", lambda cm=cm: cm(ids), start)
+        cm = graphopt.compile(model, (ids,), passes="default" if label == "bf16" else label, backend="tvm",
+                              backend_options={"threads": args.threads, **options}, progress=False)
+        add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 
     candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())
     medians = interleaved_medians(candidates, args.repeats)
@@ -193,6 +200,8 @@ def main() -> None:
                 row["perplexity_change"] = perplexities[row["name"]] / perplexities["torch eager"] - 1
     rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
               "setup_s": None, "max_abs_diff": None, "note": "not installed"} for name in not_installed]
+    rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
+              "setup_s": None, "max_abs_diff": None, "note": "not supported on this CPU"} for name in unsupported]
     flags = cpu_flags() or frozenset()
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "

@@ -101,6 +101,31 @@ def _resolve_passes(passes: str | Sequence[Pass] | None) -> list[Pass]:
     return list(passes)
 
 
+def _precision_record(captured: CapturedModel, executable: Executable, calibration, index: int) -> PassRecord:
+    """The backend's reduced precision as a pass-log entry: its largest output change on the
+    example inputs and, with calibration batches, its quality cost against the fp32 graph
+    (QualityInstrument's measures)."""
+    from .analysis.quality import divergence_of_logits
+    from .passes.instruments import first_output
+
+    record = PassRecord(name=f"lower:{executable.backend}", index=index, iteration=0, modified=True,
+                        notes=[f"computes {executable.reduced_precision}"])
+    with torch.no_grad():
+        want = first_output(captured.graph_module(*captured.example_inputs))
+    record.max_output_diff = float((first_output(executable.run(captured.example_inputs)) - want).abs().max())
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in (calibration or [])][:4]
+    if batches:
+        with torch.no_grad():
+            before = [first_output(captured.graph_module(*b)) for b in batches]
+        try:
+            after = [first_output(executable.run(b)) for b in batches]
+        except GraphoptError as exc:
+            record.notes.append(f"quality not measured: {exc}")
+            return record
+        record.quality = divergence_of_logits(before, after, [b[0] for b in batches])
+    return record
+
+
 def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: str | Sequence[Pass] | None = "default",
             backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
@@ -156,6 +181,8 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     stages.set_description(f"lower ({backend})")
     t2 = time.perf_counter()
     executable = backend_impl.compile(captured, progress=progress)
+    if executable.reduced_precision:
+        result.records.append(_precision_record(captured, executable, calibration, len(result.records)))
     stages.update()
     stages.close()
     t3 = time.perf_counter()

@@ -10,6 +10,8 @@ Both are named in graphopt.backends.BACKENDS; docs/writing_backends.md shows a w
 """
 from __future__ import annotations
 
+import os
+import shutil
 from typing import Any, Sequence
 
 import torch
@@ -26,6 +28,11 @@ class Executable:
     def run(self, args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    @property
+    def reduced_precision(self) -> str | None:
+        """What the backend computes below fp32 (said in the pass log with its quality cost), or None."""
+        return None
+
     def save_files(self, directory: str) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -41,15 +48,12 @@ class WorkdirExecutable(Executable):
         return tuple(torch.from_numpy(out) for out in self.runner.run(args))
 
     def copy_files(self, directory: str, names: Sequence[str] | None = None) -> None:
-        import os
-        import shutil
         for name in names if names is not None else sorted(os.listdir(self.workdir)):
             shutil.copy2(os.path.join(self.workdir, name), os.path.join(directory, name))
 
-    def __del__(self):
-        import shutil
+    def __del__(self, rmtree=shutil.rmtree):   # bound at definition: imports fail at interpreter exit
         if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            rmtree(self.workdir, ignore_errors=True)
 
 
 class Backend:

@@ -134,7 +134,7 @@ class QualityInstrument(Instrument):
 
     def _run(self, gm, ctx) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [_first(gm(*batch)) for batch in ctx.calibration[: self.batches]]
+            return [first_output(gm(*batch)) for batch in ctx.calibration[: self.batches]]
 
     def before_pass(self, pass_, gm, ctx, record):
         if ctx.calibration and pass_.tolerance != EXACT and self._outputs is None:
@@ -152,7 +152,8 @@ class QualityInstrument(Instrument):
         self._outputs = after
 
 
-def _first(out):
+def first_output(out) -> torch.Tensor:
+    """The first tensor of a (nested) output, as float32."""
     while isinstance(out, (tuple, list)):
         out = out[0]
     return out.float()

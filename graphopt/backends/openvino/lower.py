@@ -24,6 +24,11 @@ class OpenVinoExecutable(WorkdirExecutable):
         self.runner = OpenVinoRunner(os.path.join(workdir, MODEL_FILE), captured.inputs, captured.outputs,
                                      threads, precision)
 
+    @property
+    def reduced_precision(self):
+        resolved = self.runner.precision
+        return None if resolved == "f32" else f"OpenVINO inference precision {resolved} (hint '{self.precision}')"
+
     def save_files(self, directory):
         self.copy_files(directory)
         return {"model": MODEL_FILE, "threads": self.threads, "precision": self.precision,

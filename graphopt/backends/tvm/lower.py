@@ -19,7 +19,9 @@ Lowering, step by step:
    weight packed in panels; LiftTransformParams moves the packing out of `main`, and it runs
    once at compile time.
 4. TVM's CPU pipeline (legalize, fuse) with our schedule rules in the middle, built for the
-   host CPU (LLVM, AVX-512 when present).
+   host CPU (LLVM, AVX-512 when present). With precision "bf16" the weight matmuls call
+   graphopt's C kernel instead (bf16.py: AMX-BF16 or AVX512-BF16), compiled for the host and
+   linked into the library.
 
 The artifact holds `model.so` (export_library) and `params.bin` (TVM's own parameter
 format, not pickle); graphopt.backends.tvm.runner.TvmRunner runs it with only numpy and the TVM runtime.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -41,6 +44,7 @@ from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
 from ..base import Backend, WorkdirExecutable
+from .bf16 import bf16_kernel_for, build_kernel_object
 from .intrinsics import register_fast_exp
 from .runner import (
     TVM_LIBRARY,
@@ -55,6 +59,8 @@ from .runner import (
 use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
 register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see intrinsics.py)
 
+PRECISIONS = ("f32", "bf16")
+
 # Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
 # from_exported_program(custom_convert_map=...) takes them.
 CUSTOM_CONVERT_MAP: dict = {}
@@ -64,42 +70,75 @@ class TvmExecutable(WorkdirExecutable):
     backend = "tvm"
 
     def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, target: dict,
-                 compile_seconds: float):
+                 compile_seconds: float, precision: str = "f32", bf16_kernel: str | None = None,
+                 packed_weights: dict | None = None):
         self.workdir = workdir
         self.threads = threads
         self.target = target
         self.compile_seconds = compile_seconds
+        self.precision = precision
+        self.bf16_kernel = bf16_kernel
+        self.packed_weights = packed_weights or {}
         self.runner = TvmRunner(os.path.join(workdir, TVM_LIBRARY), os.path.join(workdir, TVM_PARAMS),
                                 captured.inputs, captured.outputs, threads)
+
+    @property
+    def reduced_precision(self):
+        return f"weight matmuls in bf16 ({self.bf16_kernel} kernel)" if self.bf16_kernel else None
 
     def save_files(self, directory):
         self.copy_files(directory, (TVM_LIBRARY, TVM_PARAMS))
         return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
                 "target": self.target, "cpu_features": required_cpu_features(self.target),
-                "compile_seconds": round(self.compile_seconds, 1)}
+                "compile_seconds": round(self.compile_seconds, 1), "precision": self.precision,
+                "precision_computed": "bf16" if self.bf16_kernel else "f32", "bf16_kernel": self.bf16_kernel,
+                **self.packed_weights}
 
 
 class TvmBackend(Backend):
     """Options: `threads` (default: all cores), `target` ('host', the default: this CPU's
     every feature; an x86-64 level such as 'x86-64-v3' (AVX2) for a library that runs on any
     CPU of that level; or a TVM target dict), `schedules` (False builds TVM's unscheduled
-    loops: for comparisons only). The CPU features the library needs go in the manifest;
-    loading refuses a CPU that lacks one."""
+    loops: for comparisons only), `precision` ('f32', the default, or 'bf16': weight matmuls
+    in bf16 with fp32 sums where the target has AMX-BF16 or AVX512-BF16, else fp32 with a
+    one-line notice), `bf16_kernel` ('amx_bf16' or 'avx512_bf16' to choose one the target
+    has). The CPU features the library needs go in the manifest; loading refuses a CPU that
+    lacks one."""
 
     name = "tvm"
 
-    def __init__(self, threads: int | None = None, target: dict | str | None = None, schedules: bool = True):
+    def __init__(self, threads: int | None = None, target: dict | str | None = None, schedules: bool = True,
+                 precision: str = "f32", bf16_kernel: str | None = None):
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown TVM precision '{precision}'; use one of {', '.join(PRECISIONS)}")
         self.threads = threads
         self.target = tvm_target(target)
-        check_cpu_features(required_cpu_features(self.target), f"a TVM library for CPU '{self.target.get('mcpu')}'")
+        features = required_cpu_features(self.target)
+        check_cpu_features(features, f"a TVM library for CPU '{self.target.get('mcpu')}'")
         self.schedules = schedules
+        self.precision = precision
+        self.bf16_kernel = None
+        if precision == "bf16":
+            if not schedules:
+                raise BackendError("tvm backend: precision 'bf16' needs schedules=True (its kernels replace the "
+                                   "scheduled matmuls)")
+            self.bf16_kernel = bf16_kernel_for(features, bf16_kernel)
+            if self.bf16_kernel is None:
+                print(f"tvm backend: bf16 is not supported on this target (CPU '{self.target.get('mcpu')}' has "
+                      "neither AMX-BF16 nor AVX512-BF16): computing in fp32", file=sys.stderr)
+        elif bf16_kernel is not None:
+            raise BackendError("tvm backend: bf16_kernel is an option of precision='bf16'")
 
     def compile(self, captured, progress=False):
         started = time.perf_counter()
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
-            build_library(captured, workdir, self.target, self.schedules)
-            return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started)
+            weights = build_library(captured, workdir, self.target, self.schedules, self.bf16_kernel)
+            if self.bf16_kernel and weights["fp32_weights"]:
+                print(f"tvm backend: {weights['fp32_weights']} of {sum(weights.values())} weight matmuls stay fp32 "
+                      "(bf16 kernels need k a multiple of 32)", file=sys.stderr)
+            return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started,
+                                 self.precision, self.bf16_kernel, weights)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -335,7 +374,9 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
                                      f"the graph computes {spec.dtype}; use backend='onnxruntime' for this graph")
 
 
-def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True) -> None:
+def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
+                  bf16_kernel: str | None = None) -> dict:
+    """Build model.so and params.bin in `workdir`; returns how many packed weights are bf16 / fp32."""
     import tvm
     from tvm import relax
 
@@ -343,8 +384,9 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
 
     mod, params = import_relax(captured)
     target = tvm.target.Target(target_dict)
+    packing = PackDenseWeights("bf16" if bf16_kernel else "f32")
     if schedules:
-        mod = PackDenseWeights()(mod)
+        mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
     try:
         executable = relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, schedules))
@@ -357,14 +399,17 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
                                "for TVM") from exc
         raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
-    executable.export_library(library)
-    transformed = _transform_params(executable, mod, params)
+    with tempfile.TemporaryDirectory(prefix="graphopt-tvm-kernels-") as objects:
+        executable.export_library(library, addons=[build_kernel_object(bf16_kernel, objects)] if bf16_kernel else None)
+    transformed = _transform_params(tvm.runtime.load_module(library), mod, params)
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
+    return {"bf16_weights": packing.bf16_weights, "fp32_weights": packing.fp32_weights}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:
-    """Run the lifted weight transforms (packing) once, at compile time."""
+    """Run the lifted weight transforms (packing) once, at compile time, in the exported
+    library (it holds the C kernels the in-memory module cannot resolve)."""
     import tvm
     from tvm import relax
 

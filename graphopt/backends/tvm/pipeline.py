@@ -9,6 +9,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
+from . import bf16
 from .schedules import default_rules, dense_lanes, packed_dense
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -31,14 +32,16 @@ class _Packing:
     n: int
     k: int
     lanes: int
+    bf16: bool = False    # bf16 panels [padded / 16, k / 2, 32] for graphopt's bf16 kernel (bf16.py)
 
     @property
     def padded(self) -> int:
         return -(-self.n // self.lanes) * self.lanes
 
 
-def _weight_matmuls(main: relax.Function, weights: set) -> dict:
-    """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T."""
+def _weight_matmuls(main: relax.Function, weights: set, use_bf16: bool = False) -> dict:
+    """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T;
+    with `use_bf16`, bf16 panels wherever the bf16 kernel takes the shape."""
     bound = {}
     packings = {}
     for block in main.body.blocks:
@@ -57,7 +60,10 @@ def _weight_matmuls(main: relax.Function, weights: set) -> dict:
         if transposed and list(source.attrs.axes or [1, 0]) != [1, 0]:
             continue
         n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
-        packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
+        if use_bf16 and bf16.supports(k, n):
+            packings[rhs] = _Packing(transposed, n, k, 16, bf16=True)
+        else:
+            packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
     return packings
 
 
@@ -87,7 +93,9 @@ class _DenseRewriter(relax.PyExprMutator):
             if p.padded != p.n:   # GPT-2's 50257-token vocabulary: zero columns, sliced off later
                 source = relax.op.nn.pad(weight, [0, p.padded - p.n, 0, 0] if p.transposed else
                                          [0, 0, 0, p.padded - p.n])
-            if p.transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
+            if p.bf16:
+                panels = _bf16_panels(source, p)
+            elif p.transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
                 panels = relax.op.permute_dims(relax.op.reshape(source, [p.padded // p.lanes, p.lanes, p.k]), [0, 2, 1])
             else:              # weight [K, N] -> [K, N / lanes, lanes] -> [N / lanes, K, lanes]
                 panels = relax.op.permute_dims(relax.op.reshape(source, [p.k, p.padded // p.lanes, p.lanes]), [1, 0, 2])
@@ -114,6 +122,10 @@ class _DenseRewriter(relax.PyExprMutator):
         lanes = p.lanes
 
         def embedding_rows(table, index):
+            if p.bf16:
+                return te.compute((*index.shape, p.k), lambda *i: table[
+                    index[i[:-1]] // lanes, i[-1] // 2, index[i[:-1]] % lanes * 2 + i[-1] % 2].astype("float32"),
+                    name="embedding_rows")
             return te.compute((*index.shape, p.k), lambda *i: table[index[i[:-1]] // lanes, i[-1],
                                                                     index[i[:-1]] % lanes], name="embedding_rows")
         return self.builder_.call_te(embedding_rows, panels, ids)
@@ -133,11 +145,14 @@ class _DenseRewriter(relax.PyExprMutator):
             rows = rows * dim
         rows = tvm.sym.Analyzer().simplify(rows)
         static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
-        key = (static_rows, p.k, p.padded, p.lanes)
+        key = (static_rows, p.k, p.padded, p.lanes, p.bf16)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
-            self.kernels[key] = self.builder_.add_func(packed_dense(m, p.k, p.padded, p.lanes),
-                                                       f"packed_dense_{p.k}x{p.padded}")
+            if p.bf16:
+                kernel, name = bf16.dense_bf16(m, p.k, p.padded), f"dense_bf16_{p.k}x{p.padded}"
+            else:
+                kernel, name = packed_dense(m, p.k, p.padded, p.lanes), f"packed_dense_{p.k}x{p.padded}"
+            self.kernels[key] = self.builder_.add_func(kernel, name)
         flat = self.builder_.emit(relax.op.reshape(x, [rows, p.k]))
         out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, self._panels_of(weight)],
                                                 relax.TensorType([rows, p.padded], "float32")))
@@ -146,15 +161,33 @@ class _DenseRewriter(relax.PyExprMutator):
         return relax.op.reshape(out, out_shape)
 
 
+def _bf16_panels(weight, p: _Packing):
+    """[n, k] or [k, n] float32 -> bf16 panels [n / 16, k / 2, 32]: (column, k pair) interleaved."""
+    half, count = p.k // 2, p.padded // 16
+    if p.transposed:     # [N, K] -> [N / 16, 16, K / 2, 2] -> [N / 16, K / 2, 16, 2]
+        pairs = relax.op.permute_dims(relax.op.reshape(weight, [count, 16, half, 2]), [0, 2, 1, 3])
+    else:                # [K, N] -> [K / 2, 2, N / 16, 16] -> [N / 16, K / 2, 16, 2]
+        pairs = relax.op.permute_dims(relax.op.reshape(weight, [half, 2, count, 16]), [2, 0, 3, 1])
+    return relax.op.astype(relax.op.reshape(pairs, [count, half, 32]), "bfloat16")
+
+
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
 class PackDenseWeights:
-    """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W));
-    an embedding lookup in a weight packed so reads the panels."""
+    """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W))
+    (precision "bf16": dense_bf16 on bf16 panels where the shape allows); an embedding lookup
+    in a weight packed so reads the panels."""
+
+    def __init__(self, precision: str = "f32"):
+        self.precision = precision
+        self.bf16_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-        rewriter = _DenseRewriter(mod, _weight_matmuls(main, set(main.params[num_inputs:])))
+        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision == "bf16")
+        self.bf16_weights = sum(p.bf16 for p in packings.values())
+        self.fp32_weights = len(packings) - self.bf16_weights
+        rewriter = _DenseRewriter(mod, packings)
         gv = mod.get_global_var("main")
         rewriter.builder_.update_func(gv, rewriter.visit_expr(main))
         return rewriter.builder_.get()
