@@ -2,8 +2,9 @@
 torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, and
 graphopt (tvm) with the "default" and "fuse" presets and bf16 precision (weight matmuls in
 graphopt's AMX-BF16 / AVX512-BF16 kernels; "not supported on this CPU" without them); OpenVINO
-as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs with AVX-512 BF16 or AMX),
-and graphopt's openvino backend at both (a peer that is not installed prints "not installed").
+as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
+with AVX-512 BF16 or AMX), and graphopt's openvino backend at both (a peer that is not
+installed prints "not installed").
 The header names the CPU's vector and matrix features. `--quality` adds each row's
 perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
 change from eager's: what reduced-precision rows cost.

@@ -80,12 +80,15 @@ def dense_bf16(m, k: int, n: int):
         task = tirx.Var("task", "int32")
         # access_ptr, not .data: an activation may start at an offset into planned storage. The
         # weight is a parameter (its own tensor, offset 0); TVM's bf16 legalization rejects its access_ptr.
+        # The loop variable is int32 and cast: an int64 one is narrowed to i32 by TVM and the C
+        # side would read garbage in the upper half.
+        sizes = [tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
         call = tirx.call_extern("int32", "graphopt_dense_bf16", ins[0].access_ptr("r"), ins[1].data,
-                                outs[0].access_ptr("w"),
-                                tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64"), tirx.Cast("int64", task), tirx.const(tasks, "int64"))
+                                outs[0].access_ptr("w"), *sizes, tirx.Cast("int64", task), tirx.const(tasks, "int64"))
         return tirx.For(task, tirx.const(0, "int32"), tirx.const(tasks, "int32"), tirx.ForKind.PARALLEL,
                         tirx.Evaluate(call))
 
     y = te.extern((m, n), [x, w], body, name="Y", dtype="float32")
     func = te.create_prim_func([x, w, y])
-    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN).without_attr("global_symbol")
+    return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
+            .without_attr("global_symbol"))
