@@ -1,7 +1,10 @@
 """128-token SmolLM2 prefill latency: torch eager, torch.compile, ONNX Runtime on the plain
-torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, and
-graphopt (tvm) with the "default" and "fuse" presets and bf16 precision (weight matmuls in
-graphopt's AMX-BF16 / AVX512-BF16 kernels; "not supported on this CPU" without them); OpenVINO
+torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, int8
+weights with int8 activations in MatMulNBits (accuracy level 4: "int8 compute") and the "int4"
+preset, and
+graphopt (tvm) with the "default" and "fuse" presets and at bf16 and int8 precision (weight
+matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels; "not supported on this CPU"
+without them); OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
 with AVX-512 BF16 or AMX), and graphopt's openvino backend at both (a peer that is not
 installed prints "not installed").
@@ -43,9 +46,11 @@ import graphopt  # noqa: E402
 from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
-from graphopt.backends.tvm.bf16 import bf16_kernel_for  # noqa: E402
+from graphopt.backends.tvm.dense_kernels import kernel_for  # noqa: E402
 from graphopt.backends.tvm.runner import cpu_flags  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
+from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
+from graphopt.passes.weight_quantization import WeightQuantization  # noqa: E402
 
 
 def linear_layers_alone(model: torch.nn.Module, tokens: int):
@@ -143,11 +148,14 @@ def main() -> None:
     runner = OrtRunner(path, [graphopt.TensorSpec("input_ids", tuple(ids.shape), "int64")], [], args.threads)
     add("onnxruntime (plain export)", lambda: torch.from_numpy(runner.run([ids])[0]), start)
 
-    for preset in ("none", "default", "fuse"):
+    int8_compute = [ConstantFolding(), WeightQuantization(bits=8, group_size=None, accuracy_level=4),
+                    DeadCodeElimination()]
+    for label, preset in (("none", "none"), ("default", "default"), ("fuse", "fuse"),
+                          ("int8 compute", int8_compute), ("int4", "int4")):
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)
-        add(f"graphopt onnxruntime ({preset})", lambda cm=cm: cm(ids), start)
+        add(f"graphopt onnxruntime ({label})", lambda cm=cm: cm(ids), start)
         if preset == "default":
             macs = graph_cost(cm.graph_module).macs     # the exact presets leave the MACs as they are
             cm_default = cm
@@ -172,13 +180,13 @@ def main() -> None:
             cm = graphopt.compile(model, (ids,), backend="openvino", progress=False,
                                   backend_options={"threads": args.threads, "precision": precision})
             add(f"graphopt openvino ({precision})", lambda cm=cm: cm(ids), start)
-    tvm_rows = [("default", {}), ("fuse", {}), ("bf16", {"precision": "bf16"})]
+    tvm_rows = [("default", {}), ("fuse", {}), ("bf16", {"precision": "bf16"}), ("int8", {"precision": "int8"})]
     for label, options in () if args.skip_tvm else tvm_rows:
-        if options.get("precision") == "bf16" and bf16_kernel_for(cpu_flags()) is None:
+        if "precision" in options and kernel_for(options["precision"], cpu_flags()) is None:
             unsupported.append(f"graphopt tvm ({label})")
             continue
         start = time.perf_counter()
-        cm = graphopt.compile(model, (ids,), passes="default" if label == "bf16" else label, backend="tvm",
+        cm = graphopt.compile(model, (ids,), passes="default" if "precision" in options else label, backend="tvm",
                               backend_options={"threads": args.threads, **options}, progress=False)
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 

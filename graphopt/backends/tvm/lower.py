@@ -19,9 +19,9 @@ Lowering, step by step:
    weight packed in panels; LiftTransformParams moves the packing out of `main`, and it runs
    once at compile time.
 4. TVM's CPU pipeline (legalize, fuse) with our schedule rules in the middle, built for the
-   host CPU (LLVM, AVX-512 when present). With precision "bf16" the weight matmuls call
-   graphopt's C kernel instead (bf16.py: AMX-BF16 or AVX512-BF16), compiled for the host and
-   linked into the library.
+   host CPU (LLVM, AVX-512 when present). With precision "bf16" or "int8" the weight matmuls
+   call graphopt's C kernels instead (dense_kernels.py: AMX or AVX-512 BF16 / VNNI), compiled
+   for the host and linked into the library.
 
 The artifact holds `model.so` (export_library) and `params.bin` (TVM's own parameter
 format, not pickle); graphopt.backends.tvm.runner.TvmRunner runs it with only numpy and the TVM runtime.
@@ -44,7 +44,7 @@ from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
 from ..base import Backend, WorkdirExecutable
-from .bf16 import bf16_kernel_for, build_kernel_object
+from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for
 from .intrinsics import register_fast_exp
 from .runner import (
     TVM_LIBRARY,
@@ -59,7 +59,10 @@ from .runner import (
 use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
 register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see intrinsics.py)
 
-PRECISIONS = ("f32", "bf16")
+PRECISIONS = ("f32", "bf16", "int8")
+# what a reduced-precision kernel computes, for the pass log
+_COMPUTES = {"bf16": "weight matmuls in bf16 (fp32 sums)",
+             "int8": "weight matmuls in int8 (weights per column, activations per row when it runs; int32 sums)"}
 
 # Users may add entries: ATen op name ("add.Tensor") -> a converter, as TVM's
 # from_exported_program(custom_convert_map=...) takes them.
@@ -70,28 +73,28 @@ class TvmExecutable(WorkdirExecutable):
     backend = "tvm"
 
     def __init__(self, workdir: str, captured: CapturedModel, threads: int | None, target: dict,
-                 compile_seconds: float, precision: str = "f32", bf16_kernel: str | None = None,
+                 compile_seconds: float, precision: str = "f32", kernel: str | None = None,
                  packed_weights: dict | None = None):
         self.workdir = workdir
         self.threads = threads
         self.target = target
         self.compile_seconds = compile_seconds
         self.precision = precision
-        self.bf16_kernel = bf16_kernel
+        self.kernel = kernel
         self.packed_weights = packed_weights or {}
         self.runner = TvmRunner(os.path.join(workdir, TVM_LIBRARY), os.path.join(workdir, TVM_PARAMS),
                                 captured.inputs, captured.outputs, threads)
 
     @property
     def reduced_precision(self):
-        return f"weight matmuls in bf16 ({self.bf16_kernel} kernel)" if self.bf16_kernel else None
+        return f"{_COMPUTES[self.precision]}, {self.kernel} kernel" if self.kernel else None
 
     def save_files(self, directory):
         self.copy_files(directory, (TVM_LIBRARY, TVM_PARAMS))
         return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
                 "target": self.target, "cpu_features": required_cpu_features(self.target),
                 "compile_seconds": round(self.compile_seconds, 1), "precision": self.precision,
-                "precision_computed": "bf16" if self.bf16_kernel else "f32", "bf16_kernel": self.bf16_kernel,
+                "precision_computed": self.precision if self.kernel else "f32", "kernel": self.kernel,
                 **self.packed_weights}
 
 
@@ -99,16 +102,17 @@ class TvmBackend(Backend):
     """Options: `threads` (default: all cores), `target` ('host', the default: this CPU's
     every feature; an x86-64 level such as 'x86-64-v3' (AVX2) for a library that runs on any
     CPU of that level; or a TVM target dict), `schedules` (False builds TVM's unscheduled
-    loops: for comparisons only), `precision` ('f32', the default, or 'bf16': weight matmuls
-    in bf16 with fp32 sums where the target has AMX-BF16 or AVX512-BF16, else fp32 with a
-    one-line notice), `bf16_kernel` ('amx_bf16' or 'avx512_bf16' to choose one the target
+    loops: for comparisons only), `precision` ('f32', the default; 'bf16': weight matmuls in
+    bf16 with fp32 sums where the target has AMX-BF16 or AVX512-BF16; 'int8': int8 weights and
+    dynamic int8 activations where it has AMX-INT8 or AVX512-VNNI; else fp32 with a one-line
+    notice), `kernel` (e.g. 'avx512_bf16' on an AMX CPU: choose one of that precision the target
     has). The CPU features the library needs go in the manifest; loading refuses a CPU that
     lacks one."""
 
     name = "tvm"
 
     def __init__(self, threads: int | None = None, target: dict | str | None = None, schedules: bool = True,
-                 precision: str = "f32", bf16_kernel: str | None = None):
+                 precision: str = "f32", kernel: str | None = None):
         if precision not in PRECISIONS:
             raise BackendError(f"unknown TVM precision '{precision}'; use one of {', '.join(PRECISIONS)}")
         self.threads = threads
@@ -117,28 +121,29 @@ class TvmBackend(Backend):
         check_cpu_features(features, f"a TVM library for CPU '{self.target.get('mcpu')}'")
         self.schedules = schedules
         self.precision = precision
-        self.bf16_kernel = None
-        if precision == "bf16":
+        self.kernel = None
+        if precision != "f32":
             if not schedules:
-                raise BackendError("tvm backend: precision 'bf16' needs schedules=True (its kernels replace the "
-                                   "scheduled matmuls)")
-            self.bf16_kernel = bf16_kernel_for(features, bf16_kernel)
-            if self.bf16_kernel is None:
-                print(f"tvm backend: bf16 is not supported on this target (CPU '{self.target.get('mcpu')}' has "
-                      "neither AMX-BF16 nor AVX512-BF16): computing in fp32", file=sys.stderr)
-        elif bf16_kernel is not None:
-            raise BackendError("tvm backend: bf16_kernel is an option of precision='bf16'")
+                raise BackendError(f"tvm backend: precision '{precision}' needs schedules=True (its kernels "
+                                   "replace the scheduled matmuls)")
+            self.kernel = kernel_for(precision, features, kernel)
+            if self.kernel is None:
+                names = " nor ".join(name for name, spec in KERNELS.items() if spec[0] == precision)
+                print(f"tvm backend: {precision} is not supported on this target (CPU '{self.target.get('mcpu')}' "
+                      f"has no {names}): computing in fp32", file=sys.stderr)
+        elif kernel is not None:
+            raise BackendError("tvm backend: kernel is an option of precision 'bf16' or 'int8'")
 
     def compile(self, captured, progress=False):
         started = time.perf_counter()
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
-            weights = build_library(captured, workdir, self.target, self.schedules, self.bf16_kernel)
-            if self.bf16_kernel and weights["fp32_weights"]:
+            weights = build_library(captured, workdir, self.target, self.schedules, self.kernel)
+            if self.kernel and weights["fp32_weights"]:
                 print(f"tvm backend: {weights['fp32_weights']} of {sum(weights.values())} weight matmuls stay fp32 "
-                      "(bf16 kernels need k a multiple of 32)", file=sys.stderr)
+                      f"({self.precision} kernels need k a multiple of {K_MULTIPLE[self.precision]})", file=sys.stderr)
             return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started,
-                                 self.precision, self.bf16_kernel, weights)
+                                 self.precision, self.kernel, weights)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -375,8 +380,9 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
 
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
-                  bf16_kernel: str | None = None) -> dict:
-    """Build model.so and params.bin in `workdir`; returns how many packed weights are bf16 / fp32."""
+                  kernel: str | None = None) -> dict:
+    """Build model.so and params.bin in `workdir` (weight matmuls in `kernel`'s precision where
+    it takes them); returns how many packed weights are in that precision and in fp32."""
     import tvm
     from tvm import relax
 
@@ -384,7 +390,7 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
 
     mod, params = import_relax(captured)
     target = tvm.target.Target(target_dict)
-    packing = PackDenseWeights("bf16" if bf16_kernel else "f32")
+    packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32")
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
@@ -400,11 +406,11 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
         raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-kernels-") as objects:
-        executable.export_library(library, addons=[build_kernel_object(bf16_kernel, objects)] if bf16_kernel else None)
+        executable.export_library(library, addons=[build_kernel_object(kernel, objects)] if kernel else None)
     transformed = _transform_params(tvm.runtime.load_module(library), mod, params)
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
-    return {"bf16_weights": packing.bf16_weights, "fp32_weights": packing.fp32_weights}
+    return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:

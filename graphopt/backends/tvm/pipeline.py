@@ -9,7 +9,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
-from . import bf16
+from . import dense_kernels
 from .schedules import default_rules, dense_lanes, packed_dense
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -32,16 +32,16 @@ class _Packing:
     n: int
     k: int
     lanes: int
-    bf16: bool = False    # bf16 panels [padded / 16, k / 2, 32] for graphopt's bf16 kernel (bf16.py)
+    precision: str = "f32"    # "bf16" / "int8": panels for graphopt's C kernels (dense_kernels.py)
 
     @property
     def padded(self) -> int:
         return -(-self.n // self.lanes) * self.lanes
 
 
-def _weight_matmuls(main: relax.Function, weights: set, use_bf16: bool = False) -> dict:
+def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32") -> dict:
     """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T;
-    with `use_bf16`, bf16 panels wherever the bf16 kernel takes the shape."""
+    with precision "bf16" / "int8", that precision's panels wherever its kernels take the shape."""
     bound = {}
     packings = {}
     for block in main.body.blocks:
@@ -60,8 +60,8 @@ def _weight_matmuls(main: relax.Function, weights: set, use_bf16: bool = False) 
         if transposed and list(source.attrs.axes or [1, 0]) != [1, 0]:
             continue
         n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
-        if use_bf16 and bf16.supports(k, n):
-            packings[rhs] = _Packing(transposed, n, k, 16, bf16=True)
+        if precision != "f32" and dense_kernels.supports(precision, k):
+            packings[rhs] = _Packing(transposed, n, k, 16, precision)
         else:
             packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
     return packings
@@ -86,20 +86,22 @@ class _DenseRewriter(relax.PyExprMutator):
                 return bound.args[0]
         return None
 
-    def _panels_of(self, weight):
-        """The weight's panels, emitted once: matmuls and an embedding lookup share them."""
+    def _panels_of(self, weight) -> list:
+        """The weight's panels (int8: and its column scales and sums), emitted once: matmuls and
+        an embedding lookup share them."""
         if weight not in self.panels:
             p, source = self.packings[weight], weight
             if p.padded != p.n:   # GPT-2's 50257-token vocabulary: zero columns, sliced off later
                 source = relax.op.nn.pad(weight, [0, p.padded - p.n, 0, 0] if p.transposed else
                                          [0, 0, 0, p.padded - p.n])
-            if p.bf16:
-                panels = _bf16_panels(source, p)
-            elif p.transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
+            if p.precision != "f32":
+                self.panels[weight] = [self.builder_.emit(t) for t in _KERNEL_PANELS[p.precision](source, p)]
+                return self.panels[weight]
+            if p.transposed:   # weight [N, K] -> [N / lanes, lanes, K] -> [N / lanes, K, lanes]
                 panels = relax.op.permute_dims(relax.op.reshape(source, [p.padded // p.lanes, p.lanes, p.k]), [0, 2, 1])
             else:              # weight [K, N] -> [K, N / lanes, lanes] -> [N / lanes, K, lanes]
                 panels = relax.op.permute_dims(relax.op.reshape(source, [p.k, p.padded // p.lanes, p.lanes]), [1, 0, 2])
-            self.panels[weight] = self.builder_.emit(panels)
+            self.panels[weight] = [self.builder_.emit(panels)]
         return self.panels[weight]
 
     def visit_call_(self, call):
@@ -121,14 +123,16 @@ class _DenseRewriter(relax.PyExprMutator):
         panels = self._panels_of(weight)
         lanes = p.lanes
 
-        def embedding_rows(table, index):
-            if p.bf16:
-                return te.compute((*index.shape, p.k), lambda *i: table[
-                    index[i[:-1]] // lanes, i[-1] // 2, index[i[:-1]] % lanes * 2 + i[-1] % 2].astype("float32"),
-                    name="embedding_rows")
-            return te.compute((*index.shape, p.k), lambda *i: table[index[i[:-1]] // lanes, i[-1],
-                                                                    index[i[:-1]] % lanes], name="embedding_rows")
-        return self.builder_.call_te(embedding_rows, panels, ids)
+        def embedding_rows(index, table, *scales):
+            def row(*i):
+                n, k = index[i[:-1]], i[-1]
+                if p.precision == "bf16":
+                    return table[n // lanes, k // 2, n % lanes * 2 + k % 2].astype("float32")
+                if p.precision == "int8":
+                    return table[n // lanes, k // 4, n % lanes * 4 + k % 4].astype("float32") * scales[0][n]
+                return table[n // lanes, k, n % lanes]
+            return te.compute((*index.shape, p.k), row, name="embedding_rows")
+        return self.builder_.call_te(embedding_rows, ids, *panels[:2])
 
     def _dense(self, call):
         x, rhs = call.args
@@ -145,48 +149,72 @@ class _DenseRewriter(relax.PyExprMutator):
             rows = rows * dim
         rows = tvm.sym.Analyzer().simplify(rows)
         static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
-        key = (static_rows, p.k, p.padded, p.lanes, p.bf16)
+        key = (static_rows, p.k, p.padded, p.lanes, p.precision)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
-            if p.bf16:
-                kernel, name = bf16.dense_bf16(m, p.k, p.padded), f"dense_bf16_{p.k}x{p.padded}"
+            if p.precision != "f32":
+                kernel = dense_kernels.dense_call(p.precision, m, p.k, p.padded)
+                name = f"dense_{p.precision}_{p.k}x{p.padded}"
             else:
                 kernel, name = packed_dense(m, p.k, p.padded, p.lanes), f"packed_dense_{p.k}x{p.padded}"
             self.kernels[key] = self.builder_.add_func(kernel, name)
         flat = self.builder_.emit(relax.op.reshape(x, [rows, p.k]))
-        out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, self._panels_of(weight)],
+        out = self.builder_.emit(relax.call_tir(self.kernels[key], [flat, *self._panels_of(weight)],
                                                 relax.TensorType([rows, p.padded], "float32")))
         if p.padded != p.n:
             out = self.builder_.emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[p.n]))
         return relax.op.reshape(out, out_shape)
 
 
-def _bf16_panels(weight, p: _Packing):
-    """[n, k] or [k, n] float32 -> bf16 panels [n / 16, k / 2, 32]: (column, k pair) interleaved."""
-    half, count = p.k // 2, p.padded // 16
-    if p.transposed:     # [N, K] -> [N / 16, 16, K / 2, 2] -> [N / 16, K / 2, 16, 2]
-        pairs = relax.op.permute_dims(relax.op.reshape(weight, [count, 16, half, 2]), [0, 2, 1, 3])
-    else:                # [K, N] -> [K / 2, 2, N / 16, 16] -> [N / 16, K / 2, 16, 2]
-        pairs = relax.op.permute_dims(relax.op.reshape(weight, [half, 2, count, 16]), [2, 0, 3, 1])
-    return relax.op.astype(relax.op.reshape(pairs, [count, half, 32]), "bfloat16")
+def _interleaved(weight, p: _Packing, group: int):
+    """[n, k] or [k, n] -> panels [n / 16, k / group, 16 * group]: each panel's 16 columns with
+    `group` consecutive k values side by side (the layout dot-product instructions read)."""
+    steps, count = p.k // group, p.padded // 16
+    if p.transposed:     # [N, K] -> [N / 16, 16, K / g, g] -> [N / 16, K / g, 16, g]
+        grouped = relax.op.permute_dims(relax.op.reshape(weight, [count, 16, steps, group]), [0, 2, 1, 3])
+    else:                # [K, N] -> [K / g, g, N / 16, 16] -> [N / 16, K / g, 16, g]
+        grouped = relax.op.permute_dims(relax.op.reshape(weight, [steps, group, count, 16]), [2, 0, 3, 1])
+    return relax.op.reshape(grouped, [count, steps, 16 * group])
+
+
+def _bf16_panels(weight, p: _Packing) -> list:
+    """float32 -> bf16 panels [n / 16, k / 2, 32] (TVM's cast: nearest even)."""
+    return [relax.op.astype(_interleaved(weight, p, 2), "bfloat16")]
+
+
+def _int8_panels(weight, p: _Packing) -> list:
+    """float32 -> int8 panels [n / 16, k / 4, 64], symmetric per output column, plus the
+    columns' scales (max |w| / 127) and sums of their int8 values."""
+    columns = weight if p.transposed else relax.op.permute_dims(weight, [1, 0])       # [N, K]
+    peak = relax.op.max(relax.op.abs(columns), axis=[1], keepdims=True)
+    scale = relax.op.divide(peak, relax.const(127.0, "float32"))
+    divisor = relax.op.maximum(scale, relax.const(1e-30, "float32"))                 # all-zero (padding) columns
+    values = relax.op.clip(relax.op.round(relax.op.divide(columns, divisor)), -127, 127)
+    quantized = relax.op.astype(values, "int8")
+    sums = relax.op.sum(relax.op.astype(quantized, "int32"), axis=[1])
+    flat = _Packing(True, p.n, p.k, p.lanes, p.precision)
+    return [_interleaved(quantized, flat, 4), relax.op.reshape(scale, [p.padded]), sums]
+
+
+_KERNEL_PANELS = {"bf16": _bf16_panels, "int8": _int8_panels}
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
 class PackDenseWeights:
     """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W))
-    (precision "bf16": dense_bf16 on bf16 panels where the shape allows); an embedding lookup
-    in a weight packed so reads the panels."""
+    (precision "bf16" / "int8": graphopt's C kernels on that precision's panels where the shape
+    allows); an embedding lookup in a weight packed so reads the panels."""
 
     def __init__(self, precision: str = "f32"):
         self.precision = precision
-        self.bf16_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
+        self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision == "bf16")
-        self.bf16_weights = sum(p.bf16 for p in packings.values())
-        self.fp32_weights = len(packings) - self.bf16_weights
+        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision)
+        self.reduced_weights = sum(p.precision != "f32" for p in packings.values())
+        self.fp32_weights = len(packings) - self.reduced_weights
         rewriter = _DenseRewriter(mod, packings)
         gv = mod.get_global_var("main")
         rewriter.builder_.update_func(gv, rewriter.visit_expr(main))

@@ -8,14 +8,7 @@
  * even) into a per-thread buffer.
  * Built by graphopt at lowering time with the host's instruction set: GRAPHOPT_AMX selects
  * AMX-BF16 tiles, otherwise AVX512-BF16's vdpbf16ps is used. */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-
-static __thread uint16_t *x_bf16;
-static __thread size_t x_capacity;
+#include "common.h"
 
 static uint16_t round_to_bf16(float value) {
     uint32_t bits;
@@ -28,11 +21,7 @@ static uint16_t round_to_bf16(float value) {
 
 /* rows x k floats (contiguous) -> this thread's bf16 buffer */
 static const uint16_t *rows_to_bf16(const float *x, int64_t count) {
-    if ((size_t)count > x_capacity) {
-        free(x_bf16);
-        x_capacity = (size_t)count;
-        x_bf16 = aligned_alloc(64, (x_capacity * 2 + 63) / 64 * 64);
-    }
+    uint16_t *x_bf16 = thread_scratch((size_t)count * 2);
     int64_t i = 0;
     for (; i + 32 <= count; i += 32) {
         __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
@@ -44,33 +33,6 @@ static const uint16_t *rows_to_bf16(const float *x, int64_t count) {
 }
 
 #ifdef GRAPHOPT_AMX
-#include <sys/syscall.h>
-#include <unistd.h>
-
-/* Linux grants AMX tile data per process on request (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
-__attribute__((constructor)) static void request_amx_permission(void) {
-    syscall(SYS_arch_prctl, 0x1023, 18);
-}
-
-struct tile_config {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
-/* Tiles: C 0..3 = (row tile, panel) accumulators, A 4..5 = X row tiles, B 6..7 = panels. */
-static void configure_tiles(int rows0, int rows1) {
-    struct tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    int tile_rows[8] = {rows0, rows0, rows1, rows1, rows0, rows1, 16, 16};
-    for (int t = 0; t < 8; t++) {
-        config.rows[t] = (uint8_t)tile_rows[t];
-        config.colsb[t] = tile_rows[t] ? 64 : 0;
-    }
-    _tile_loadconfig(&config);
-}
-
 /* NR row tiles (1-2) x NP panels (1-2), the whole k: constants after inlining. */
 static inline __attribute__((always_inline)) void amx_block(const int NR, const int NP, const uint16_t *x,
         const uint16_t *w, float *y, int64_t k, int64_t n) {
@@ -122,7 +84,6 @@ static void dense_panels(const uint16_t *x, const uint16_t *w, float *y, int64_t
     }
     _tile_release();
 }
-#define KERNEL_NAME "amx_bf16"
 #else
 /* NR rows (1-4) x NP panels (1-4) of accumulators in registers over the whole k. */
 static inline __attribute__((always_inline)) void dot_block(const int NR, const int NP, const uint16_t *x,
@@ -176,21 +137,15 @@ static void dense_panels(const uint16_t *x, const uint16_t *w, float *y, int64_t
         }
     }
 }
-#define KERNEL_NAME "avx512_bf16"
 #endif
 
 /* Task `task` of `tasks`: all m rows x the task's share of the n / 16 panels (in pairs of 4,
  * whole groups of the kernels' widest block). */
 int32_t graphopt_dense_bf16(const float *x, const uint16_t *w, float *y, int64_t m, int64_t k, int64_t n,
                             int64_t task, int64_t tasks) {
-    const int64_t groups = (n / 16 + 3) / 4;
-    const int64_t group0 = groups * task / tasks, group_end = groups * (task + 1) / tasks;
-    const int64_t panel0 = group0 * 4;
-    const int64_t panel_end = group_end * 4 < n / 16 ? group_end * 4 : n / 16;
-    if (m <= 0 || panel_end <= panel0)
+    int64_t panel0, panel_end;
+    if (m <= 0 || !task_panels(n, task, tasks, &panel0, &panel_end))
         return 0;
     dense_panels(rows_to_bf16(x, m * k), w, y, m, k, n, panel0, panel_end - panel0);
     return 0;
 }
-
-const char *graphopt_dense_bf16_kernel(void) { return KERNEL_NAME; }

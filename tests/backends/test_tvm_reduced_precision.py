@@ -1,0 +1,141 @@
+"""The TVM backend's reduced precisions: weight matmuls in graphopt's C kernels, bf16 operands
+with fp32 sums (AMX-BF16, AVX512-BF16) and int8 weights and dynamic int8 activations with
+int32 sums (AMX-INT8, AVX512-VNNI), each exact against the same roundings done in float64;
+the fp32 fallback and which kernel a CPU gets."""
+import json
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends.tvm.dense_kernels import KERNELS, kernel_for
+from graphopt.backends.tvm.runner import cpu_flags
+from graphopt.errors import BackendError
+
+from ..conftest import assert_close_to_scale, run_artifact_without_torch
+
+pytest.importorskip("tvm")
+
+HOST_KERNELS = [(precision, name) for name, (precision, needs, _, _) in KERNELS.items()
+                if set(needs) <= (cpu_flags() or set())]
+
+
+class TiedTiny(torch.nn.Module):
+    """Embedding tied to the head; an odd panel count (40 -> 48 columns); k = 40 stays fp32."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(100, 64)
+        self.up = torch.nn.Linear(64, 96)
+        self.down = torch.nn.Linear(96, 40, bias=False)
+        self.back = torch.nn.Linear(40, 64)
+        self.head = torch.nn.Linear(64, 100, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.back(self.down(torch.relu(self.up(h))))
+        return self.head(h)
+
+
+def bf16_reference(m: TiedTiny, ids: torch.Tensor) -> torch.Tensor:
+    """The bf16 plan in float64: operands of k % 32 == 0 matmuls (and the tied embedding
+    rows, read from the bf16 panels) rounded to bf16 (nearest even), everything else exact."""
+    def r(t):
+        return t.detach().to(torch.bfloat16).double()
+    h = r(m.embed.weight)[ids]
+    u = torch.relu(r(h) @ r(m.up.weight).T + m.up.bias.double())
+    d = r(u) @ r(m.down.weight).T
+    h = h + d @ m.back.weight.double().T + m.back.bias.double()
+    return (r(h) @ r(m.embed.weight).T).float()
+
+
+def int8_reference(m: TiedTiny, ids: torch.Tensor) -> torch.Tensor:
+    """The int8 plan in float64: k % 64 == 0 matmuls (up, the tied head, and the embedding
+    rows read from its panels) with weights symmetric per output row and activations per
+    token, rounded to nearest even; everything else exact."""
+    def weights(w):
+        scale = w.detach().abs().amax(1, keepdim=True) / 127
+        return (torch.round(w.detach() / scale) * scale).double()
+
+    def activations(x):
+        scale = x.abs().amax(-1, keepdim=True) / 127
+        return torch.round(x / scale) * scale
+    h = weights(m.embed.weight)[ids]
+    u = torch.relu(activations(h) @ weights(m.up.weight).T + m.up.bias.double())
+    h = h + u @ m.down.weight.double().T @ m.back.weight.double().T + m.back.bias.double()
+    return (activations(h) @ weights(m.embed.weight).T).float()
+
+
+REFERENCES = {"bf16": (bf16_reference, "1 of 4 weight matmuls stay fp32", (3, 1)),
+              "int8": (int8_reference, "2 of 4 weight matmuls stay fp32", (2, 2))}
+
+
+def test_kernel_choice_follows_the_cpu_features():
+    assert kernel_for("bf16", {"avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"}) == "amx_bf16"
+    assert kernel_for("bf16", {"avx512bw", "avx512_bf16"}) == "avx512_bf16"
+    assert kernel_for("bf16", {"avx2", "fma"}) is None
+    assert kernel_for("bf16", {"avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"}, "avx512_bf16") == "avx512_bf16"
+    with pytest.raises(BackendError, match="'amx_bf16' needs CPU features amx_tile, amx_bf16"):
+        kernel_for("bf16", {"avx512bw", "avx512_bf16"}, "amx_bf16")
+    with pytest.raises(BackendError, match="unknown bf16 kernel 'amx_int8'"):
+        kernel_for("bf16", {"avx512bw"}, "amx_int8")
+    assert kernel_for("int8", {"avx512bw", "avx512_vnni", "amx_tile", "amx_int8"}) == "amx_int8"
+    assert kernel_for("int8", {"avx512bw", "avx512_vnni"}) == "avx512_vnni"
+    assert kernel_for("int8", {"avx2", "fma"}) is None
+
+
+@pytest.mark.skipif(not HOST_KERNELS, reason="this CPU has no AMX, AVX512-BF16 or AVX512-VNNI")
+@pytest.mark.parametrize("precision,kernel", HOST_KERNELS)
+def test_reduced_precision_matmuls_equal_the_rounded_float64_plan(precision, kernel, tmp_path, capsys):
+    m = TiedTiny().eval()
+    ids = torch.randint(0, 100, (1, 37))          # a 32-row block and a 5-row tail
+    cm = graphopt.compile(m, (ids,), backend="tvm", dynamic_dims={0: {1: "seq"}}, progress=False,
+                          backend_options={"precision": precision, "kernel": kernel})
+    reference, fp32_said, counts = REFERENCES[precision]
+    assert fp32_said in capsys.readouterr().err
+    for length in (1, 16, 37, 70):
+        other = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        assert_close_to_scale(cm(other), reference(m, other), 2e-6)
+    # and it is not fp32: the rounding moves the result well beyond fp32's error
+    assert (cm(ids) - m(ids)).abs().max() > 1e-3
+    path = cm.save(str(tmp_path / "tiny-bf16"))
+    backend = json.load(open(f"{path}/manifest.json"))["backend_options"]
+    assert backend["precision"] == backend["precision_computed"] == precision
+    assert backend["kernel"] == kernel and (backend["reduced_weights"], backend["fp32_weights"]) == counts
+    assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (ids,))), cm(ids), 1e-7)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_target_without_the_kernels_says_it_computes_in_fp32(precision, tmp_path, capsys):
+    m = TiedTiny().eval()
+    ids = torch.randint(0, 100, (1, 8))
+    cm = graphopt.compile(m, (ids,), backend="tvm", progress=False,
+                          backend_options={"precision": precision, "target": "x86-64-v3"})
+    assert f"{precision} is not supported on this target" in capsys.readouterr().err
+    assert_close_to_scale(cm(ids), m(ids), 1e-5)
+    backend = json.load(open(f"{cm.save(str(tmp_path / 'fallback'))}/manifest.json"))["backend_options"]
+    assert backend["precision"] == precision and backend["precision_computed"] == "f32"
+    assert backend["kernel"] is None
+
+
+def test_unknown_precision_and_misplaced_kernel_option_are_one_line():
+    with pytest.raises(BackendError, match="unknown TVM precision 'fp8'"):
+        graphopt.backends.get_backend("tvm", precision="fp8")
+    with pytest.raises(BackendError, match="kernel is an option of precision 'bf16' or 'int8'"):
+        graphopt.backends.get_backend("tvm", kernel="amx_bf16")
+
+
+@pytest.mark.skipif(not any(p == "bf16" for p, _ in HOST_KERNELS), reason="this CPU has no bf16 kernel")
+def test_the_bf16_cost_is_a_pass_log_entry_with_its_quality(tmp_path):
+    m = TiedTiny().eval()
+    batches = [torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    cm = graphopt.compile(m, (batches[0],), backend="tvm", calibration=batches, progress=False,
+                          backend_options={"precision": "bf16"})
+    record = cm.records[-1]
+    assert record.name == "lower:tvm" and "weight matmuls in bf16" in record.notes[0]
+    assert 1e-3 < record.max_output_diff < 0.5
+    assert 0 < record.quality["js"] < 1e-3 and record.quality["top1_agreement"] > 0.9
+    passes = json.load(open(f"{cm.save(str(tmp_path / 'q'))}/manifest.json"))["passes"]
+    assert passes[-1]["name"] == "lower:tvm" and passes[-1]["quality"] == record.quality
