@@ -6,7 +6,7 @@ graphopt (tvm) with the "default" and "fuse" presets and at bf16 and int8 precis
 matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels; "not supported on this CPU"
 without them); OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
-with AVX-512 BF16 or AMX), and graphopt's openvino backend at both (a peer that is not
+with AVX-512 BF16 or AMX), and graphopt's openvino backend at both and with the "int4" preset (a peer that is not
 installed prints "not installed").
 The header names the CPU's vector and matrix features. `--quality` adds each row's
 perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
@@ -79,7 +79,7 @@ def peak_gemm_flops(size: int = 2048, calls: int = 10) -> float:
 
 
 OPENVINO_ROWS = ("openvino f32 (graphopt's model.onnx)", "openvino default hint (graphopt's model.onnx)",
-                 "graphopt openvino (f32)", "graphopt openvino (default)")
+                 "graphopt openvino (f32)", "graphopt openvino (default)", "graphopt openvino (int4, default)")
 
 
 def windows_perplexity(run, windows, ids: torch.Tensor) -> float:
@@ -175,11 +175,12 @@ def main() -> None:
                 config["INFERENCE_PRECISION_HINT"] = hint
             peer = core.compile_model(onnx_path, "CPU", config)
             add(name, lambda peer=peer: torch.from_numpy(peer(ids.numpy())[0]), start)
-        for precision in ("f32", "default"):
+        for passes, precision in (("default", "f32"), ("default", "default"), ("int4", "default")):
             start = time.perf_counter()
-            cm = graphopt.compile(model, (ids,), backend="openvino", progress=False,
+            cm = graphopt.compile(model, (ids,), passes=passes, backend="openvino", progress=False,
                                   backend_options={"threads": args.threads, "precision": precision})
-            add(f"graphopt openvino ({precision})", lambda cm=cm: cm(ids), start)
+            label = precision if passes == "default" else f"{passes}, {precision}"
+            add(f"graphopt openvino ({label})", lambda cm=cm: cm(ids), start)
     tvm_rows = [("default", {}), ("fuse", {}), ("bf16", {"precision": "bf16"}), ("int8", {"precision": "int8"})]
     for label, options in () if args.skip_tvm else tvm_rows:
         if "precision" in options and kernel_for(options["precision"], cpu_flags()) is None:

@@ -131,3 +131,13 @@ def test_pruning_flags_come_from_the_pass_options(capsys):
     with pytest.raises(SystemExit):
         build_parser("compile").parse_args(["compile", "--prune-budget", "joules"])
     assert "invalid choice: 'joules'" in capsys.readouterr().err
+
+
+def test_compile_at_a_reduced_precision(tmp_path, capsys):
+    out = tmp_path / "llama-int8"
+    assert main(["compile", "--model", "llama", "--seq-len", "16", "--repeats", "1", "--backend", "tvm",
+                 "--precision", "int8", "--calibration-tokens", "0", "--out", str(out)]) == 0
+    backend = json.load(open(out / "manifest.json"))["backend_options"]
+    assert backend["precision"] == "int8"
+    assert main(["compile", "--model", "llama", "--precision", "bf16"]) == 1        # onnxruntime has none
+    assert "--precision is for --backend tvm or openvino" in capsys.readouterr().err

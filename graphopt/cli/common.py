@@ -21,11 +21,19 @@ def dim_size(text: str) -> tuple[str, int]:
 
 
 def backend_options(args) -> dict | None:
-    if args.backend == "tvm":
-        return {"threads": args.threads, "target": args.tvm_target}
-    if args.tvm_target != "host":
+    precision = getattr(args, "precision", None)
+    if precision is not None and args.backend not in ("tvm", "openvino"):
+        raise GraphoptError("--precision is for --backend tvm or openvino")
+    if args.tvm_target != "host" and args.backend != "tvm":
         raise GraphoptError("--tvm-target is for --backend tvm")
-    return {"threads": args.threads} if args.backend == "onnxruntime" else None
+    if args.backend not in ("onnxruntime", "tvm", "openvino"):
+        return None
+    options = {"threads": args.threads}
+    if args.backend == "tvm":
+        options["target"] = args.tvm_target
+    if precision is not None:
+        options["precision"] = precision
+    return options
 
 
 def example_inputs(bundle, seq_len: int):

@@ -210,6 +210,9 @@ def add_parsers(sub, with_pass_flags: bool = True) -> None:
     c.add_argument("--tvm-target", default="host",
                    help="CPU the TVM library is built for: host (this CPU's every feature), or an x86-64 level "
                         "such as x86-64-v3 (AVX2) for an artifact that runs on any CPU of that level")
+    c.add_argument("--precision", default=None,
+                   help="arithmetic of the backend: tvm f32 (default) | bf16 | int8 (graphopt's AMX / AVX-512 "
+                        "kernels); openvino f32 (default) | bf16 | f16 | default (the plugin's choice)")
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--no-verify", action="store_true", help="skip output verification after each pass")
     c.add_argument("--dump-dir", help="write the graph before/after each changing pass here")

@@ -38,19 +38,21 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ...errors import BackendError, UnsupportedOpError
+from ...errors import BackendError, GraphoptError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
 from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
 from ..base import Backend, WorkdirExecutable
 from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for
+from .quantized import QuantizedConverters
 from .intrinsics import register_fast_exp
 from .runner import (
     TVM_LIBRARY,
     TVM_PARAMS,
     TvmRunner,
     check_cpu_features,
+    host_target,
     required_cpu_features,
     tvm_target,
     use_all_cores_for_tvm,
@@ -87,7 +89,11 @@ class TvmExecutable(WorkdirExecutable):
 
     @property
     def reduced_precision(self):
-        return f"{_COMPUTES[self.precision]}, {self.kernel} kernel" if self.kernel else None
+        parts = [f"{_COMPUTES[self.precision]}, {self.kernel} kernel"] if self.kernel else []
+        if self.packed_weights.get("nbits_kernel"):
+            parts.append(f"block-quantized weights dequantized to bf16 (bf16 products, fp32 sums), "
+                         f"{self.packed_weights['nbits_kernel']} kernel")
+        return "; ".join(parts) or None
 
     def save_files(self, directory):
         self.copy_files(directory, (TVM_LIBRARY, TVM_PARAMS))
@@ -338,8 +344,9 @@ def check_supported(program: torch.export.ExportedProgram, convert_map: dict) ->
                 "add one to graphopt.backends.tvm.lower.CUSTOM_CONVERT_MAP or use backend='onnxruntime'")
 
 
-def import_relax(captured: CapturedModel):
-    """The IR as a Relax IRModule with weights as parameters, plus the weights (in order)."""
+def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None = None):
+    """The IR as a Relax IRModule with weights as parameters, plus the weights (in order).
+    `quantized` converts block-quantized ops (default: with the host's bf16 kernel, if any)."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -353,12 +360,17 @@ def import_relax(captured: CapturedModel):
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: re-exporting the IR failed: {first}") from exc
+    if quantized is None:
+        quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(host_target())))
+    converters = {**quantized.convert_map(), **CUSTOM_CONVERT_MAP}
     importer = ExportedProgramImporter()
-    importer.update_convert_map(dict(CUSTOM_CONVERT_MAP))
+    importer.update_convert_map(converters)
     check_supported(program, importer.convert_map)
     try:
         mod = from_exported_program(program, keep_params_as_input=True, run_ep_decomposition=False,
-                                    custom_convert_map=dict(CUSTOM_CONVERT_MAP) or None)
+                                    custom_convert_map=converters)
+    except GraphoptError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the importer raises asserts and TVM errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: Relax import failed: {first}") from exc
@@ -388,7 +400,8 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
 
     from .pipeline import PackDenseWeights, cpu_pipeline
 
-    mod, params = import_relax(captured)
+    quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(target_dict)))
+    mod, params = import_relax(captured, quantized)
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32")
     if schedules:
@@ -405,12 +418,14 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
                                "for TVM") from exc
         raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
+    kernels = sorted({name for name in (kernel, quantized.kernel if quantized.used else None) if name})
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-kernels-") as objects:
-        executable.export_library(library, addons=[build_kernel_object(kernel, objects)] if kernel else None)
+        executable.export_library(library, addons=[build_kernel_object(name, objects) for name in kernels] or None)
     transformed = _transform_params(tvm.runtime.load_module(library), mod, params)
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
-    return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights}
+    return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights,
+            "nbits_kernel": quantized.kernel if quantized.used else None}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:

@@ -9,16 +9,17 @@
 #include <math.h>
 #include <string.h>
 
-/* This thread's scratch buffer of at least `bytes` (64-byte aligned, kept between calls). */
-static void *thread_scratch(size_t bytes) {
-    static __thread void *buffer;
-    static __thread size_t capacity;
-    if (bytes > capacity) {
-        free(buffer);
-        capacity = (bytes + 63) / 64 * 64;
-        buffer = aligned_alloc(64, capacity);
+/* This thread's scratch buffer `slot` (0 or 1) of at least `bytes` (64-byte aligned, kept
+ * between calls). */
+static void *thread_scratch(int slot, size_t bytes) {
+    static __thread void *buffers[2];
+    static __thread size_t capacity[2];
+    if (bytes > capacity[slot]) {
+        free(buffers[slot]);
+        capacity[slot] = (bytes + 63) / 64 * 64;
+        buffers[slot] = aligned_alloc(64, capacity[slot]);
     }
-    return buffer;
+    return buffers[slot];
 }
 
 /* Task `task` of `tasks` gets panels [*first, *end) of n / 16, in whole groups of 4. */

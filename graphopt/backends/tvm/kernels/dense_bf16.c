@@ -1,6 +1,8 @@
 /* bf16 dense kernels for the TVM backend: Y[m, n] = X[m, k] @ W^T with X float32, W stored in
  * bfloat16 panels [n / 16, k / 2, 16, 2] (a panel's 16 columns, two k steps per 32-bit pair:
  * the layout both vdpbf16ps and AMX's tdpbf16ps read), Y float32, accumulation in float32.
+ * graphopt_dense_nbits does the same for 4- and 8-bit block-quantized weights: each group of
+ * four panels is dequantized to bf16 panels in a per-thread buffer, then multiplied.
  *
  * TVM calls graphopt_dense_bf16 once per task from a parallel loop: a task is every row of X
  * times a share of the panels, so each weight byte is read from memory once per call (the
@@ -19,16 +21,27 @@ static uint16_t round_to_bf16(float value) {
     return (uint16_t)(bits >> 16);
 }
 
-/* rows x k floats (contiguous) -> this thread's bf16 buffer */
-static const uint16_t *rows_to_bf16(const float *x, int64_t count) {
-    uint16_t *x_bf16 = thread_scratch((size_t)count * 2);
+static void floats_to_bf16(const float *x, uint16_t *out, int64_t count) {
     int64_t i = 0;
     for (; i + 32 <= count; i += 32) {
         __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
-        _mm512_storeu_si512((void *)(x_bf16 + i), (__m512i)pair);
+        _mm512_storeu_si512((void *)(out + i), (__m512i)pair);
     }
     for (; i < count; i++)
-        x_bf16[i] = round_to_bf16(x[i]);
+        out[i] = round_to_bf16(x[i]);
+}
+
+/* m rows of k floats -> this thread's bf16 buffer, rows of `stride` >= k (zeros after k) */
+static const uint16_t *rows_to_bf16(const float *x, int64_t m, int64_t k, int64_t stride) {
+    uint16_t *x_bf16 = thread_scratch(0, (size_t)(m * stride) * 2);
+    if (stride == k) {
+        floats_to_bf16(x, x_bf16, m * k);
+        return x_bf16;
+    }
+    for (int64_t r = 0; r < m; r++) {
+        floats_to_bf16(x + r * k, x_bf16 + r * stride, k);
+        memset(x_bf16 + r * stride + k, 0, (size_t)(stride - k) * 2);
+    }
     return x_bf16;
 }
 
@@ -146,6 +159,66 @@ int32_t graphopt_dense_bf16(const float *x, const uint16_t *w, float *y, int64_t
     int64_t panel0, panel_end;
     if (m <= 0 || !task_panels(n, task, tasks, &panel0, &panel_end))
         return 0;
-    dense_panels(rows_to_bf16(x, m * k), w, y, m, k, n, panel0, panel_end - panel0);
+    dense_panels(rows_to_bf16(x, m, k, k), w, y, m, k, n, panel0, panel_end - panel0);
+    return 0;
+}
+
+/* Panel p of block-quantized weights -> bf16 panel [k32 / 2, 32]: w = (code - zero) * scale.
+ * codes: [n / 16, k_blocks / 2, 16 * bits / 4] (a row: 16 columns' (even k, odd k) codes: one
+ * byte of two nibbles at 4 bits, two bytes at 8); scales, zeros: [n / 16, blocks, 16]. */
+static void dequantize_panel(const uint8_t *codes, const void *scales, const uint8_t *zeros, uint16_t *out,
+                             int64_t p, int64_t k_blocks, int64_t k32, int bits, int64_t block, int64_t blocks,
+                             int scales_f16) {
+    const int64_t rows = k_blocks / 2, row_bytes = 16 * bits / 4;
+    const __m512 default_zero = _mm512_set1_ps((float)(1 << (bits - 1)));
+    for (int64_t kk = 0; kk < k32 / 2; kk++) {
+        uint16_t *row = out + kk * 32;
+        if (kk >= rows) {
+            memset(row, 0, 64);
+            continue;
+        }
+        const int64_t b = p * blocks + 2 * kk / block;
+        const __m512 scale = scales_f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)scales + b))
+                                        : _mm512_loadu_ps((const float *)scales + b * 16);
+        const __m512 zero = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)zeros + b)))
+                                  : default_zero;
+        const uint8_t *source = codes + (p * rows + kk) * row_bytes;
+        __m512i pairs, even, odd;
+        if (bits == 4) {
+            pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)source));
+            even = _mm512_and_si512(pairs, _mm512_set1_epi32(15));
+            odd = _mm512_srli_epi32(pairs, 4);
+        } else {
+            pairs = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)source));
+            even = _mm512_and_si512(pairs, _mm512_set1_epi32(255));
+            odd = _mm512_srli_epi32(pairs, 8);
+        }
+        __m512 low = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(even), zero), scale);
+        __m512 high = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(odd), zero), scale);
+        __m512i low16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(low));
+        __m512i high16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(high));
+        _mm512_storeu_si512((void *)row, _mm512_or_si512(low16, _mm512_slli_epi32(high16, 16)));
+    }
+}
+
+/* Y[m, n] = X[m, k] @ W^T for block-quantized W (bits 4 or 8, `blocks` blocks of `block` per
+ * column, k_blocks = blocks * block >= k); flags: 1 = float16 scales, 2 = zero points given
+ * (else 2 ** (bits - 1)). Task split as graphopt_dense_bf16. */
+int32_t graphopt_dense_nbits(const float *x, const uint8_t *codes, const void *scales, const uint8_t *zeros,
+                             float *y, int64_t m, int64_t k, int64_t n, int64_t bits, int64_t block, int64_t blocks,
+                             int64_t flags, int64_t task, int64_t tasks) {
+    int64_t panel0, panel_end;
+    if (m <= 0 || !task_panels(n, task, tasks, &panel0, &panel_end))
+        return 0;
+    const int64_t k32 = (k + 31) / 32 * 32, k_blocks = blocks * block;
+    const uint16_t *xb = rows_to_bf16(x, m, k, k32);
+    uint16_t *panels = thread_scratch(1, (size_t)(4 * k32 / 2 * 32) * 2);
+    for (int64_t p = panel0; p < panel_end; p += 4) {
+        const int64_t count = panel_end - p < 4 ? panel_end - p : 4;
+        for (int64_t j = 0; j < count; j++)
+            dequantize_panel(codes, scales, flags & 2 ? zeros : 0, panels + j * (k32 / 2) * 32, p + j, k_blocks, k32,
+                             (int)bits, block, blocks, (int)(flags & 1));
+        dense_panels(xb, panels, y + p * 16, m, k32, n, 0, count);
+    }
     return 0;
 }

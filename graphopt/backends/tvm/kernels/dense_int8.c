@@ -20,7 +20,7 @@
 /* m rows of k floats -> this thread's buffer: m * k quantized bytes, then m float scales. */
 static const uint8_t *quantize_rows(const float *x, int64_t m, int64_t k, const float **scales_out) {
     const size_t bytes = ((size_t)(m * k) + 63) / 64 * 64;
-    uint8_t *q = thread_scratch(bytes + (size_t)m * sizeof(float));
+    uint8_t *q = thread_scratch(0, bytes + (size_t)m * sizeof(float));
     float *scales = (float *)(q + bytes);
     for (int64_t r = 0; r < m; r++) {
         const float *row = x + r * k;

@@ -1,0 +1,75 @@
+"""Block-quantized weights on the TVM backend: matmul_nbits and embedding_nbits keep their 4- or
+8-bit codes in the artifact and run in graphopt's bf16 kernels, exactly the quantized graph
+with its dequantized weights and its activations rounded to bf16."""
+import json
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends.tvm.dense_kernels import kernel_for
+from graphopt.backends.tvm.runner import cpu_flags
+from graphopt.ir.graph import constant_value
+from graphopt.ir.quantized import MATMUL_NBITS, dequantize
+from graphopt.passes import ConstantFolding, DeadCodeElimination
+from graphopt.passes.weight_quantization import WeightQuantization
+
+from ..conftest import assert_close_to_scale, run_artifact_without_torch
+
+pytest.importorskip("tvm")
+HAS_BF16 = kernel_for("bf16", cpu_flags()) is not None
+needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 kernel")
+
+
+def quantized_linear(bits: int, grid: str, scale_dtype: str):
+    """One Linear(48 -> 40) quantized in blocks of 16 (k 48: the kernel pads it to 64; n 40: to 48)."""
+    torch.manual_seed(bits)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40)).eval()
+    x = torch.randn(5, 48)
+    passes = [ConstantFolding(), WeightQuantization(bits=bits, group_size=16, method="rtn", grid=grid,
+                                                    scale_dtype=scale_dtype, embeddings=False, head_bits=None),
+              DeadCodeElimination()]
+    return model, x, passes
+
+
+def bf16_plan(cm, model, x: torch.Tensor) -> torch.Tensor:
+    """The quantized graph's linear with its dequantized weight and x rounded to bf16, in float64."""
+    gm = cm.graph_module
+    node = next(n for n in gm.graph.nodes if n.target == MATMUL_NBITS)
+    def value(arg):        # float16 scales reach matmul_nbits through a cast
+        return constant_value(gm, arg) if arg.op == "get_attr" else constant_value(gm, arg.args[0]).float()
+    weight = dequantize(*(value(a) for a in node.args[1:4]), *node.args[4:7])
+    rounded = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
+    return (rounded + model[0].bias.detach().double()).float()
+
+
+@needs_bf16
+@pytest.mark.parametrize("bits,grid,scale_dtype", [(4, "minmax", "float32"), (4, "symmetric", "float16"),
+                                                   (8, "minmax", "float16"), (8, "symmetric", "float32")])
+def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, tmp_path):
+    model, x, passes = quantized_linear(bits, grid, scale_dtype)
+    cm = graphopt.compile(model, (x,), passes=passes, backend="tvm", dynamic_dims={0: {0: "rows"}}, progress=False)
+    for rows in (1, 5, 33):
+        other = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+        assert_close_to_scale(cm(other), bf16_plan(cm, model, other), 2e-6)
+    path = cm.save(str(tmp_path / "q"))
+    backend = json.load(open(f"{path}/manifest.json"))["backend_options"]
+    assert backend["nbits_kernel"] == kernel_for("bf16", cpu_flags()) and backend["precision_computed"] == "f32"
+    assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (x,))), cm(x), 1e-7)
+
+
+@needs_bf16
+@pytest.mark.parametrize("preset", ["int4", "int8"])
+def test_quantized_presets_run_on_tvm_close_to_the_quantized_graph(preset):
+    bundle = graphopt.models.load("llama")
+    inputs = bundle.example_inputs(seq_len=24)
+    cm = graphopt.compile(bundle.model, inputs, passes=preset, backend="tvm", progress=False)
+    assert "block-quantized weights dequantized to bf16" in cm.records[-1].notes[0]
+    assert_close_to_scale(cm(*inputs), cm.captured(*inputs)[0], 1e-2)        # bf16 products
+
+
+def test_without_a_bf16_kernel_a_quantized_graph_is_refused_in_one_line():
+    model, x, passes = quantized_linear(4, "minmax", "float32")
+    with pytest.raises(graphopt.errors.BackendError, match="node '.*' .graphopt.matmul_nbits. needs a bf16 kernel"):
+        graphopt.compile(model, (x,), passes=passes, backend="tvm", backend_options={"target": "x86-64-v3"},
+                         progress=False)
