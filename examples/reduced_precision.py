@@ -15,8 +15,6 @@ import argparse
 import statistics
 import time
 
-import torch
-
 import graphopt
 
 VARIANTS = [("tvm", {"precision": "f32"}), ("tvm", {"precision": "bf16"}), ("tvm", {"precision": "int8"}),

@@ -45,8 +45,8 @@ from ...ir.graph import add_constant, constant_value, export_retrying_with_resha
 from ...ir.moe import densify_experts
 from ..base import Backend, WorkdirExecutable
 from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for
-from .quantized import QuantizedConverters
 from .intrinsics import register_fast_exp
+from .quantized import QuantizedConverters
 from .runner import (
     TVM_LIBRARY,
     TVM_PARAMS,
