@@ -2,9 +2,10 @@
 torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" presets, int8
 weights with int8 activations in MatMulNBits (accuracy level 4: "int8 compute") and the "int4"
 preset, and
-graphopt (tvm) with the "default" and "fuse" presets and at bf16 and int8 precision (weight
-matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels; "not supported on this CPU"
-without them); OpenVINO
+graphopt (tvm) with the "default" and "fuse" presets, at bf16 and int8 precision (weight
+matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels) and with the "int4" preset
+(4-bit codes dequantized into the bf16 kernels; "not supported on this CPU" without them);
+OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
 with AVX-512 BF16 or AMX), and graphopt's openvino backend at both and with the "int4" preset (a peer that is not
 installed prints "not installed").
@@ -181,13 +182,16 @@ def main() -> None:
                                   backend_options={"threads": args.threads, "precision": precision})
             label = precision if passes == "default" else f"{passes}, {precision}"
             add(f"graphopt openvino ({label})", lambda cm=cm: cm(ids), start)
-    tvm_rows = [("default", {}), ("fuse", {}), ("bf16", {"precision": "bf16"}), ("int8", {"precision": "int8"})]
-    for label, options in () if args.skip_tvm else tvm_rows:
-        if "precision" in options and kernel_for(options["precision"], cpu_flags()) is None:
+    # (label, preset, options, the precision its kernels need)
+    tvm_rows = [("default", "default", {}, None), ("fuse", "fuse", {}, None),
+                ("bf16", "default", {"precision": "bf16"}, "bf16"), ("int8", "default", {"precision": "int8"}, "int8"),
+                ("int4", "int4", {}, "bf16")]
+    for label, preset, options, needs in () if args.skip_tvm else tvm_rows:
+        if needs and kernel_for(needs, cpu_flags()) is None:
             unsupported.append(f"graphopt tvm ({label})")
             continue
         start = time.perf_counter()
-        cm = graphopt.compile(model, (ids,), passes="default" if "precision" in options else label, backend="tvm",
+        cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
                               backend_options={"threads": args.threads, **options}, progress=False)
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 

@@ -146,7 +146,8 @@ class TvmBackend(Backend):
         try:
             weights = build_library(captured, workdir, self.target, self.schedules, self.kernel)
             if self.kernel and weights["fp32_weights"]:
-                print(f"tvm backend: {weights['fp32_weights']} of {sum(weights.values())} weight matmuls stay fp32 "
+                total = weights["reduced_weights"] + weights["fp32_weights"]
+                print(f"tvm backend: {weights['fp32_weights']} of {total} weight matmuls stay fp32 "
                       f"({self.precision} kernels need k a multiple of {K_MULTIPLE[self.precision]})", file=sys.stderr)
             return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started,
                                  self.precision, self.kernel, weights)

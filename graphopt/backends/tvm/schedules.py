@@ -102,12 +102,13 @@ class LoopNest(ScheduleRule):
         infos = _inline_injective(sch, infos)
         for info in infos:
             kinds = _loop_kinds(sch, info.block_rv)
-            if kinds is None or _touches_bool(sch.get(info.block_rv)):
+            if kinds is None:
                 continue
+            vectorize = not _touches_bool(sch.get(info.block_rv))
             attempt = sch.copy()
             try:
-                if not _register_tile(attempt, info.block_rv, kinds):
-                    _parallel_vectorize(attempt, info.block_rv, kinds)
+                if not vectorize or not _register_tile(attempt, info.block_rv, kinds):
+                    _parallel_vectorize(attempt, info.block_rv, kinds, vectorize)
                 sch = attempt
             except (s_tir.ScheduleError, RuntimeError):   # TVM InternalError is a RuntimeError
                 continue    # this block keeps TVM's plain loops; still correct
@@ -127,7 +128,7 @@ def _loop_kinds(sch: s_tir.Schedule, block) -> list[str] | None:
 
 def _touches_bool(stmt) -> bool:
     """Vectorized, a bool buffer (i8 in memory) meets bool values (i1) in one LLVM `and`, which
-    fails LLVM's verifier (DeepSeek-V3's attention mask); such blocks keep TVM's plain loops."""
+    fails LLVM's verifier (DeepSeek-V3's attention mask); such blocks are parallel, not vectorized."""
     return any("bool" in str(region.source.dtype) for region in (*stmt.reads, *stmt.writes))
 
 
@@ -205,7 +206,7 @@ def _register_tile(sch: s_tir.Schedule, block, kinds: list[str]) -> bool:
     return True
 
 
-def _parallel_vectorize(sch: s_tir.Schedule, block, kinds: list[str]) -> None:
+def _parallel_vectorize(sch: s_tir.Schedule, block, kinds: list[str], vectorize: bool = True) -> None:
     """Parallel outer spatial loops; the innermost spatial loop vectorized (moved inside the
     reductions when it walks rows, so a dot product per element becomes vector FMAs)."""
     stmt = sch.get(block)
@@ -217,7 +218,7 @@ def _parallel_vectorize(sch: s_tir.Schedule, block, kinds: list[str]) -> None:
     outer = spatial[:-1] if vector_loop is not None else spatial
     sch.reorder(*outer, *reduce, *([vector_loop] if vector_loop is not None else []))
     extent = _extent(sch, vector_loop) if vector_loop is not None else None
-    lanes = next((n for n in (VECTOR_LANES, 8) if extent and extent % n == 0), None)
+    lanes = next((n for n in (VECTOR_LANES, 8) if extent and extent % n == 0), None) if vectorize else None
     if lanes:
         vector_outer, vector_inner = sch.split(vector_loop, [None, lanes])
         sch.vectorize(vector_inner)

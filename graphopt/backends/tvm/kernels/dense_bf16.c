@@ -48,13 +48,15 @@ static const uint16_t *rows_to_bf16(const float *x, int64_t m, int64_t k, int64_
 #ifdef GRAPHOPT_AMX
 /* NR row tiles (1-2) x NP panels (1-2), the whole k: constants after inlining. */
 static inline __attribute__((always_inline)) void amx_block(const int NR, const int NP, const uint16_t *x,
-        const uint16_t *w, float *y, int64_t k, int64_t n) {
+        const uint16_t *w, float *y, int64_t k, int64_t n, const char *prefetch, int64_t prefetch_lines) {
     const int64_t pairs = k / 2, x_stride = k * 2;
     _tile_zero(0);
     if (NP > 1) _tile_zero(1);
     if (NR > 1) _tile_zero(2);
     if (NR > 1 && NP > 1) _tile_zero(3);
     for (int64_t c = 0; c < k / 32; c++) {
+        for (int64_t line = c * prefetch_lines; line < (c + 1) * prefetch_lines; line++)
+            _mm_prefetch(prefetch + line * 64, _MM_HINT_T0);
         _tile_loadd(4, x + c * 32, x_stride);
         _tile_loadd(6, w + c * 16 * 32, 64);
         if (NP > 1) _tile_loadd(7, w + (pairs + c * 16) * 32, 64);
@@ -81,16 +83,26 @@ static void dense_panels(const uint16_t *x, const uint16_t *w, float *y, int64_t
             continue;
         int64_t rows = pass ? tail : 32;
         configure_tiles(rows < 16 ? (int)rows : 16, rows > 16 ? (int)(rows - 16) : 0);
+        const int64_t blocks = (row_end - row0 + 31) / 32;
         for (int64_t p = panel0; p < panel0 + panels; p += 2) {
             const uint16_t *wp = w + p * pairs * 32;
             int two_panels = p + 1 < panel0 + panels;
-            for (int64_t r = row0; r < row_end; r += 32) {
+            /* the next pair's weights, prefetched while this pair computes, spread over its row
+             * blocks (measured: docs/measurements/decisions.md) */
+            const int64_t next_lines = p + 2 < panel0 + panels ? 2 * pairs : 0;
+            const int64_t per_step = (next_lines / blocks + k / 32 - 1) / (k / 32);
+            const char *next = (const char *)(w + (p + 2) * pairs * 32);
+            for (int64_t r = row0, b = 0; r < row_end; r += 32, b++) {
                 const uint16_t *xr = x + r * k;
                 float *yr = y + r * n + p * 16;
+                const char *fetch = next + b * per_step * (k / 32) * 64;
+                int64_t lines = b * per_step * (k / 32) < next_lines ? per_step : 0;
                 if (rows > 16) {
-                    if (two_panels) amx_block(2, 2, xr, wp, yr, k, n); else amx_block(2, 1, xr, wp, yr, k, n);
+                    if (two_panels) amx_block(2, 2, xr, wp, yr, k, n, fetch, lines);
+                    else amx_block(2, 1, xr, wp, yr, k, n, fetch, lines);
                 } else {
-                    if (two_panels) amx_block(1, 2, xr, wp, yr, k, n); else amx_block(1, 1, xr, wp, yr, k, n);
+                    if (two_panels) amx_block(1, 2, xr, wp, yr, k, n, fetch, lines);
+                    else amx_block(1, 1, xr, wp, yr, k, n, fetch, lines);
                 }
             }
         }
