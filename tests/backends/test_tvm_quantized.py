@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.backends.tvm.dense_kernels import kernel_for
+from graphopt.backends.tvm.dense_kernels import KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.ir.graph import constant_value
 from graphopt.ir.quantized import MATMUL_NBITS, dequantize
@@ -17,8 +17,9 @@ from graphopt.passes.weight_quantization import WeightQuantization
 from ..conftest import assert_close_to_scale, run_artifact_without_torch
 
 pytest.importorskip("tvm")
-HAS_BF16 = kernel_for("bf16", cpu_flags()) is not None
-needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no bf16 kernel")
+HOST_BF16_KERNELS = [name for name, (precision, needs, _, _) in KERNELS.items()
+                     if precision == "bf16" and set(needs) <= (cpu_flags() or set())]
+needs_bf16 = pytest.mark.skipif(not HOST_BF16_KERNELS, reason="this CPU has no bf16 kernel")
 
 
 def quantized_linear(bits: int, grid: str, scale_dtype: str):
@@ -44,17 +45,19 @@ def bf16_plan(cm, model, x: torch.Tensor) -> torch.Tensor:
 
 
 @needs_bf16
+@pytest.mark.parametrize("kernel", HOST_BF16_KERNELS)
 @pytest.mark.parametrize("bits,grid,scale_dtype", [(4, "minmax", "float32"), (4, "symmetric", "float16"),
                                                    (8, "minmax", "float16"), (8, "symmetric", "float32")])
-def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, tmp_path):
+def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, kernel, tmp_path):
     model, x, passes = quantized_linear(bits, grid, scale_dtype)
-    cm = graphopt.compile(model, (x,), passes=passes, backend="tvm", dynamic_dims={0: {0: "rows"}}, progress=False)
+    cm = graphopt.compile(model, (x,), passes=passes, backend="tvm", dynamic_dims={0: {0: "rows"}}, progress=False,
+                          backend_options={"kernel": kernel})
     for rows in (1, 5, 33):
         other = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
         assert_close_to_scale(cm(other), bf16_plan(cm, model, other), 2e-6)
     path = cm.save(str(tmp_path / "q"))
     backend = json.load(open(f"{path}/manifest.json"))["backend_options"]
-    assert backend["nbits_kernel"] == kernel_for("bf16", cpu_flags()) and backend["precision_computed"] == "f32"
+    assert backend["nbits_kernel"] == kernel and backend["precision_computed"] == "f32"
     assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (x,))), cm(x), 1e-7)
 
 

@@ -111,8 +111,9 @@ class TvmBackend(Backend):
     loops: for comparisons only), `precision` ('f32', the default; 'bf16': weight matmuls in
     bf16 with fp32 sums where the target has AMX-BF16 or AVX512-BF16; 'int8': int8 weights and
     dynamic int8 activations where it has AMX-INT8 or AVX512-VNNI; else fp32 with a one-line
-    notice), `kernel` (e.g. 'avx512_bf16' on an AMX CPU: choose one of that precision the target
-    has). The CPU features the library needs go in the manifest; loading refuses a CPU that
+    notice), `kernel` (e.g. 'avx512_bf16' on an AMX CPU: one of that precision the target has;
+    at f32, the bf16 kernel for the int4/int8 presets' quantized weights, which always run in
+    one). The CPU features the library needs go in the manifest; loading refuses a CPU that
     lacks one."""
 
     name = "tvm"
@@ -128,6 +129,9 @@ class TvmBackend(Backend):
         self.schedules = schedules
         self.precision = precision
         self.kernel = None
+        # quantized weights (int4/int8 presets) run in a bf16 kernel: the precision's if it is bf16,
+        # else the best the target has, or `kernel` when it names a bf16 one at precision f32
+        self.nbits_kernel = kernel_for("bf16", features, kernel if precision == "f32" else None)
         if precision != "f32":
             if not schedules:
                 raise BackendError(f"tvm backend: precision '{precision}' needs schedules=True (its kernels "
@@ -137,14 +141,14 @@ class TvmBackend(Backend):
                 names = " nor ".join(name for name, spec in KERNELS.items() if spec[0] == precision)
                 print(f"tvm backend: {precision} is not supported on this target (CPU '{self.target.get('mcpu')}' "
                       f"has no {names}): computing in fp32", file=sys.stderr)
-        elif kernel is not None:
-            raise BackendError("tvm backend: kernel is an option of precision 'bf16' or 'int8'")
+            if precision == "bf16":
+                self.nbits_kernel = self.kernel
 
     def compile(self, captured, progress=False):
         started = time.perf_counter()
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
-            weights = build_library(captured, workdir, self.target, self.schedules, self.kernel)
+            weights = build_library(captured, workdir, self.target, self.schedules, self.kernel, self.nbits_kernel)
             if self.kernel and weights["fp32_weights"]:
                 total = weights["reduced_weights"] + weights["fp32_weights"]
                 print(f"tvm backend: {weights['fp32_weights']} of {total} weight matmuls stay fp32 "
@@ -393,15 +397,16 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
 
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
-                  kernel: str | None = None) -> dict:
+                  kernel: str | None = None, nbits_kernel: str | None = None) -> dict:
     """Build model.so and params.bin in `workdir` (weight matmuls in `kernel`'s precision where
-    it takes them); returns how many packed weights are in that precision and in fp32."""
+    it takes them, quantized weights in the bf16 `nbits_kernel`); returns how many packed
+    weights are in that precision and in fp32, and the kernel quantized weights used."""
     import tvm
     from tvm import relax
 
     from .pipeline import PackDenseWeights, cpu_pipeline
 
-    quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(target_dict)))
+    quantized = QuantizedConverters(nbits_kernel)
     mod, params = import_relax(captured, quantized)
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32")
