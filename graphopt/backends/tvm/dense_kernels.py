@@ -87,25 +87,35 @@ def dense_call(precision: str, m, k: int, n: int):
     bf16 reads (X, panels); int8 reads (X, panels, column scales, column sums)."""
     from tvm import te, tirx
 
-    x = te.placeholder((m, k), "float32", name="X")
     if precision == "bf16":
         weights = [te.placeholder((n // 16, k // 2, 32), "bfloat16", name="W")]
     else:
         weights = [te.placeholder((n // 16, k // 4, 64), "int8", name="W"),
                    te.placeholder((n,), "float32", name="w_scale"), te.placeholder((n,), "int32", name="w_sums")]
+
+    def arguments(ins, y):
+        # A bf16 parameter is its own tensor (offset 0), and TVM's bf16 legalization rejects its access_ptr.
+        pointers = [ins[0].access_ptr("r")] + [w.data if w.dtype == "bfloat16" else w.access_ptr("r") for w in ins[1:]]
+        return [*pointers, y, tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
+    return parallel_extern(f"graphopt_dense_{precision}", m, k, n, weights, arguments)
+
+
+def parallel_extern(symbol: str, m, k: int, n: int, weights: list, arguments):
+    """A TIR function Y[m, n] (float32) of X[m, k] (float32) and `weights` (te placeholders) that
+    calls the C function `symbol`(*arguments(ins, y pointer), task, tasks) from a parallel loop
+    over the tasks (at most TASKS, one per 4 panels of 16 columns)."""
+    from tvm import te, tirx
+
+    x = te.placeholder((m, k), "float32", name="X")
     tasks = min(TASKS, -(-(n // 16) // 4))
 
     def body(ins, outs):
+        # access_ptr, not .data, for activations: a tensor may start at an offset into planned
+        # storage. The loop variable is int32 and cast: an int64 one is narrowed to i32 by TVM
+        # and the C side would read garbage in the upper half.
         task = tirx.Var("task", "int32")
-        # access_ptr, not .data: a tensor may start at an offset into planned storage. A bf16
-        # parameter is its own tensor (offset 0) and TVM's bf16 legalization rejects its access_ptr.
-        pointers = [ins[0].access_ptr("r")] + [
-            w.data if w.dtype == "bfloat16" else w.access_ptr("r") for w in ins[1:]]
-        # The loop variable is int32 and cast: an int64 one is narrowed to i32 by TVM and the C
-        # side would read garbage in the upper half.
-        sizes = [tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
-        call = tirx.call_extern("int32", f"graphopt_dense_{precision}", *pointers, outs[0].access_ptr("w"),
-                                *sizes, tirx.Cast("int64", task), tirx.const(tasks, "int64"))
+        call = tirx.call_extern("int32", symbol, *arguments(ins, outs[0].access_ptr("w")),
+                                tirx.Cast("int64", task), tirx.const(tasks, "int64"))
         return tirx.For(task, tirx.const(0, "int32"), tirx.const(tasks, "int32"), tirx.ForKind.PARALLEL,
                         tirx.Evaluate(call))
 

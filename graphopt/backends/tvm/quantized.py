@@ -13,8 +13,7 @@ keep one copy. A CPU without a bf16 kernel gets a one-line error naming the op.
 from __future__ import annotations
 
 from ...errors import BackendError
-from .dense_kernels import TASKS
-from .schedules import OPAQUE_PATTERN
+from .dense_kernels import parallel_extern
 
 
 class QuantizedConverters:
@@ -123,26 +122,15 @@ class QuantizedConverters:
 def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str, has_zeros: bool):
     """The TIR function Y[m, n] = X[m, k] @ W^T for reordered block-quantized W; `m` an int or a tirx.Var."""
     from tvm import te, tirx
-    x = te.placeholder((m, k), "float32", name="X")
     pairs = blocks * block_size // 2
     weights = [te.placeholder((n // 16, pairs, 16 * bits // 4), "uint8", name="codes"),
                te.placeholder((n // 16, blocks, 16), scale_dtype, name="scales")]
     if has_zeros:
         weights.append(te.placeholder((n // 16, blocks, 16), "uint8", name="zeros"))
-    tasks = min(TASKS, -(-(n // 16) // 4))
     flags = (1 if scale_dtype == "float16" else 0) | (2 if has_zeros else 0)
 
-    def body(ins, outs):
-        task = tirx.Var("task", "int32")        # int32 and cast: see dense_kernels.dense_call
+    def arguments(ins, y):
         zeros = ins[3 if has_zeros else 2].access_ptr("r")      # flags say whether the kernel reads it
         sizes = [tirx.Cast("int64", m)] + [tirx.const(v, "int64") for v in (k, n, bits, block_size, blocks, flags)]
-        call = tirx.call_extern("int32", "graphopt_dense_nbits", ins[0].access_ptr("r"), ins[1].access_ptr("r"),
-                                ins[2].access_ptr("r"), zeros, outs[0].access_ptr("w"), *sizes,
-                                tirx.Cast("int64", task), tirx.const(tasks, "int64"))
-        return tirx.For(task, tirx.const(0, "int32"), tirx.const(tasks, "int32"), tirx.ForKind.PARALLEL,
-                        tirx.Evaluate(call))
-
-    y = te.extern((m, n), [x, *weights], body, name="Y", dtype="float32")
-    func = te.create_prim_func([x, *weights, y])
-    return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
-            .without_attr("global_symbol"))
+        return [ins[0].access_ptr("r"), ins[1].access_ptr("r"), ins[2].access_ptr("r"), zeros, y, *sizes]
+    return parallel_extern("graphopt_dense_nbits", m, k, n, weights, arguments)
