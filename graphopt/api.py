@@ -108,7 +108,9 @@ def _precision_record(captured: CapturedModel, executable: Executable, calibrati
     from .analysis.quality import divergence_of_logits
     from .passes.instruments import first_output
 
+    nodes, weight_bytes = len(captured.graph_module.graph.nodes), parameter_bytes(captured.graph_module)
     record = PassRecord(name=f"lower:{executable.backend}", index=index, iteration=0, modified=True,
+                        nodes_before=nodes, nodes_after=nodes, bytes_before=weight_bytes, bytes_after=weight_bytes,
                         notes=[f"computes {executable.reduced_precision}"])
     with torch.no_grad():
         want = first_output(captured.graph_module(*captured.example_inputs))
