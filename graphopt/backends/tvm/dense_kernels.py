@@ -10,8 +10,8 @@ from TVM for every weight matmul whose shape they take.
   AVX512-VNNI (vpdpbusd).
 
 `PackDenseWeights` packs the weights (lifted, run once at compile time) and calls `dense_call`:
-a parallel loop over TASKS tasks (every row x a share of the 16-column panels, so the weights
-are read once per call), each calling the C kernel. TVM's LLVM code generator has no bfloat
+a parallel loop over tasks (every row x a share of the 16-column panels, so the weights are
+read once per call; `tasks_for`), each calling the C kernel. TVM's LLVM code generator has no bfloat
 vector type, hence C: compiled at lowering time for the host's instruction set
 (`build_kernel_object`) and linked into model.so. Norms, softmax, attention's activation
 products and the residual stream stay fp32. Which kernel a CPU gets: `kernel_for`.
@@ -27,7 +27,7 @@ from ...errors import BackendError
 from .schedules import OPAQUE_PATTERN
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-TASKS = 16                # per matmul, at most one per 4 panels (64 columns)
+TASKS_PER_THREAD = 2      # measured: docs/measurements/decisions.md
 
 # kernel -> (precision, CPU flags it needs, compiler flags, source), best first per precision
 KERNELS = {
@@ -81,7 +81,13 @@ def build_kernel_object(kernel: str, directory: str) -> str:
     return out
 
 
-def dense_call(precision: str, m, k: int, n: int):
+def tasks_for(threads: int) -> int:
+    """Tasks per matmul for a library run with `threads` threads: each task rounds or quantizes
+    all of X again, so few; two a thread for balance."""
+    return TASKS_PER_THREAD * max(1, threads)
+
+
+def dense_call(precision: str, m, k: int, n: int, tasks: int):
     """The TIR function Y[m, n] = X[m, k] @ W for packed `precision` weights; `m` an int or a tirx.Var.
 
     bf16 reads (X, panels); int8 reads (X, panels, column scales, column sums)."""
@@ -97,17 +103,17 @@ def dense_call(precision: str, m, k: int, n: int):
         # A bf16 parameter is its own tensor (offset 0), and TVM's bf16 legalization rejects its access_ptr.
         pointers = [ins[0].access_ptr("r")] + [w.data if w.dtype == "bfloat16" else w.access_ptr("r") for w in ins[1:]]
         return [*pointers, y, tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
-    return parallel_extern(f"graphopt_dense_{precision}", m, k, n, weights, arguments)
+    return parallel_extern(f"graphopt_dense_{precision}", m, k, n, weights, arguments, tasks)
 
 
-def parallel_extern(symbol: str, m, k: int, n: int, weights: list, arguments):
+def parallel_extern(symbol: str, m, k: int, n: int, weights: list, arguments, tasks: int):
     """A TIR function Y[m, n] (float32) of X[m, k] (float32) and `weights` (te placeholders) that
     calls the C function `symbol`(*arguments(ins, y pointer), task, tasks) from a parallel loop
-    over the tasks (at most TASKS, one per 4 panels of 16 columns)."""
+    over the tasks (at most `tasks`, one per 4 panels of 16 columns)."""
     from tvm import te, tirx
 
     x = te.placeholder((m, k), "float32", name="X")
-    tasks = min(TASKS, -(-(n // 16) // 4))
+    tasks = min(tasks, -(-(n // 16) // 4))
 
     def body(ins, outs):
         # access_ptr, not .data, for activations: a tensor may start at an offset into planned

@@ -43,8 +43,9 @@ from ...frontend.torch_export import CapturedModel
 from ...ir import ops
 from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
+from ...runtime import default_threads
 from ..base import Backend, WorkdirExecutable
-from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for
+from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for, tasks_for
 from .intrinsics import register_fast_exp
 from .quantized import QuantizedConverters
 from .runner import (
@@ -148,7 +149,8 @@ class TvmBackend(Backend):
         started = time.perf_counter()
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
-            weights = build_library(captured, workdir, self.target, self.schedules, self.kernel, self.nbits_kernel)
+            weights = build_library(captured, workdir, self.target, self.schedules, self.kernel, self.nbits_kernel,
+                                    tasks_for(self.threads or default_threads()))
             if self.kernel and weights["fp32_weights"]:
                 total = weights["reduced_weights"] + weights["fp32_weights"]
                 print(f"tvm backend: {weights['fp32_weights']} of {total} weight matmuls stay fp32 "
@@ -366,7 +368,8 @@ def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: re-exporting the IR failed: {first}") from exc
     if quantized is None:
-        quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(host_target())))
+        quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(host_target())),
+                                        tasks_for(default_threads()))
     converters = {**quantized.convert_map(), **CUSTOM_CONVERT_MAP}
     importer = ExportedProgramImporter()
     importer.update_convert_map(converters)
@@ -397,19 +400,20 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
 
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
-                  kernel: str | None = None, nbits_kernel: str | None = None) -> dict:
+                  kernel: str | None = None, nbits_kernel: str | None = None, tasks: int = 2) -> dict:
     """Build model.so and params.bin in `workdir` (weight matmuls in `kernel`'s precision where
     it takes them, quantized weights in the bf16 `nbits_kernel`); returns how many packed
-    weights are in that precision and in fp32, and the kernel quantized weights used."""
+    weights are in that precision and in fp32, and the kernel quantized weights used. `tasks`:
+    parallel calls per C-kernel matmul (dense_kernels.tasks_for the threads it will run with)."""
     import tvm
     from tvm import relax
 
     from .pipeline import PackDenseWeights, cpu_pipeline
 
-    quantized = QuantizedConverters(nbits_kernel)
+    quantized = QuantizedConverters(nbits_kernel, tasks)
     mod, params = import_relax(captured, quantized)
     target = tvm.target.Target(target_dict)
-    packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32")
+    packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks)
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
@@ -431,7 +435,8 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
     return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights,
-            "nbits_kernel": quantized.kernel if quantized.used else None}
+            "nbits_kernel": quantized.kernel if quantized.used else None,
+            "kernel_tasks": tasks if kernel or quantized.used else None}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:

@@ -69,9 +69,10 @@ def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32") 
 
 @relax.expr_functor.mutator
 class _DenseRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, packings: dict):
+    def __init__(self, mod: tvm.IRModule, packings: dict, tasks: int):
         super().__init__(mod)
         self.packings = packings
+        self.tasks = tasks
         self.panels: dict = {}
         self.kernels: dict = {}
 
@@ -153,7 +154,7 @@ class _DenseRewriter(relax.PyExprMutator):
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
             if p.precision != "f32":
-                kernel = dense_kernels.dense_call(p.precision, m, p.k, p.padded)
+                kernel = dense_kernels.dense_call(p.precision, m, p.k, p.padded, self.tasks)
                 name = f"dense_{p.precision}_{p.k}x{p.padded}"
             else:
                 kernel, name = packed_dense(m, p.k, p.padded, p.lanes), f"packed_dense_{p.k}x{p.padded}"
@@ -205,8 +206,9 @@ class PackDenseWeights:
     (precision "bf16" / "int8": graphopt's C kernels on that precision's panels where the shape
     allows); an embedding lookup in a weight packed so reads the panels."""
 
-    def __init__(self, precision: str = "f32"):
+    def __init__(self, precision: str = "f32", tasks: int = 2):
         self.precision = precision
+        self.tasks = tasks            # per reduced-precision matmul (dense_kernels.tasks_for)
         self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -215,7 +217,7 @@ class PackDenseWeights:
         packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision)
         self.reduced_weights = sum(p.precision != "f32" for p in packings.values())
         self.fp32_weights = len(packings) - self.reduced_weights
-        rewriter = _DenseRewriter(mod, packings)
+        rewriter = _DenseRewriter(mod, packings, self.tasks)
         gv = mod.get_global_var("main")
         rewriter.builder_.update_func(gv, rewriter.visit_expr(main))
         return rewriter.builder_.get()

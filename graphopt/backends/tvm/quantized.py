@@ -19,8 +19,9 @@ from .dense_kernels import parallel_extern
 class QuantizedConverters:
     """The converters for one import (they share the reordered weights, keyed by parameter)."""
 
-    def __init__(self, kernel: str | None):
+    def __init__(self, kernel: str | None, tasks: int):
         self.kernel = kernel
+        self.tasks = tasks
         self.layouts: dict = {}
         self.kernels: dict = {}
         self.used = False
@@ -85,7 +86,8 @@ class QuantizedConverters:
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
             self.kernels[key] = importer.block_builder.add_func(
-                dense_nbits_call(m, k, padded, bits, block_size, blocks, str(scales.ty.dtype), zeros is not None),
+                dense_nbits_call(m, k, padded, bits, block_size, blocks, str(scales.ty.dtype), zeros is not None,
+                                 self.tasks),
                 f"dense_nbits{bits}_{k}x{padded}")
         emit = importer.block_builder.emit
         flat = emit(relax.op.reshape(x, [rows, k]))
@@ -119,7 +121,8 @@ class QuantizedConverters:
         return builder.emit(builder.call_te(rows, indices, codes, scale_table, *([zeros] if zeros is not None else [])))
 
 
-def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str, has_zeros: bool):
+def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str, has_zeros: bool,
+                     tasks: int):
     """The TIR function Y[m, n] = X[m, k] @ W^T for reordered block-quantized W; `m` an int or a tirx.Var."""
     from tvm import te, tirx
     pairs = blocks * block_size // 2
@@ -133,4 +136,4 @@ def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int,
         zeros = ins[3 if has_zeros else 2].access_ptr("r")      # flags say whether the kernel reads it
         sizes = [tirx.Cast("int64", m)] + [tirx.const(v, "int64") for v in (k, n, bits, block_size, blocks, flags)]
         return [ins[0].access_ptr("r"), ins[1].access_ptr("r"), ins[2].access_ptr("r"), zeros, y, *sizes]
-    return parallel_extern("graphopt_dense_nbits", m, k, n, weights, arguments)
+    return parallel_extern("graphopt_dense_nbits", m, k, n, weights, arguments, tasks)
