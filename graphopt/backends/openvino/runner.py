@@ -63,8 +63,10 @@ class OpenVinoRunner:
 
     def run(self, values: Sequence[Any]) -> list[np.ndarray]:
         check_inputs(self.inputs, values)
-        results = self.request.infer([np.ascontiguousarray(to_numpy(v)) for v in values], share_inputs=True)
-        return [np.array(results[output]) for output in self.compiled.outputs]
+        # share_outputs=False: the arrays are already copies (the request reuses its buffers)
+        results = self.request.infer([np.ascontiguousarray(to_numpy(v)) for v in values], share_inputs=True,
+                                     share_outputs=False)
+        return [results[output] for output in self.compiled.outputs]
 
 
 def load_runner(directory: str, options: dict[str, Any], inputs: Sequence[TensorSpec],
