@@ -2,6 +2,7 @@
 8-bit codes in the artifact and run in graphopt's bf16 kernels, exactly the quantized graph
 with its dequantized weights and its activations rounded to bf16."""
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 import graphopt
 from graphopt.backends.tvm.dense_kernels import KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
-from graphopt.ir.graph import constant_value
+from graphopt.ir.graph import constant_value, parameter_bytes
 from graphopt.ir.quantized import MATMUL_NBITS, dequantize
 from graphopt.passes import ConstantFolding, DeadCodeElimination
 from graphopt.passes.weight_quantization import WeightQuantization
@@ -63,12 +64,19 @@ def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, kernel, tmp_
 
 @needs_bf16
 @pytest.mark.parametrize("preset", ["int4", "int8"])
-def test_quantized_presets_run_on_tvm_close_to_the_quantized_graph(preset):
+def test_quantized_presets_run_on_tvm_close_to_the_quantized_graph(preset, tmp_path):
     bundle = graphopt.models.load("llama")
     inputs = bundle.example_inputs(seq_len=24)
     cm = graphopt.compile(bundle.model, inputs, passes=preset, backend="tvm", progress=False)
     assert "block-quantized weights dequantized to bf16" in cm.records[-1].notes[0]
     assert_close_to_scale(cm(*inputs), cm.captured(*inputs)[0], 1e-2)        # bf16 products
+    # the codes are parameters (not constants in model.so), stored once, scales in their own type
+    gm = cm.captured.graph_module
+    codes = sum({t.data_ptr(): t.numel() for t in gm.state_dict().values()
+                 if t.dtype == torch.uint8 and t.numel() >= 4096}.values())
+    path = cm.save(str(tmp_path / preset))
+    params = os.path.getsize(f"{path}/params.bin")
+    assert codes <= params <= 1.1 * parameter_bytes(gm) + 20_000
 
 
 def test_without_a_bf16_kernel_a_quantized_graph_is_refused_in_one_line():

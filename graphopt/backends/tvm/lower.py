@@ -318,13 +318,14 @@ def _positive_slice_dims(gm: fx.GraphModule) -> None:
 
 def _register_tensor_attributes(gm: fx.GraphModule, min_elements: int = 4096) -> None:
     """Passes that make new weights (fused q/k/v, pruned matrices) store them as plain tensor
-    attributes or buffers; TVM's importer binds those as constants (embedded in the library,
-    invisible to weight packing). Large floating-point ones become parameters (no grad)."""
+    attributes or buffers, and block quantization stores its codes (uint8) as buffers; TVM's
+    importer binds those as constants (embedded in the library, invisible to weight packing and
+    to the lifted reordering of quantized codes). Large ones become parameters (no grad)."""
     for node in gm.graph.find_nodes(op="get_attr"):
         owner_path, _, attr = node.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
         value = getattr(owner, attr, None)
-        if (isinstance(value, torch.Tensor) and attr not in owner._parameters and value.is_floating_point()
+        if (isinstance(value, torch.Tensor) and attr not in owner._parameters and value.dtype != torch.bool
                 and value.numel() >= min_elements):
             if attr in owner._buffers:
                 del owner._buffers[attr]

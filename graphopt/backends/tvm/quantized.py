@@ -29,14 +29,14 @@ class QuantizedConverters:
     def convert_map(self) -> dict:
         return {"matmul_nbits.default": self.matmul_nbits, "embedding_nbits.default": self.embedding_nbits}
 
-    def _layout(self, importer, node, packed, scales, zero_points, bits: int, block_size: int):
-        """(codes, scales, zeros or None, n, padded n, blocks) in panel order, emitted once per weight."""
+    def _layout(self, importer, key: tuple, packed, scales, zero_points, bits: int, block_size: int, name: str):
+        """(codes, scales, zeros or None, n, padded n, blocks) in panel order, emitted once per
+        weight (`key`: the nodes of its codes, scales and zero points)."""
         from tvm import relax
-        key = (node.args[1], node.args[2], node.args[3])
         if key in self.layouts:
             return self.layouts[key]
         if bits not in (4, 8):
-            raise BackendError(f"tvm backend: {bits}-bit weights in node '{node.name}' are not supported (4 or 8)")
+            raise BackendError(f"tvm backend: {bits}-bit weights in node '{name}' are not supported (4 or 8)")
         emit = importer.block_builder.emit
         n, blocks = (int(v) for v in packed.ty.shape.values[:2])
         padded, pairs = -(-n // 16) * 16, blocks * block_size // 2
@@ -72,10 +72,11 @@ class QuantizedConverters:
                                "(AMX-BF16 or AVX512-BF16), which this target has not; use backend='onnxruntime'")
         self.used = True
         x = importer.env[node.args[0]]
-        packed, scales, zero_points = (importer.env[a] for a in node.args[1:4])
+        sources = (node.args[1], _before_float32_cast(node.args[2]), node.args[3])
+        packed, scales, zero_points = (importer.env[a] for a in sources)
         bits, block_size, k = (int(v) for v in node.args[4:7])
-        codes, scale_table, zeros, n, padded, blocks = self._layout(importer, node, packed, scales, zero_points,
-                                                                    bits, block_size)
+        codes, scale_table, zeros, n, padded, blocks = self._layout(importer, sources, packed, scales, zero_points,
+                                                                    bits, block_size, node.name)
         shape = list(x.ty.shape.values)
         rows = 1
         for dim in shape[:-1]:
@@ -102,8 +103,8 @@ class QuantizedConverters:
         indices = importer.env[node.args[0]]
         packed, scales, zero_points = (importer.env[a] for a in node.args[1:4])
         bits, block_size, k = (int(v) for v in node.args[4:7])
-        codes, scale_table, zeros, _, _, _ = self._layout(importer, node, packed, scales, zero_points,
-                                                          bits, block_size)
+        codes, scale_table, zeros, _, _, _ = self._layout(importer, tuple(node.args[1:4]), packed, scales,
+                                                          zero_points, bits, block_size, node.name)
 
         def rows(index, codes, scale, *zero):
             def value(*i):
@@ -119,6 +120,17 @@ class QuantizedConverters:
             return te.compute((*index.shape, k), value, name="embedding_nbits")
         builder = importer.block_builder
         return builder.emit(builder.call_te(rows, indices, codes, scale_table, *([zeros] if zeros is not None else [])))
+
+
+def _before_float32_cast(node):
+    """The float16 scales a float32 cast reads (the kernel reads float16 scales itself: the
+    cast would be lifted into a float32 copy of the table, twice its bytes), else `node`."""
+    import torch
+    if (getattr(node, "target", None) is torch.ops.aten._to_copy.default and len(node.args) == 1
+            and node.kwargs.get("dtype") == torch.float32 and set(node.kwargs) <= {"dtype"}
+            and node.args[0].meta["val"].dtype == torch.float16):
+        return node.args[0]
+    return node
 
 
 def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str, has_zeros: bool,
