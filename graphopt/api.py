@@ -11,6 +11,7 @@ from .analysis.cost import graph_cost
 from .backends import get_backend
 from .backends.base import Executable
 from .errors import GraphoptError
+from .executors import get_executor
 from .frontend.torch_export import CapturedModel, capture
 from .ir.graph import op_histogram, parameter_bytes
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
@@ -132,7 +133,7 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
             backend: str = "onnxruntime", *, dynamic_dims: Mapping[int, Mapping[int, str]] | None = None,
             verify: bool = True, instruments: Sequence[Instrument] = (), backend_options: Mapping | None = None,
             calibration: Sequence[Any] | None = None, progress: bool = True, task: str | None = None,
-            tokenizer: Any = None, cache_dtype: str | None = None) -> CompiledModel:
+            tokenizer: Any = None, cache_dtype: str | None = None, executor: Any = None) -> CompiledModel:
     """Capture `model`, run `passes` (a preset name or a list of Pass instances), lower to `backend`.
 
     `task="text-generation"` compiles a Hugging Face causal LM for generation instead of one
@@ -147,6 +148,11 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     list of input tuples (like example_inputs) for passes that learn from data (GPTQ,
     activation-weighted clipping, layer skipping); with it, every lossy pass's quality cost
     on the first batches is recorded in its pass record (`quality`) and the manifest.
+
+    `executor` is where the searches of lossy passes (layer skipping, head ablation) evaluate
+    their candidates: None or "local" (this process), "ray" (the running Ray cluster, or one
+    started on this machine), a Ray address, or a graphopt.executors.Executor
+    (get_executor("ray", workers=2)). The choices do not depend on it (docs/scale.md).
     """
     if task is not None:
         from .text_generation import TASKS, compile_text_generation
@@ -156,12 +162,13 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
             raise GraphoptError(f"task '{task}' makes its own example inputs and dynamic dims; pass neither")
         return compile_text_generation(model, tokenizer, passes, backend, calibration, cache_dtype=cache_dtype,
                                        verify=verify, instruments=instruments, backend_options=backend_options,
-                                       progress=progress)
+                                       progress=progress, executor=executor)
     if tokenizer is not None or cache_dtype is not None:
         raise GraphoptError("tokenizer= and cache_dtype= are for task='text-generation'")
     if example_inputs is None:
         raise GraphoptError("compile() needs example_inputs (or task='text-generation' for a causal LM)")
     backend_impl = get_backend(backend, **dict(backend_options or {}))
+    executor_impl = get_executor(executor)
     pass_list = _resolve_passes(passes)
     stages = tqdm(total=3, desc="capture", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
@@ -177,7 +184,8 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     result = PassManager(pass_list, all_instruments, progress=progress).run(
         captured.graph_module, PassContext(captured.example_inputs,
                                         calibration=[tuple(b) if isinstance(b, (tuple, list)) else (b,)
-                                                     for b in calibration] if calibration else None))
+                                                     for b in calibration] if calibration else None,
+                                        executor=executor_impl))
     captured.graph_module = result.graph_module
     stages.update()
     stages.set_description(f"lower ({backend})")

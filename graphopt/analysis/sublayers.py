@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import GraphoptError
+from ..executors.graph import GraphWorkload
 from ..ir import ops
 from ..ir.graph import constant_value, eliminate_dead_code, remove_unused_attributes
 from ..ir.kv_attention import KV_ATTENTION
@@ -268,6 +269,46 @@ class SkipEvaluator:
                 tokens += count
         rows = sum(r.shape[0] for r in self.reference)
         return Score(js / rows, nll / tokens if tokens else math.nan)
+
+
+class SkipWorkload(GraphWorkload):
+    """SkipEvaluator on an executor's workers. Candidates: ("score", base, removed) scores
+    `removed` after rebasing on `base` (what greedy searches send: every worker rebases once
+    per step); ("influence", indices) is the Block Influence of a unit on the unmodified model."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple], sublayers: list[Sublayer],
+                 evaluator: SkipEvaluator | None = None):
+        super().__init__(gm, batches[0])
+        self.batches, self.sublayers = list(batches), sublayers
+        self.local = evaluator
+
+    def setup(self) -> SkipEvaluator:
+        return self.local or SkipEvaluator(self.graph(), self.batches, self.sublayers)
+
+    def evaluate(self, ev: SkipEvaluator, candidate) -> Score | float:
+        kind, *rest = candidate
+        if kind == "influence":
+            if ev.base_envs is None or ev.base_removed:
+                ev.rebase(frozenset())
+            return block_influence(ev, rest[0])
+        base, removed = rest
+        if ev.base_envs is None or ev.base_removed != base:
+            ev.rebase(base)
+        return ev.score(removed)
+
+
+def block_influence(ev: SkipEvaluator, indices: tuple[int, ...]) -> float:
+    """ShortGPT's Block Influence of the consecutive sublayers `indices`: mean over tokens of
+    1 - cos(stream before the first, stream after the last), on the evaluator's base run."""
+    total, rows = 0.0, 0
+    for env in ev.base_envs:
+        before = env[ev.stream_node[indices[0]]]
+        after = env[ev.add_node[indices[-1]]]
+        cos = F.cosine_similarity(before.reshape(-1, before.shape[-1]).float(),
+                                  after.reshape(-1, after.shape[-1]).float(), dim=-1)
+        total += float((1 - cos).sum())
+        rows += cos.numel()
+    return total / rows
 
 
 def branch_nodes(gm: fx.GraphModule, sub: Sublayer) -> set[fx.Node]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import GraphoptError
-from .common import calibration_batches, example_inputs, folded_graph
+from .common import add_executor_flags, calibration_batches, example_inputs, executor, folded_graph
 
 
 def cmd_eval(args) -> None:
@@ -98,7 +98,7 @@ def cmd_sublayers(args) -> None:
             shares = "  ".join(f">={t}: {f:6.1%}" for t, f in sat.fraction_above.items())
             print(f"  {sat.name:32s} mean {sat.mean_cosine:.3f}  {shares}")
     steps = rank_removals(gm, batches, args.rank, args.count, kinds=tuple(args.kinds.split(",")),
-                          evaluator=evaluator)
+                          evaluator=evaluator, executor=executor(args))
     print(f"removal order ({args.rank}); JS and perplexity of removing it and all above it:")
     for n, step in enumerate(steps, 1):
         print(f"  {n:3d} {step.unit[0].label:14s} {'+'.join(step.names):32s} js {step.js:.4f}  "
@@ -167,6 +167,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--kinds", default="attention,ffn")
     s.add_argument("--calibration-text", help="text to score on (default: ../shared/corpus/calibration.txt)")
     s.add_argument("--calibration-tokens", type=int, default=512)
+    add_executor_flags(s)
     s.set_defaults(func=cmd_sublayers)
 
     ch = sub.add_parser("channels", help="channel segments, producers/consumers and pins; --ratio compares exports")

@@ -91,3 +91,19 @@ def option_flag(parser: argparse.ArgumentParser, flag: str, options: type, name:
         kwargs["type"] = type(f.default)
     kwargs.update(overrides)
     parser.add_argument(flag, **kwargs)
+
+
+def add_executor_flags(parser) -> None:
+    parser.add_argument("--ray", metavar="ADDRESS", default=None,
+                        help="run the searches' candidate evaluations on Ray: 'auto' (the running cluster, or one "
+                             "started here) or a cluster address")
+    parser.add_argument("--workers", type=int, default=None, help="Ray actors (default: one per CPU)")
+
+
+def executor(args):
+    """The executor --ray / --workers ask for (graphopt.executors.get_executor)."""
+    from ..errors import GraphoptError
+    from ..executors import get_executor
+    if args.ray is None and args.workers is not None:
+        raise GraphoptError("--workers needs --ray")
+    return get_executor(None if args.ray is None else ("ray" if args.ray == "auto" else args.ray), args.workers)

@@ -6,7 +6,16 @@ import sys
 from ..artifact import directory_bytes
 from ..errors import GraphoptError
 from ..runtime import default_threads
-from .common import backend_options, calibration_batches, dim_size, example_inputs, median_ms, option_flag
+from .common import (
+    add_executor_flags,
+    backend_options,
+    calibration_batches,
+    dim_size,
+    example_inputs,
+    executor,
+    median_ms,
+    option_flag,
+)
 
 
 def print_graph_stats(s: dict) -> None:
@@ -62,7 +71,7 @@ def cmd_compile(args) -> None:
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
-                          backend_options=backend_options(args))
+                          backend_options=backend_options(args), executor=executor(args))
     with torch.no_grad():
         eager_out = reference()[0]
         eager_ms = median_ms(reference, args.repeats)
@@ -106,7 +115,8 @@ def _compile_task(args) -> None:
                           tokenizer=bundle.tokenizer, cache_dtype=args.cache_dtype, calibration=calibration,
                           verify=not args.no_verify,
                           instruments=[PrintOnChangeInstrument()],
-                          backend_options={"threads": args.threads} if args.threads else None)
+                          backend_options={"threads": args.threads} if args.threads else None,
+                          executor=executor(args))
     ids = example_inputs(bundle, args.seq_len)[0]
     with torch.no_grad():
         eager = bundle.model(input_ids=ids).logits
@@ -213,6 +223,7 @@ def add_parsers(sub, with_pass_flags: bool = True) -> None:
     c.add_argument("--precision", default=None,
                    help="arithmetic of the backend: tvm f32 (default) | bf16 | int8 (graphopt's AMX / AVX-512 "
                         "kernels); openvino f32 (default) | bf16 | f16 | default (the plugin's choice)")
+    add_executor_flags(c)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--no-verify", action="store_true", help="skip output verification after each pass")
     c.add_argument("--dump-dir", help="write the graph before/after each changing pass here")

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphoptError, PassContractError
+from ..executors import Executor, LocalExecutor
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,13 @@ class PassResult:
 @dataclass
 class PassContext:
     """What passes may read besides the graph: example inputs, calibration batches (each a
-    tuple of inputs like example_inputs) and an analysis cache."""
+    tuple of inputs like example_inputs), an analysis cache, and the executor their searches'
+    candidate evaluations run on (graphopt.executors)."""
 
     example_inputs: tuple[torch.Tensor, ...] | None = None
     calibration: list[tuple] | None = None
     analyses: dict[type, Any] = field(default_factory=dict)
+    executor: Executor = field(default_factory=LocalExecutor)     # where searches evaluate candidates
 
     def analysis(self, kind: type, gm: fx.GraphModule):
         """Run (or reuse) an analysis class: `kind(gm, ctx)` is computed once per graph state."""

@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from ..analysis.quality import js_divergence, log_probs
 from ..analysis.sublayers import run_from
 from ..errors import PreconditionError
+from ..executors import Executor, LocalExecutor
+from ..executors.graph import GraphWorkload
 from ..ir import ops
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
 from .base import Pass, PassResult, Tolerance, option
@@ -161,34 +163,54 @@ def weight_group_scores(gm: fx.GraphModule, att: Attention, score: Callable) -> 
 
 
 def ablation_group_scores(gm: fx.GraphModule, attentions: list[Attention], batches: list[tuple],
-                          progress: bool = True) -> list[list[float]]:
+                          progress: bool = True, executor: Executor | None = None) -> list[list[float]]:
     """Per attention, per key/value group: the mean Jensen-Shannon divergence (nats) of the
-    first output, read as logits, when the group's output-projection columns are zeroed."""
-    nodes = list(gm.graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    result = next(n for n in reversed(nodes) if n.op == "output").args[0]
-    first = result[0] if isinstance(result, (tuple, list)) else result
-    with torch.no_grad():
-        bases = [run_from(gm, nodes, batch, {}, 0) for batch in batches]
-        references = [log_probs(env[first]) for env in bases]
-    rows = sum(r.shape[0] for r in references)
+    first output, read as logits, when the group's output-projection columns are zeroed.
+    The trials run on `executor` (default: this process)."""
     trials = [(a, g) for a, att in enumerate(attentions) for g in range(att.kv_heads)]
+    candidates = [(attentions[a].o.name, attentions[a].o.args[0].name, _group_slices(attentions[a], g)[0])
+                  for a, g in trials]
     scores = [[0.0] * att.kv_heads for att in attentions]
-    for a, g in tqdm(trials, desc="head ablation", unit="group", disable=not progress, leave=False):
-        att = attentions[a]
-        start, heads_in = position[att.o], att.o.args[0]
-        columns, _ = _group_slices(att, g)
+    with tqdm(total=len(trials), desc="head ablation", unit="group", disable=not progress, leave=False) as bar, \
+            (executor or LocalExecutor()).session(AblationWorkload(gm, batches)) as session:
+        for (a, g), score in zip(trials, session.map(candidates, bar)):
+            scores[a][g] = score
+    return scores
+
+
+class AblationWorkload(GraphWorkload):
+    """Head-group ablation trials on an executor's workers: each worker runs the unmodified
+    graph once per batch and keeps every value; a candidate (output projection node, its input
+    node, columns) re-runs the graph from that projection with the columns zeroed."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple]):
+        super().__init__(gm, batches[0])
+        self.batches = list(batches)
+
+    def setup(self):
+        gm = self.graph()
+        nodes = list(gm.graph.nodes)
+        result = next(n for n in reversed(nodes) if n.op == "output").args[0]
+        first = result[0] if isinstance(result, (tuple, list)) else result
+        with torch.no_grad():
+            bases = [run_from(gm, nodes, batch, {}, 0) for batch in self.batches]
+        references = [log_probs(env[first]) for env in bases]
+        return gm, nodes, {n: i for i, n in enumerate(nodes)}, {n.name: n for n in nodes}, first, bases, references
+
+    def evaluate(self, state, candidate) -> float:
+        gm, nodes, position, by_name, first, bases, references = state
+        projection, heads_in, columns = by_name[candidate[0]], by_name[candidate[1]], candidate[2]
+        start = position[projection]
         total = 0.0
         with torch.no_grad():
-            for batch, env, ref in zip(batches, bases, references):
+            for batch, env, ref in zip(self.batches, bases, references):
                 prefix = {n: v for n, v in env.items() if position[n] < start}
                 ablated = prefix[heads_in].clone()
                 ablated[..., columns] = 0
                 prefix[heads_in] = ablated
                 out = run_from(gm, nodes, batch, prefix, start)
                 total += js_divergence(ref, log_probs(out[first])) * ref.shape[0]
-        scores[a][g] = total / rows
-    return scores
+        return total / sum(r.shape[0] for r in references)
 
 
 @dataclass
@@ -259,7 +281,7 @@ class AttentionHeadPruning(Pass):
                 raise PreconditionError("attention_head_pruning with importance='ablation' needs calibration "
                                         "batches or example inputs")
             batches = [tuple(b) for b in batches][:o.ablation_batches]
-            return ablation_group_scores(gm, attentions, batches, progress=o.progress)
+            return ablation_group_scores(gm, attentions, batches, progress=o.progress, executor=ctx.executor)
         score = l2_group_importance if o.importance == "l2" else o.importance
         return [weight_group_scores(gm, att, score) for att in attentions]
 

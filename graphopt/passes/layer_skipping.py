@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..analysis.sublayers import SkipEvaluator, Sublayer, find_sublayers, remove_sublayers
+from ..analysis.sublayers import SkipEvaluator, SkipWorkload, Sublayer, find_sublayers, remove_sublayers
 from ..errors import GraphoptError, PreconditionError
+from ..executors import Executor, LocalExecutor, Session
 from .base import Pass, PassResult, Tolerance
 
 METHODS = ("tail", "bi", "finercut", "finercut-oneshot")
@@ -61,10 +61,13 @@ def candidate_units(sublayers: list[Sublayer], granularity: str, kinds: tuple[st
 def rank_removals(gm, batches: list[tuple] | None, method: str, count: int,
                   granularity: str = "sublayer", kinds: tuple[str, ...] = ("attention", "ffn"),
                   keep: tuple[str, ...] = (), progress: bool = True,
-                  evaluator: SkipEvaluator | None = None, max_perplexity: float = math.inf) -> list[RemovalStep]:
+                  evaluator: SkipEvaluator | None = None, max_perplexity: float = math.inf,
+                  executor: Executor | None = None, session: Session | None = None) -> list[RemovalStep]:
     """The first `count` units `method` would remove, in order, each with the JS divergence
     and perplexity (on `batches`) of removing it together with all before it; stops before
-    the first step whose perplexity exceeds `max_perplexity`."""
+    the first step whose perplexity exceeds `max_perplexity`. The evaluations run on
+    `executor` (default: this process, reusing `evaluator` if given), or in `session`, an
+    open session of a SkipWorkload."""
     if method not in METHODS:
         raise GraphoptError(f"unknown layer-skipping method {method!r}; choose one of {', '.join(METHODS)}")
     sublayers = find_sublayers(gm)
@@ -75,63 +78,55 @@ def rank_removals(gm, batches: list[tuple] | None, method: str, count: int,
             raise PreconditionError(f"layer skipping '{method}' needs calibration batches "
                                     "(compile(..., calibration=[...]))")
         return [RemovalStep(u, metric=float(u[-1].index)) for u in reversed(units)][:count]
-    ev = evaluator or SkipEvaluator(gm, batches, sublayers)
+    if session is None:
+        with (executor or LocalExecutor()).session(SkipWorkload(gm, batches, sublayers, evaluator)) as session:
+            return _rank(session, units, method, count, progress, max_perplexity)
+    return _rank(session, units, method, count, progress, max_perplexity)
+
+
+def _indices(unit: tuple[Sublayer, ...]) -> frozenset[int]:
+    return frozenset(s.index for s in unit)
+
+
+def _rank(session: Session, units: list, method: str, count: int, progress: bool,
+          max_perplexity: float) -> list[RemovalStep]:
     if method == "finercut":
-        return _greedy(ev, units, count, progress, max_perplexity)
+        return _greedy(session, units, count, progress, max_perplexity)
     if method == "tail":
         order = [(float(u[-1].index), u) for u in reversed(units)]
     else:
-        ev.rebase(frozenset())
-        scorer = _block_influence if method == "bi" else _removal_js
-        scored = [(scorer(ev, u), u) for u in tqdm(units, desc=f"score ({method})", unit="candidate",
-                                                      disable=not progress, leave=False)]
-        order = sorted(scored, key=lambda su: su[0])
+        if method == "bi":
+            candidates = [("influence", tuple(s.index for s in u)) for u in units]
+        else:
+            candidates = [("score", frozenset(), _indices(u)) for u in units]
+        with tqdm(total=len(units), desc=f"score ({method})", unit="candidate", disable=not progress,
+                  leave=False) as bar:
+            results = session.map(candidates, bar)
+        metrics = [r if method == "bi" else r.js for r in results]
+        order = sorted(zip(metrics, units), key=lambda su: su[0])
     steps, removed = [], frozenset()
-    ev.rebase(removed)
     for metric, unit in order[:count]:
-        removed = removed | {s.index for s in unit}
-        score = ev.score(removed)
+        [score] = session.map([("score", removed, removed | _indices(unit))])
         if score.perplexity > max_perplexity:
             break
-        ev.rebase(removed)
+        removed = removed | _indices(unit)
         steps.append(RemovalStep(unit, score.js, score.perplexity, metric))
     return steps
 
 
-def _block_influence(ev: SkipEvaluator, unit: tuple[Sublayer, ...]) -> float:
-    total, rows = 0.0, 0
-    for env in ev.base_envs:
-        before = env[ev.stream_node[unit[0].index]]
-        after = env[ev.add_node[unit[-1].index]]
-        cos = F.cosine_similarity(before.reshape(-1, before.shape[-1]).float(),
-                                  after.reshape(-1, after.shape[-1]).float(), dim=-1)
-        total += float((1 - cos).sum())
-        rows += cos.numel()
-    return total / rows
-
-
-def _removal_js(ev: SkipEvaluator, unit: tuple[Sublayer, ...]) -> float:
-    return ev.score(frozenset(s.index for s in unit)).js
-
-
-def _greedy(ev: SkipEvaluator, units: list, count: int, progress: bool,
+def _greedy(session: Session, units: list, count: int, progress: bool,
             max_perplexity: float) -> list[RemovalStep]:
     steps, removed, remaining = [], frozenset(), list(units)
     bar = tqdm(total=sum(len(remaining) - k for k in range(count)), desc="finercut", unit="candidate",
                disable=not progress, leave=False)
     for _ in range(count):
-        ev.rebase(removed)
-        best = None
-        for unit in remaining:
-            score = ev.score(removed | {s.index for s in unit})
-            bar.update()
-            if best is None or score.js < best[0].js:
-                best = (score, unit)
-        score, unit = best
+        scores = session.map([("score", removed, removed | _indices(unit)) for unit in remaining], bar)
+        best = min(range(len(remaining)), key=lambda i: (scores[i].js, i))
+        score, unit = scores[best], remaining[best]
         if score.perplexity > max_perplexity:
             break
         remaining.remove(unit)
-        removed = removed | {s.index for s in unit}
+        removed = removed | _indices(unit)
         steps.append(RemovalStep(unit, score.js, score.perplexity, score.js))
     bar.close()
     return steps
@@ -190,14 +185,24 @@ class LayerSkipping(Pass):
             count = (o.sublayers // per_unit) if o.sublayers is not None else len(sublayers)
             if o.max_perplexity_increase is not None and batches is None:
                 raise PreconditionError("max_perplexity_increase needs calibration batches")
-            evaluator = SkipEvaluator(gm, batches, sublayers) if batches else None
-            limit = math.inf
-            if o.max_perplexity_increase is not None:
-                limit = evaluator.score(frozenset()).perplexity * (1 + o.max_perplexity_increase)
-            self.steps = rank_removals(gm, batches, o.method, count, o.granularity, tuple(o.kinds),
-                                       tuple(o.keep), o.progress, evaluator, limit)
+            self.steps = self._search(gm, ctx, batches, count)
         if not self.steps:
             return PassResult(gm, False, notes=["nothing removed within the budget"])
+        return self._remove(gm)
+
+    def _search(self, gm, ctx, batches, count: int) -> list[RemovalStep]:
+        o = self.options
+        args = (gm, batches, o.method, count, o.granularity, tuple(o.kinds), tuple(o.keep), o.progress)
+        if batches is None:
+            return rank_removals(*args)
+        with ctx.executor.session(SkipWorkload(gm, batches, find_sublayers(gm))) as session:
+            limit = math.inf
+            if o.max_perplexity_increase is not None:
+                [base] = session.map([("score", frozenset(), frozenset())])
+                limit = base.perplexity * (1 + o.max_perplexity_increase)
+            return rank_removals(*args, max_perplexity=limit, session=session)
+
+    def _remove(self, gm) -> PassResult:
         removed = [s for step in self.steps for s in step.unit]
         freed = remove_sublayers(gm, removed)
         changes = [f"removed {s.label} {s.name}" for s in removed]
