@@ -21,6 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..executors import Executor, LocalExecutor
+from ..executors.graph import GraphWorkload
 from ..ir.linear import layer_name, linear_input, linear_weight, through_views
 from ..ir.moe import MOE_OPS
 from ..ir.traversal import reaches
@@ -181,10 +183,27 @@ class _Observer(fx.Interpreter):
 
 
 def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = True,
-              desc: str = "calibrate", hessians: bool = False, samples: int = 0) -> CalibrationStats:
+              desc: str = "calibrate", hessians: bool = False, samples: int = 0,
+              executor: Executor | None = None) -> CalibrationStats:
     """Run `gm` on each batch (a tuple of inputs) and collect the statistics above;
     `hessians=True` also sums x^T x of every linear layer's input (for GPTQ); `samples` keeps
-    that many random |x| values per batch and layer (for percentile observers)."""
+    that many random |x| values per batch and layer (for percentile observers). On an
+    `executor` with several workers each takes a contiguous share of the batches and the
+    shares' statistics are merged in batch order."""
+    batches = list(batches)
+    executor = executor or LocalExecutor()
+    shares = min(executor.workers, len(batches)) or 1
+    bounds = [(len(batches) * i // shares, len(batches) * (i + 1) // shares) for i in range(shares)]
+    workload = CalibrationWorkload(gm, batches, hessians, samples, progress and shares == 1, desc)
+    with executor.session(workload) as session, \
+            tqdm(total=len(bounds), desc=f"{desc} ({executor.describe()})", unit="share",
+                 disable=not progress or shares == 1, leave=False) as bar:
+        return merge_stats(session.map(bounds, bar))
+
+
+def observe(gm: fx.GraphModule, batches: list[tuple], first: int = 0, progress: bool = False,
+            desc: str = "calibrate", hessians: bool = False, samples: int = 0) -> CalibrationStats:
+    """The statistics of `batches`, numbered from `first` (peaks and samples name their batch)."""
     stats = CalibrationStats()
     linear_nodes, residual_nodes = {}, {}
     for node in gm.graph.nodes:
@@ -201,10 +220,54 @@ def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = Tru
             stats.residuals[name] = ResidualStats(name, node.name)
             residual_nodes[node] = (stream, stats.residuals[name])
     observer = _Observer(gm, linear_nodes, residual_nodes, hessians, samples)
-    batches = list(batches)
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
-            observer.batch = i
+            observer.batch = first + i
+            observer.generator.manual_seed(first + i)      # the same samples however batches are shared out
             observer.run(*batch)
     stats.batches = len(batches)
     return stats
+
+
+def merge_stats(shares: list[CalibrationStats]) -> CalibrationStats:
+    """One CalibrationStats from those of consecutive shares of the batches (in order)."""
+    merged = shares[0]
+    for share in shares[1:]:
+        summed: dict[int, torch.Tensor] = {}      # a Hessian shared by layers reading one input: added once
+        for name, other in share.linears.items():
+            record = merged.linears[name]
+            record.input_absmax = torch.maximum(record.input_absmax, other.input_absmax)
+            record.input_sq_sum = record.input_sq_sum + other.input_sq_sum
+            record.output_absmax = torch.maximum(record.output_absmax, other.output_absmax)
+            record.tokens += other.tokens
+            if other.peak > record.peak:
+                for field_name in ("peak", "peak_token", "peak_batch", "peak_channel", "peak_input_channel",
+                                   "peak_input_value"):
+                    setattr(record, field_name, getattr(other, field_name))
+            if other.hessian is not None:
+                if id(other.hessian) not in summed:
+                    summed[id(other.hessian)] = record.hessian.add_(other.hessian)
+                record.hessian = summed[id(other.hessian)]
+            record.abs_samples.extend(other.abs_samples)
+        for name, other in share.residuals.items():
+            merged.residuals[name].cos_sum += other.cos_sum
+            merged.residuals[name].tokens += other.tokens
+        merged.batches += share.batches
+    return merged
+
+
+class CalibrationWorkload(GraphWorkload):
+    """Calibration on an executor's workers: a candidate is a range of batch numbers."""
+
+    def __init__(self, gm: fx.GraphModule, batches: list[tuple], hessians: bool, samples: int,
+                 progress: bool = False, desc: str = "calibrate"):
+        super().__init__(gm, batches[0] if batches else ())
+        self.batches, self.hessians, self.samples = batches, hessians, samples
+        self.progress, self.desc = progress, desc
+
+    def setup(self) -> fx.GraphModule:
+        return self.graph()
+
+    def evaluate(self, gm: fx.GraphModule, bounds: tuple[int, int]) -> CalibrationStats:
+        start, end = bounds
+        return observe(gm, self.batches[start:end], start, self.progress, self.desc, self.hessians, self.samples)

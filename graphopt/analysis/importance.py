@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..executors import Executor
 from ..ir.linear import layer_name, linear_weight
 from .calibration import calibrate
 
@@ -37,8 +38,9 @@ def zscore_scores(gm: fx.GraphModule, threshold: float = 3.0) -> dict[str, float
     return scores
 
 
-def lim_scores(gm: fx.GraphModule, calibration: list[tuple], progress: bool = True) -> dict[str, float]:
-    stats = calibrate(gm, calibration, progress=progress, desc="layer importance")
+def lim_scores(gm: fx.GraphModule, calibration: list[tuple], progress: bool = True,
+               executor: Executor | None = None) -> dict[str, float]:
+    stats = calibrate(gm, calibration, progress=progress, desc="layer importance", executor=executor)
     # sublayer = the module that holds the residual writer (e.g. layers.3.mlp for layers.3.mlp.down_proj)
     sublayers = {writer.rpartition(".")[0]: -r.cosine for writer, r in stats.residuals.items()}
     scores = {}

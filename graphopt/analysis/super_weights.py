@@ -18,7 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.fx as fx
+from tqdm.auto import tqdm
 
+from ..executors import Executor, LocalExecutor
+from ..executors.graph import GraphWorkload
 from ..ir.linear import layer_name, linear_weight
 from .calibration import CalibrationStats, calibrate, residual_writer
 
@@ -103,3 +106,32 @@ class _Zeroed:
     def __exit__(self, *exc):
         with torch.no_grad():
             self.weight[self.index] = self.saved
+
+
+def ablation_perplexities(gm: fx.GraphModule, windows: list[torch.Tensor], super_weights: list[SuperWeight],
+                          executor: Executor | None = None, progress: bool = True) -> list[float]:
+    """Perplexity on `windows` with everything kept, then with each super weight zeroed (one at
+    a time), evaluated on `executor` (default: this process)."""
+    candidates = [None, *super_weights]
+    with (executor or LocalExecutor()).session(SuperWeightWorkload(gm, windows)) as session, \
+            tqdm(total=len(candidates), desc="super-weight ablation", unit="run", disable=not progress,
+                 leave=False) as bar:
+        return session.map(candidates, bar)
+
+
+class SuperWeightWorkload(GraphWorkload):
+    """A candidate: a super weight to zero (None: none); the result: perplexity on the windows."""
+
+    def __init__(self, gm: fx.GraphModule, windows: list[torch.Tensor]):
+        super().__init__(gm, (windows[0],))
+        self.windows = windows
+
+    def setup(self) -> fx.GraphModule:
+        return self.graph()
+
+    def evaluate(self, gm: fx.GraphModule, candidate: SuperWeight | None) -> float:
+        from .quality import perplexity
+        if candidate is None:
+            return perplexity(gm, self.windows, progress=False).perplexity
+        with ablate(gm, candidate):
+            return perplexity(gm, self.windows, progress=False).perplexity

@@ -41,8 +41,8 @@ def cmd_eval(args) -> None:
 def cmd_superweights(args) -> None:
     import graphopt
 
-    from ..analysis.quality import perplexity, token_windows
-    from ..analysis.super_weights import ablate, find_super_weights
+    from ..analysis.quality import token_windows
+    from ..analysis.super_weights import ablation_perplexities, find_super_weights
     from ..corpus import read_text
     from ..frontend.torch_export import capture
 
@@ -65,11 +65,9 @@ def cmd_superweights(args) -> None:
     else:
         text = read_text("evaluation.txt")
     windows = token_windows(bundle.tokenizer, text, args.seq_len, args.max_tokens)
-    base = perplexity(gm, windows).perplexity
+    base, *ablated = ablation_perplexities(gm, windows, report.super_weights, executor(args))
     print(f"ablation: perplexity on {len(windows)} x {args.seq_len} tokens, all kept: {base:.3f}")
-    for sw in report.super_weights:
-        with ablate(gm, sw):
-            ppl = perplexity(gm, windows).perplexity
+    for sw, ppl in zip(report.super_weights, ablated):
         print(f"  zero {sw.layer}[{sw.row}, {sw.col}]: {ppl:.3f} ({ppl / base:.2f}x)")
 
 
@@ -157,6 +155,7 @@ def add_parsers(sub) -> None:
     w.add_argument("--ablate", action="store_true", help="perplexity with each one zeroed vs kept")
     w.add_argument("--text", default=None, help="text file for --ablate (default: evaluation.txt)")
     w.add_argument("--max-tokens", type=int, default=1024)
+    add_executor_flags(w)
     w.set_defaults(func=cmd_superweights)
 
     s = sub.add_parser("sublayers", help="list residual sublayers; --rank METHOD orders them for removal")

@@ -58,7 +58,7 @@ class ActivationQuantization(Pass):
     def run(self, gm, ctx):
         o = self.options
         stats = {s.node: s for s in calibrate(gm, ctx.calibration, samples=o.samples_per_batch,
-                                               desc="calibrate (activations)").linears.values()}
+                                               desc="calibrate (activations)", executor=ctx.executor).linears.values()}
         heads = head_layers(gm)
         changes, kept = [], []
         for node in list(gm.graph.nodes):

@@ -53,7 +53,7 @@ class MixedPrecisionQuantization(WeightQuantization):
         heads = {layer_name(n) for n in head_layers(gm)} if o.head_bits is not None else set()
         layers = {name: w for name, w in linear_layers(gm).items()
                   if name not in heads and WeightQuantization.scheme(self, name) is not None}
-        scores = lim_scores(gm, ctx.calibration) if o.importance == "lim" else zscore_scores(gm)
+        scores = lim_scores(gm, ctx.calibration, executor=ctx.executor) if o.importance == "lim" else zscore_scores(gm)
         budget = sum(quantized_bytes(*w.shape, *o.budget_scheme) for w in layers.values())
         low_bits, low_group = o.low
         self.plan = {name: (low_bits, fitting_block_size(w.shape[1], low_group)) for name, w in layers.items()}

@@ -133,7 +133,8 @@ class WeightQuantization(Pass):
                      ["no super weights found at spike ratio %g" % o.spike_ratio]
         observed = example_stats
         if ctx.calibration and (o.method == "gptq" or o.clip == "mse" or o.accuracy_level != 0):
-            observed = calibrate(gm, ctx.calibration, hessians=o.method == "gptq", desc="calibrate (weights)")
+            observed = calibrate(gm, ctx.calibration, hessians=o.method == "gptq", desc="calibrate (weights)",
+                                 executor=ctx.executor)
         stats = {s.node: s for s in observed.linears.values()} if observed else None
         fp32_compute = {name for name, s in (stats or {}).items() if o.accuracy_level != 0 and
                         float(s.input_absmax.max()) >= o.activation_outlier_ratio *

@@ -8,6 +8,8 @@ import ray
 import torch
 
 import graphopt
+from graphopt.analysis.calibration import calibrate
+from graphopt.analysis.super_weights import ablation_perplexities, find_super_weights
 from graphopt.executors import Workload, get_executor
 from graphopt.executors.ray import RayExecutor
 from graphopt.passes import ConstantFolding, DeadCodeElimination
@@ -83,3 +85,31 @@ def test_a_worker_that_dies_is_replaced_and_its_candidate_retried(cluster, tmp_p
     with get_executor("ray", workers=2).session(DiesOnce(marker)) as session:
         assert session.map(range(8)) == [100 + c * c for c in range(8)]
     assert os.path.exists(marker)
+
+
+def test_calibration_shared_out_to_workers_merges_to_the_local_statistics(cluster, searched):
+    gm, batches = searched
+    batches = batches + batches[:2]                      # 5 batches: shares of 2 and 3
+    local = calibrate(gm, batches, progress=False, hessians=True, samples=16)
+    remote = calibrate(gm, batches, progress=False, hessians=True, samples=16, executor=RayExecutor(workers=2))
+    assert remote.batches == local.batches == 5
+    for name, record in local.linears.items():
+        other = remote.linears[name]
+        assert torch.equal(other.input_absmax, record.input_absmax) and other.tokens == record.tokens
+        assert (other.peak, other.peak_batch, other.peak_token, other.peak_channel) == \
+            (record.peak, record.peak_batch, record.peak_token, record.peak_channel)
+        assert torch.allclose(other.input_sq_sum, record.input_sq_sum, rtol=1e-6)
+        assert torch.allclose(other.hessian, record.hessian, rtol=1e-5, atol=1e-4)
+        assert all(torch.equal(a, b) for a, b in zip(other.abs_samples, record.abs_samples))
+    for name, record in local.residuals.items():
+        assert remote.residuals[name].cos_sum == pytest.approx(record.cos_sum, rel=1e-6)
+
+
+def test_super_weight_ablation_on_ray_equals_the_local_one(cluster, searched):
+    gm, batches = searched
+    windows = [b[0] for b in batches]
+    report = find_super_weights(gm, batches[0], spike_ratio=2.0)
+    assert report.super_weights
+    local = ablation_perplexities(gm, windows, report.super_weights, progress=False)
+    remote = ablation_perplexities(gm, windows, report.super_weights, RayExecutor(workers=2), progress=False)
+    assert remote == pytest.approx(local, rel=1e-6)
