@@ -12,8 +12,10 @@ from .backends import get_backend
 from .backends.base import Executable
 from .errors import GraphoptError
 from .executors import get_executor
+from .frontend.checkpoint import capture_checkpoint, is_checkpoint
 from .frontend.torch_export import CapturedModel, capture
 from .ir.graph import op_histogram, parameter_bytes
+from .ir.lazy import materialize
 from .passes import Pass, PassContext, PassManager, PassRecord, VerifyInstrument, preset
 from .passes.instruments import Instrument, QualityInstrument
 from .specs import check_inputs
@@ -172,7 +174,10 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     pass_list = _resolve_passes(passes)
     stages = tqdm(total=3, desc="capture", unit="stage", disable=not progress, leave=False)
     t0 = time.perf_counter()
-    captured = capture(model, example_inputs, dynamic_dims)
+    if is_checkpoint(model):
+        captured = capture_checkpoint(model, example_inputs, dynamic_dims)
+    else:
+        captured = capture(model, example_inputs, dynamic_dims)
     nodes_captured, bytes_captured = len(captured.graph_module.graph.nodes), parameter_bytes(captured.graph_module)
     macs_captured = graph_cost(captured.graph_module).macs
     stages.update()
@@ -190,6 +195,7 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     stages.update()
     stages.set_description(f"lower ({backend})")
     t2 = time.perf_counter()
+    streamed = materialize(captured.graph_module)       # what is still on disk (streamed compile)
     executable = backend_impl.compile(captured, progress=progress)
     if executable.reduced_precision:
         result.records.append(_precision_record(captured, executable, calibration, len(result.records)))
@@ -205,4 +211,6 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
         "seconds": {"capture": t1 - t0, "passes": t2 - t1, "lower": t3 - t2},
         "verified": verify,
     }
+    if streamed or is_checkpoint(model):
+        stats["weights_streamed"] = True
     return CompiledModel(captured, executable, result.records, stats)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..executors import Executor, LocalExecutor
 from ..executors.graph import GraphWorkload
+from ..ir.lazy import LazyInterpreter
 from ..ir.linear import layer_name, linear_input, linear_weight, through_views
 from ..ir.moe import MOE_OPS
 from ..ir.traversal import reaches
@@ -141,7 +142,7 @@ class CalibrationStats:
     batches: int = 0
 
 
-class _Observer(fx.Interpreter):
+class _Observer(LazyInterpreter):
     def __init__(self, gm, linear_nodes: dict, residual_nodes: dict, hessians: bool, samples: int = 0):
         super().__init__(gm)
         self.samples = samples

@@ -65,6 +65,7 @@ class _FlatIO(torch.nn.Module):
             out = self.model(**dict(zip(self.keyword_names, args)))
         else:
             out = self.model(*args)
+        self.output_names = _output_names(out)
         return tuple(flat_tensors(out))
 
 
@@ -211,10 +212,12 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
     dynamic_dims = {int(k): {int(d): str(n) for d, n in v.items()} for k, v in (dynamic_dims or {}).items()}
     infer = False
     try:
+        # weights on the meta device (a streamed checkpoint) cannot run eagerly: names come from the trace
+        empty = any(p.is_meta for p in model.parameters())
         with _no_kv_cache(model), experts_as_one_op(model), torch.no_grad():
-            raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
-            flat = flat_tensors(raw)
-            out_names = _output_names(raw)
+            if not empty:
+                raw = model(**dict(zip(keyword_names, args))) if keyword_names else model(*args)
+                flat = flat_tensors(raw)
             try:
                 program = torch.export.export(wrapper, args,
                                               dynamic_shapes=dynamic_shapes(args, dynamic_dims, varargs=True))
@@ -225,6 +228,7 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
                 program = torch.export.export(wrapper, args,
                                               dynamic_shapes=dynamic_shapes(args, dynamic_dims, True, infer=True))
             program = program.run_decompositions({})
+            out_names = wrapper.output_names
     except GraphoptError:
         raise
     except Exception as exc:  # torch.export raises many types; keep one line plus the cause
@@ -243,6 +247,8 @@ def capture(model: torch.nn.Module | str | os.PathLike, example_inputs: Any,
                          ranges.get(i))
               for i, (n, a) in enumerate(zip(names, args))]
     out_vals = [n.meta.get("val") for n in gm.graph.find_nodes(op="output")[0].args[0]]
+    if empty:
+        flat = out_vals
     outputs = []
     for name, eager, val in zip(out_names, flat, out_vals):
         shape = tuple(int(s) if isinstance(s, int) or (hasattr(s, "node") and s.node.is_constant()) else str(s)

@@ -23,6 +23,14 @@ def fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
+def storage_identity(tensor: torch.Tensor) -> int:
+    """Equal for tensors that share data (a weight and its transpose, tied weights). Meta
+    tensors (streamed weights, graphopt.ir.lazy) have no data address: their base's id."""
+    if tensor.is_meta:
+        return id(tensor._base if tensor._base is not None else tensor)
+    return tensor.data_ptr()
+
+
 def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
     """The tensor behind a get_attr node, or None if `node` is not a constant tensor."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
@@ -114,6 +122,9 @@ def infer_meta(gm: fx.GraphModule, node: fx.Node) -> None:
         if isinstance(arg, fx.Node):
             if arg.op == "get_attr":
                 value = fetch_attr(gm, arg.target)
+                if value.is_meta and fake_mode is not None:    # a streamed weight (graphopt.ir.lazy): on the CPU
+                    with fake_mode:
+                        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
                 return fake_mode.from_tensor(value, static_shapes=True) if fake_mode else value.to("meta")
             return arg.meta["val"]
         return arg
@@ -131,7 +142,7 @@ def fingerprint(gm: fx.GraphModule) -> str:
     """Changes whenever the graph or any of its constant tensors (identity or shape) changes."""
     h = hashlib.sha256(gm.graph.python_code("self").src.encode())
     for name, t in sorted(list(gm.named_parameters()) + list(gm.named_buffers()), key=lambda kv: kv[0]):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{t.data_ptr()}:{t._version}".encode())
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}:{storage_identity(t)}:{t._version}".encode())
     return h.hexdigest()
 
 
@@ -147,8 +158,8 @@ def op_histogram(gm: fx.GraphModule) -> dict[str, int]:
 def parameter_bytes(gm: fx.GraphModule) -> int:
     seen, total = set(), 0
     for t in list(gm.parameters()) + list(gm.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
+        if storage_identity(t) not in seen:
+            seen.add(storage_identity(t))
             total += t.numel() * t.element_size()
     return total
 

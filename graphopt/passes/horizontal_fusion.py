@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from ..errors import GraphoptError
 from ..ir.graph import add_constant, constant_value, describe, infer_meta, module_path, remove_unused_attributes
+from ..ir.lazy import add_concatenation, is_lazy
 from ..ir.linear import LINEAR
 from ..ir.pattern import match
 from .base import Pass, PassResult
@@ -69,10 +71,19 @@ class HorizontalFusion(Pass):
         paths = [module_path(m.root) or m.root.name for m in members]
         hint = "_fused_" + "_".join(p.split(".")[-1] for p in paths[:4])
         w_name = add_constant(gm, hint + "_weight", torch.cat(weights, 0))
+        if is_lazy(gm, weights[0]):            # streamed weights: the fused one is loaded by parts, later
+            add_concatenation(gm, w_name, weights, 0)
         b_name = None
         if any(b is not None for b in biases):
             full = [b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype) for b, w in zip(biases, weights)]
-            b_name = add_constant(gm, hint + "_bias", torch.cat(full, 0))
+            if any(is_lazy(gm, b) for b in full):
+                if not all(is_lazy(gm, b) for b in biases):
+                    raise GraphoptError(f"{', '.join(paths)}: some biases are streamed from the checkpoint and "
+                                        "some are not; their fusion is not supported")
+                b_name = add_constant(gm, hint + "_bias", torch.cat(full, 0))
+                add_concatenation(gm, b_name, full, 0)
+            else:
+                b_name = add_constant(gm, hint + "_bias", torch.cat(full, 0))
         first = min((m.root for m in members), key=_position(gm))
         graph = gm.graph
         with graph.inserting_before(first):

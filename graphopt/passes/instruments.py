@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from ..errors import VerificationError
 from ..ir.graph import describe
+from ..ir.lazy import LazyInterpreter, run
 from .base import EXACT
 
 
@@ -28,7 +29,7 @@ class Instrument:
         pass
 
 
-class _ShapeCheck(fx.Interpreter):
+class _ShapeCheck(LazyInterpreter):
     """Runs the graph on real inputs and checks every node against its recorded meta['val']."""
 
     def run_node(self, n: fx.Node):
@@ -134,7 +135,7 @@ class QualityInstrument(Instrument):
 
     def _run(self, gm, ctx) -> list[torch.Tensor]:
         with torch.no_grad():
-            return [first_output(gm(*batch)) for batch in ctx.calibration[: self.batches]]
+            return [first_output(run(gm, batch)) for batch in ctx.calibration[: self.batches]]
 
     def before_pass(self, pass_, gm, ctx, record):
         if ctx.calibration and pass_.tolerance != EXACT and self._outputs is None:

@@ -35,7 +35,15 @@ import torch.fx as fx
 from ..analysis.calibration import calibrate
 from ..analysis.super_weights import DEFAULT_SPIKE_RATIO, find_super_weights
 from ..errors import PreconditionError
-from ..ir.graph import add_constant, constant_value, eliminate_dead_code, infer_meta, remove_unused_attributes
+from ..ir.graph import (
+    add_constant,
+    constant_value,
+    eliminate_dead_code,
+    infer_meta,
+    remove_unused_attributes,
+    storage_identity,
+)
+from ..ir.lazy import resolve
 from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
 from ..ir.moe import MOE_EXPERTS, MOE_EXPERTS_NBITS, router_linears, stack_quantized
 from ..ir.quantized import (
@@ -180,9 +188,9 @@ class WeightQuantization(Pass):
             else:
                 weight, transposed = lw
             sws = restore.get(node.name, []) if not is_embedding else []
-            key = (weight.data_ptr(), transposed, bits, group, grid, tuple((s.row, s.col) for s in sws))
+            key = (storage_identity(weight), transposed, bits, group, grid, tuple((s.row, s.col) for s in sws))
             if key not in cache:
-                w = weight.detach().float()
+                w = resolve(gm, weight).detach().float()
                 if sws:
                     w = w.clone()
                     for s in sws:
@@ -200,6 +208,7 @@ class WeightQuantization(Pass):
                 names = tuple(add_constant(gm, f"{layer}_{part}_q{bits}", getattr(q, part)) for part in parts)
                 cache[key] = (q, names)
                 bytes_before += weight.numel() * weight.element_size()
+                del w
                 bytes_after += q.nbytes
             q, names = cache[key]
             if is_embedding:
@@ -335,7 +344,7 @@ class WeightQuantization(Pass):
 def head_layers(gm: fx.GraphModule) -> set[fx.Node]:
     """Embeddings, linears that share an embedding's table (tied LM heads), and linears whose
     result is a graph output: the layers quantization hurts most (one wrong logit row per token)."""
-    tables = {constant_value(gm, n.args[0]).data_ptr() for n in gm.graph.find_nodes(
+    tables = {storage_identity(constant_value(gm, n.args[0])) for n in gm.graph.find_nodes(
         op="call_function", target=aten.embedding.default) if constant_value(gm, n.args[0]) is not None}
     outputs = {a for n in gm.graph.find_nodes(op="output") for a in n.all_input_nodes}
     heads = set()
@@ -344,6 +353,6 @@ def head_layers(gm: fx.GraphModule) -> set[fx.Node]:
             heads.add(node)
             continue
         lw = linear_weight(gm, node)
-        if lw is not None and (lw[0].data_ptr() in tables or node in outputs):
+        if lw is not None and (storage_identity(lw[0]) in tables or node in outputs):
             heads.add(node)
     return heads
