@@ -19,8 +19,9 @@ from graphopt.passes.layer_skipping import LayerSkipping, rank_removals
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers need not import tests/
     yield
     ray.shutdown()
