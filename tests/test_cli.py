@@ -141,3 +141,18 @@ def test_compile_at_a_reduced_precision(tmp_path, capsys):
     assert backend["precision"] == "int8"
     assert main(["compile", "--model", "llama", "--precision", "bf16"]) == 1        # onnxruntime has none
     assert "--precision is for --backend tvm or openvino" in capsys.readouterr().err
+
+
+def test_compile_a_checkpoint_folder_streams_its_weights(tmp_path, capsys):
+    import transformers
+
+    from graphopt.models.random_checkpoint import write_random_checkpoint
+    config = transformers.LlamaConfig(hidden_size=128, num_hidden_layers=2, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+    write_random_checkpoint(str(tmp_path / "ckpt"), config)
+    assert main(["compile", "--model", str(tmp_path / "ckpt"), "--passes", "int4", "--seq-len", "16",
+                 "--repeats", "1", "--out", str(tmp_path / "int4")]) == 0
+    text = capsys.readouterr().out
+    assert "weights streamed" in text and "each pass verified on the streamed graph" in text
+    assert main(["inspect", str(tmp_path / "int4")]) == 0
+    assert "weight_quantization" in capsys.readouterr().out

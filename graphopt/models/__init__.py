@@ -35,8 +35,13 @@ def available() -> list[str]:
 
 
 def load(name: str, seed: int = 0) -> ModelBundle:
-    """Load a model by name (see `available()`); random weights are seeded by `seed`."""
+    """Load a model by name (see `available()`); random weights are seeded by `seed`. A
+    Hugging Face checkpoint folder gives a bundle whose model is the folder itself: compiled
+    with its weights streamed (graphopt.frontend.checkpoint), never loaded whole."""
+    from ..frontend.checkpoint import is_checkpoint
     from . import cnn, hf
+    if is_checkpoint(name):
+        return hf.load_checkpoint_folder(name)
     if name == "smollm2":
         return hf.load_smollm2()
     if name in hf.RANDOM_CONFIGS:

@@ -162,3 +162,21 @@ def load_random_vision(name: str, seed: int = 0):
         randomise_batchnorm(model, torch.Generator().manual_seed(seed))
     return ModelBundle(name, model, None, make_images, f"{model_class} with random weights",
                        is_sequence_model=False)
+
+
+def load_checkpoint_folder(folder: str):
+    """A checkpoint folder as a bundle: the model is the path (compile() streams its weights),
+    the tokenizer the folder's own if it has one."""
+    import os
+
+    import transformers
+
+    from . import ModelBundle
+    config = transformers.AutoConfig.from_pretrained(folder)
+    tokenizer = None
+    if any(os.path.exists(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return ModelBundle(os.path.basename(os.path.normpath(folder)), folder, tokenizer,
+                       _token_maker(config.vocab_size, tokenizer,
+                                    max_positions=getattr(config, "max_position_embeddings", None)),
+                       f"{config.model_type} checkpoint folder (weights streamed)")
