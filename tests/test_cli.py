@@ -153,6 +153,6 @@ def test_compile_a_checkpoint_folder_streams_its_weights(tmp_path, capsys):
     assert main(["compile", "--model", str(tmp_path / "ckpt"), "--passes", "int4", "--seq-len", "16",
                  "--repeats", "1", "--out", str(tmp_path / "int4")]) == 0
     text = capsys.readouterr().out
-    assert "weights streamed" in text and "each pass verified on the streamed graph" in text
+    assert "weights were streamed" in text and "each pass verified on the streamed graph" in text
     assert main(["inspect", str(tmp_path / "int4")]) == 0
     assert "weight_quantization" in capsys.readouterr().out

@@ -316,6 +316,26 @@ def _matmul_nbits_fake(x, packed, scales, zero_points, bits, block_size, k, accu
 MATMUL_NBITS = torch.ops.graphopt.matmul_nbits.default
 
 
+@torch.library.custom_op("graphopt::matmul_nbits_minimum", mutates_args=())
+def matmul_nbits_minimum(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor,
+                         bits: int, block_size: int, k: int) -> torch.Tensor:
+    """x @ W^T for the "offset" grid in one op, W = code * scale + minimum per block. Passes
+    emit matmul_nbits plus blocksum(x) @ offsets (what ONNX Runtime's MatMulNBits takes); the
+    TVM backend folds that into this op, which its kernel dequantizes in one step."""
+    n, n_blocks = packed.shape[0], packed.shape[1]
+    codes = unpack_codes(packed, bits).float()
+    w = codes * scales.float().reshape(n, n_blocks, 1) + minimums.float().reshape(n, n_blocks, 1)
+    return torch.matmul(x, w.reshape(n, -1)[:, :k].t().to(x.dtype))
+
+
+@matmul_nbits_minimum.register_fake
+def _matmul_nbits_minimum_fake(x, packed, scales, minimums, bits, block_size, k):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+MATMUL_NBITS_MINIMUM = torch.ops.graphopt.matmul_nbits_minimum.default
+
+
 @torch.library.custom_op("graphopt::embedding_nbits", mutates_args=())
 def embedding_nbits(indices: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                     bits: int, block_size: int, k: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import graphopt
 from graphopt.backends.tvm.dense_kernels import KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.ir.graph import constant_value, parameter_bytes
-from graphopt.ir.quantized import MATMUL_NBITS, dequantize
+from graphopt.ir.quantized import MATMUL_NBITS, MATMUL_NBITS_MINIMUM, dequantize, unpack_codes
 from graphopt.passes import ConstantFolding, DeadCodeElimination
 from graphopt.passes.weight_quantization import WeightQuantization
 
@@ -60,6 +60,26 @@ def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, kernel, tmp_
     backend = json.load(open(f"{path}/manifest.json"))["backend_options"]
     assert backend["nbits_kernel"] == kernel and backend["precision_computed"] == "f32"
     assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (x,))), cm(x), 1e-7)
+
+
+@needs_bf16
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_the_offset_grid_folds_into_one_dequantization_equal_to_its_plan(scale_dtype, tmp_path):
+    model, x, passes = quantized_linear(4, "offset", scale_dtype)
+    cm = graphopt.compile(model, (x,), passes=passes, backend="tvm", dynamic_dims={0: {0: "rows"}}, progress=False)
+    gm = cm.captured.graph_module
+    [node] = gm.graph.find_nodes(op="call_function", target=MATMUL_NBITS_MINIMUM)   # no separate offset product
+    packed, scales, minimums = (constant_value(gm, a) for a in node.args[1:4])
+    assert scales.dtype == minimums.dtype == getattr(torch, scale_dtype)
+    n, blocks = packed.shape[:2]
+    codes = unpack_codes(packed, 4).double()
+    weight = (codes * scales.double().reshape(n, blocks, 1) + minimums.double().reshape(n, blocks, 1)).float()
+    weight = weight.reshape(n, -1)[:, :48].to(torch.bfloat16).double()          # code * scale + minimum, one rounding
+    for rows in (1, 5, 33):
+        other = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+        plan = (other.to(torch.bfloat16).double() @ weight.T + model[0].bias.detach().double()).float()
+        assert_close_to_scale(cm(other), plan, 2e-6)
+    assert_close_to_scale(cm(x), model(x).detach(), 0.1)                         # int4 of the float model
 
 
 @needs_bf16

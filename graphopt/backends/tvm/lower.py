@@ -41,7 +41,7 @@ import torch.fx as fx
 from ...errors import BackendError, GraphoptError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
 from ...ir import ops
-from ...ir.graph import add_constant, constant_value, export_retrying_with_reshapes
+from ...ir.graph import add_constant, constant_value, eliminate_dead_code, export_retrying_with_reshapes
 from ...ir.moe import densify_experts
 from ...runtime import default_threads
 from ..base import Backend, WorkdirExecutable
@@ -172,9 +172,58 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     changed = _explicit_pool_strides(gm) or changed
     changed = _sorted_topk(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
+    changed = _fold_block_offsets(gm) or changed
     if changed:
         gm.recompile()
     return gm
+
+
+def _call(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _block_offsets_of(gm: fx.GraphModule, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(x, minimums attribute) if `product` is weight_quantization's offset term for the
+    matmul_nbits `product` is added to: matmul(sum(unflatten(x)), t(float(minimums) + 2**(bits-1) * scales))."""
+    aten = torch.ops.aten
+    if not _call(product, aten.matmul.default) or len(product.users) != 1:
+        return None
+    sums, offsets = product.args
+    if not (_call(sums, aten.sum.dim_IntList) and _call(sums.args[0], aten.unflatten.int)
+            and _call(offsets, aten.t.default) and _call(offsets.args[0], aten.add.Tensor)):
+        return None
+    mins, scaled = offsets.args[0].args
+    if not (_call(mins, aten._to_copy.default) and mins.args[0].op == "get_attr" and _call(scaled, aten.mul.Tensor)):
+        return None
+    return sums.args[0].args[0], mins.args[0]
+
+
+def _fold_block_offsets(gm: fx.GraphModule) -> bool:
+    """matmul_nbits(x, codes, scales) + blocksum(x) @ (minimums + 2**(bits-1) * scales)^T (the
+    "offset" grid as ONNX Runtime takes it) -> matmul_nbits_minimum(x, codes, scales, minimums):
+    the kernel dequantizes code * scale + minimum in one step, and the float32 offset table the
+    lifted transform would store (twice the float16 minimums' bytes) is not made."""
+    from ...ir.quantized import MATMUL_NBITS, MATMUL_NBITS_MINIMUM
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=MATMUL_NBITS)):
+        x, packed, scales, zero_points, bits, block_size, k = node.args[:7]
+        adds = [u for u in node.users if _call(u, torch.ops.aten.add.Tensor) and u.args[0] is node]
+        found = _block_offsets_of(gm, adds[0].args[1]) if len(adds) == 1 and len(node.users) == 1 else None
+        if found is None or found[0] is not x or constant_value(gm, zero_points).numel():
+            continue
+        minimums = found[1]
+        source = scales.args[0] if _call(scales, torch.ops.aten._to_copy.default) else scales
+        if constant_value(gm, source) is None or constant_value(gm, minimums).dtype != constant_value(gm, source).dtype:
+            continue
+        with gm.graph.inserting_before(adds[0]):
+            folded = gm.graph.call_function(MATMUL_NBITS_MINIMUM, (x, packed, source, minimums, bits, block_size, k))
+        folded.meta.update({key: adds[0].meta[key] for key in ("val", "nn_module_stack", "stack_trace")
+                            if key in adds[0].meta})
+        adds[0].replace_all_uses_with(folded)
+        changed = True
+    if changed:
+        eliminate_dead_code(gm)
+    return changed
 
 
 def _cast_bool_sums(gm: fx.GraphModule) -> bool:

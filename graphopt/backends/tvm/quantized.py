@@ -27,11 +27,13 @@ class QuantizedConverters:
         self.used = False
 
     def convert_map(self) -> dict:
-        return {"matmul_nbits.default": self.matmul_nbits, "embedding_nbits.default": self.embedding_nbits}
+        return {"matmul_nbits.default": self.matmul_nbits, "matmul_nbits_minimum.default": self.matmul_nbits_minimum,
+                "embedding_nbits.default": self.embedding_nbits}
 
-    def _layout(self, importer, key: tuple, packed, scales, zero_points, bits: int, block_size: int, name: str):
-        """(codes, scales, zeros or None, n, padded n, blocks) in panel order, emitted once per
-        weight (`key`: the nodes of its codes, scales and zero points)."""
+    def _layout(self, importer, key: tuple, packed, scales, zero_points, bits: int, block_size: int, name: str,
+                minimums=None):
+        """(codes, scales, zero points or minimums or None, n, padded n, blocks) in panel order,
+        emitted once per weight (`key`: the nodes of its codes, scales and zero points / minimums)."""
         from tvm import relax
         if key in self.layouts:
             return self.layouts[key]
@@ -53,7 +55,9 @@ class QuantizedConverters:
 
         scale_table = panel_order(relax.op.reshape(scales, [n, blocks]))
         zeros = None
-        if int(zero_points.ty.shape.values[0]) > 0:
+        if minimums is not None:
+            zeros = panel_order(relax.op.reshape(minimums, [n, blocks]))
+        elif int(zero_points.ty.shape.values[0]) > 0:
             table = emit(relax.op.reshape(zero_points, [n, -1]))
             if bits == 4:                # two per byte, low nibble first
                 low = emit(relax.op.bitwise_and(table, relax.const(15, "uint8")))
@@ -65,30 +69,41 @@ class QuantizedConverters:
         return self.layouts[key]
 
     def matmul_nbits(self, node, importer):
+        return self._matmul(node, importer, minimums=False)
+
+    def matmul_nbits_minimum(self, node, importer):
+        return self._matmul(node, importer, minimums=True)
+
+    def _matmul(self, node, importer, minimums: bool):
         import tvm
         from tvm import relax, tirx
         if self.kernel is None:
-            raise BackendError(f"tvm backend: node '{node.name}' (graphopt.matmul_nbits) needs a bf16 kernel "
-                               "(AMX-BF16 or AVX512-BF16), which this target has not; use backend='onnxruntime'")
+            raise BackendError(f"tvm backend: node '{node.name}' (graphopt.{node.target.__name__.split('.')[0]}) needs "
+                               "a bf16 kernel (AMX-BF16 or AVX512-BF16), which this target has not; "
+                               "use backend='onnxruntime'")
         self.used = True
         x = importer.env[node.args[0]]
         sources = (node.args[1], _before_float32_cast(node.args[2]), node.args[3])
-        packed, scales, zero_points = (importer.env[a] for a in sources)
+        packed, scales, table = (importer.env[a] for a in sources)
         bits, block_size, k = (int(v) for v in node.args[4:7])
-        codes, scale_table, zeros, n, padded, blocks = self._layout(importer, sources, packed, scales, zero_points,
-                                                                    bits, block_size, node.name)
+        codes, scale_table, zeros, n, padded, blocks = self._layout(
+            importer, sources, packed, scales, None if minimums else table, bits, block_size, node.name,
+            minimums=table if minimums else None)
+        kind = None if zeros is None else "minimums" if minimums else "zeros"
         shape = list(x.ty.shape.values)
         rows = 1
         for dim in shape[:-1]:
             rows = rows * dim
         rows = tvm.sym.Analyzer().simplify(rows)
         static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
-        key = (static_rows, k, padded, bits, block_size, blocks, str(scales.ty.dtype), zeros is not None)
+        if minimums and str(table.ty.dtype) != str(scales.ty.dtype):
+            raise BackendError(f"tvm backend: node '{node.name}': minimums in {table.ty.dtype}, scales in "
+                               f"{scales.ty.dtype}; the kernel reads both in one type")
+        key = (static_rows, k, padded, bits, block_size, blocks, str(scales.ty.dtype), kind)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
             self.kernels[key] = importer.block_builder.add_func(
-                dense_nbits_call(m, k, padded, bits, block_size, blocks, str(scales.ty.dtype), zeros is not None,
-                                 self.tasks),
+                dense_nbits_call(m, k, padded, bits, block_size, blocks, str(scales.ty.dtype), kind, self.tasks),
                 f"dense_nbits{bits}_{k}x{padded}")
         emit = importer.block_builder.emit
         flat = emit(relax.op.reshape(x, [rows, k]))
@@ -133,19 +148,20 @@ def _before_float32_cast(node):
     return node
 
 
-def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str, has_zeros: bool,
-                     tasks: int):
-    """The TIR function Y[m, n] = X[m, k] @ W^T for reordered block-quantized W; `m` an int or a tirx.Var."""
+def dense_nbits_call(m, k: int, n: int, bits: int, block_size: int, blocks: int, scale_dtype: str,
+                     table: str | None, tasks: int):
+    """The TIR function Y[m, n] = X[m, k] @ W^T for reordered block-quantized W; `m` an int or a
+    tirx.Var; `table`: None, "zeros" (uint8 zero points) or "minimums" (in the scales' type)."""
     from tvm import te, tirx
     pairs = blocks * block_size // 2
     weights = [te.placeholder((n // 16, pairs, 16 * bits // 4), "uint8", name="codes"),
                te.placeholder((n // 16, blocks, 16), scale_dtype, name="scales")]
-    if has_zeros:
-        weights.append(te.placeholder((n // 16, blocks, 16), "uint8", name="zeros"))
-    flags = (1 if scale_dtype == "float16" else 0) | (2 if has_zeros else 0)
+    if table is not None:
+        weights.append(te.placeholder((n // 16, blocks, 16), "uint8" if table == "zeros" else scale_dtype, name=table))
+    flags = (1 if scale_dtype == "float16" else 0) | {None: 0, "zeros": 2, "minimums": 4}[table]
 
     def arguments(ins, y):
-        zeros = ins[3 if has_zeros else 2].access_ptr("r")      # flags say whether the kernel reads it
+        zeros = ins[3 if table else 2].access_ptr("r")      # flags say whether the kernel reads it
         sizes = [tirx.Cast("int64", m)] + [tirx.const(v, "int64") for v in (k, n, bits, block_size, blocks, flags)]
         return [ins[0].access_ptr("r"), ins[1].access_ptr("r"), ins[2].access_ptr("r"), zeros, y, *sizes]
     return parallel_extern("graphopt_dense_nbits", m, k, n, weights, arguments, tasks)

@@ -175,12 +175,13 @@ int32_t graphopt_dense_bf16(const float *x, const uint16_t *w, float *y, int64_t
     return 0;
 }
 
-/* Panel p of block-quantized weights -> bf16 panel [k32 / 2, 32]: w = (code - zero) * scale.
+/* Panel p of block-quantized weights -> bf16 panel [k32 / 2, 32]: w = (code - zero) * scale,
+ * or code * scale + minimum with `minimums` (the offset grid, in the scales' type).
  * codes: [n / 16, k_blocks / 2, 16 * bits / 4] (a row: 16 columns' (even k, odd k) codes: one
- * byte of two nibbles at 4 bits, two bytes at 8); scales, zeros: [n / 16, blocks, 16]. */
-static void dequantize_panel(const uint8_t *codes, const void *scales, const uint8_t *zeros, uint16_t *out,
-                             int64_t p, int64_t k_blocks, int64_t k32, int bits, int64_t block, int64_t blocks,
-                             int scales_f16) {
+ * byte of two nibbles at 4 bits, two bytes at 8); scales, zeros, minimums: [n / 16, blocks, 16]. */
+static void dequantize_panel(const uint8_t *codes, const void *scales, const uint8_t *zeros, const void *minimums,
+                             uint16_t *out, int64_t p, int64_t k_blocks, int64_t k32, int bits, int64_t block,
+                             int64_t blocks, int scales_f16) {
     const int64_t rows = k_blocks / 2, row_bytes = 16 * bits / 4;
     const __m512 default_zero = _mm512_set1_ps((float)(1 << (bits - 1)));
     for (int64_t kk = 0; kk < k32 / 2; kk++) {
@@ -205,8 +206,16 @@ static void dequantize_panel(const uint8_t *codes, const void *scales, const uin
             even = _mm512_and_si512(pairs, _mm512_set1_epi32(255));
             odd = _mm512_srli_epi32(pairs, 8);
         }
-        __m512 low = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(even), zero), scale);
-        __m512 high = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(odd), zero), scale);
+        __m512 low, high;
+        if (minimums) {
+            const __m512 minimum = scales_f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)minimums + b))
+                                              : _mm512_loadu_ps((const float *)minimums + b * 16);
+            low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), scale, minimum);
+            high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), scale, minimum);
+        } else {
+            low = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(even), zero), scale);
+            high = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(odd), zero), scale);
+        }
         __m512i low16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(low));
         __m512i high16 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(high));
         _mm512_storeu_si512((void *)row, _mm512_or_si512(low16, _mm512_slli_epi32(high16, 16)));
@@ -214,9 +223,10 @@ static void dequantize_panel(const uint8_t *codes, const void *scales, const uin
 }
 
 /* Y[m, n] = X[m, k] @ W^T for block-quantized W (bits 4 or 8, `blocks` blocks of `block` per
- * column, k_blocks = blocks * block >= k); flags: 1 = float16 scales, 2 = zero points given
- * (else 2 ** (bits - 1)). Task split as graphopt_dense_bf16. */
-int32_t graphopt_dense_nbits(const float *x, const uint8_t *codes, const void *scales, const uint8_t *zeros,
+ * column, k_blocks = blocks * block >= k); flags: 1 = float16 scales (and minimums), 2 = `table`
+ * holds uint8 zero points (else 2 ** (bits - 1)), 4 = it holds minimums (w = code * scale +
+ * minimum). Task split as graphopt_dense_bf16. */
+int32_t graphopt_dense_nbits(const float *x, const uint8_t *codes, const void *scales, const void *table,
                              float *y, int64_t m, int64_t k, int64_t n, int64_t bits, int64_t block, int64_t blocks,
                              int64_t flags, int64_t task, int64_t tasks) {
     int64_t panel0, panel_end;
@@ -228,8 +238,9 @@ int32_t graphopt_dense_nbits(const float *x, const uint8_t *codes, const void *s
     for (int64_t p = panel0; p < panel_end; p += 4) {
         const int64_t count = panel_end - p < 4 ? panel_end - p : 4;
         for (int64_t j = 0; j < count; j++)
-            dequantize_panel(codes, scales, flags & 2 ? zeros : 0, panels + j * (k32 / 2) * 32, p + j, k_blocks, k32,
-                             (int)bits, block, blocks, (int)(flags & 1));
+            dequantize_panel(codes, scales, flags & 2 ? (const uint8_t *)table : 0, flags & 4 ? table : 0,
+                             panels + j * (k32 / 2) * 32, p + j, k_blocks, k32, (int)bits, block, blocks,
+                             (int)(flags & 1));
         dense_panels(xb, panels, y + p * 16, m, k32, n, 0, count);
     }
     return 0;
