@@ -40,13 +40,12 @@ import torch.fx as fx
 
 from ...errors import BackendError, GraphoptError, UnsupportedOpError
 from ...frontend.torch_export import CapturedModel
-from ...ir import ops
-from ...ir.graph import add_constant, constant_value, eliminate_dead_code, export_retrying_with_reshapes
-from ...ir.moe import densify_experts
+from ...ir.graph import export_retrying_with_reshapes
 from ...runtime import default_threads
 from ..base import Backend, WorkdirExecutable
 from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for, tasks_for
 from .intrinsics import register_fast_exp
+from .prepare import positive_slice_dims, prepare_graph
 from .quantized import QuantizedConverters
 from .runner import (
     TVM_LIBRARY,
@@ -162,228 +161,6 @@ class TvmBackend(Backend):
             raise
 
 
-def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
-    or where it would embed weights in the library."""
-    changed = densify_experts(gm)          # first: its per-expert weights become parameters below
-    _register_tensor_attributes(gm)
-    changed = _cast_bool_sums(gm) or changed
-    changed = _nonnegative_indices(gm) or changed
-    changed = _explicit_pool_strides(gm) or changed
-    changed = _sorted_topk(gm) or changed
-    changed = _static_slices_of_dynamic_dims(gm) or changed
-    changed = _fold_block_offsets(gm) or changed
-    if changed:
-        gm.recompile()
-    return gm
-
-
-def _call(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
-def _block_offsets_of(gm: fx.GraphModule, product: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """(x, minimums attribute) if `product` is weight_quantization's offset term for the
-    matmul_nbits `product` is added to: matmul(sum(unflatten(x)), t(float(minimums) + 2**(bits-1) * scales))."""
-    aten = torch.ops.aten
-    if not _call(product, aten.matmul.default) or len(product.users) != 1:
-        return None
-    sums, offsets = product.args
-    if not (_call(sums, aten.sum.dim_IntList) and _call(sums.args[0], aten.unflatten.int)
-            and _call(offsets, aten.t.default) and _call(offsets.args[0], aten.add.Tensor)):
-        return None
-    mins, scaled = offsets.args[0].args
-    if not (_call(mins, aten._to_copy.default) and mins.args[0].op == "get_attr" and _call(scaled, aten.mul.Tensor)):
-        return None
-    return sums.args[0].args[0], mins.args[0]
-
-
-def _fold_block_offsets(gm: fx.GraphModule) -> bool:
-    """matmul_nbits(x, codes, scales) + blocksum(x) @ (minimums + 2**(bits-1) * scales)^T (the
-    "offset" grid as ONNX Runtime takes it) -> matmul_nbits_minimum(x, codes, scales, minimums):
-    the kernel dequantizes code * scale + minimum in one step, and the float32 offset table the
-    lifted transform would store (twice the float16 minimums' bytes) is not made."""
-    from ...ir.quantized import MATMUL_NBITS, MATMUL_NBITS_MINIMUM
-    changed = False
-    for node in list(gm.graph.find_nodes(op="call_function", target=MATMUL_NBITS)):
-        x, packed, scales, zero_points, bits, block_size, k = node.args[:7]
-        adds = [u for u in node.users if _call(u, torch.ops.aten.add.Tensor) and u.args[0] is node]
-        found = _block_offsets_of(gm, adds[0].args[1]) if len(adds) == 1 and len(node.users) == 1 else None
-        if found is None or found[0] is not x or constant_value(gm, zero_points).numel():
-            continue
-        minimums = found[1]
-        source = scales.args[0] if _call(scales, torch.ops.aten._to_copy.default) else scales
-        if constant_value(gm, source) is None or constant_value(gm, minimums).dtype != constant_value(gm, source).dtype:
-            continue
-        with gm.graph.inserting_before(adds[0]):
-            folded = gm.graph.call_function(MATMUL_NBITS_MINIMUM, (x, packed, source, minimums, bits, block_size, k))
-        folded.meta.update({key: adds[0].meta[key] for key in ("val", "nn_module_stack", "stack_trace")
-                            if key in adds[0].meta})
-        adds[0].replace_all_uses_with(folded)
-        changed = True
-    if changed:
-        eliminate_dead_code(gm)
-    return changed
-
-
-def _cast_bool_sums(gm: fx.GraphModule) -> bool:
-    """cumsum/sum over a bool tensor (Hugging Face's packed-sequence mask) reached LLVM as an
-    add on i1 and failed in CodeGenLLVM::CreateAdd: cast to the result's dtype first."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.cumsum.default,
-                                                             torch.ops.aten.sum.dim_IntList):
-            continue
-        source, out = node.args[0], node.meta.get("val")
-        source_val = getattr(source, "meta", {}).get("val")
-        if source_val is None or out is None or source_val.dtype != torch.bool:
-            continue
-        with gm.graph.inserting_before(node):
-            cast = gm.graph.call_function(torch.ops.aten._to_copy.default, (source,), {"dtype": out.dtype})
-            cast.meta["val"] = source_val.to(out.dtype)
-        node.replace_input_with(source, cast)
-        changed = True
-    return changed
-
-
-
-def _explicit_pool_strides(gm: fx.GraphModule) -> bool:
-    """max_pool2d(x, 2, ceil_mode=True) is captured with stride [] (meaning: the kernel size),
-    which TVM's importer rejects ("The input strides length is expected to be 2")."""
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in ops.WINDOW_POOLS and len(node.args) > 2 and not node.args[2]:
-            node.update_arg(2, list(node.args[1]))
-            changed = True
-    return changed
-
-
-def _sorted_topk(gm: fx.GraphModule) -> bool:
-    """topk(..., sorted=False) (DeepSeek-V3's router) leaves the order unspecified and TVM's
-    importer takes sorted output only ("Currently supports only sorted output"): ask for it."""
-    changed = False
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.topk.default):
-        if len(node.args) > 4 and not node.args[4]:
-            node.update_arg(4, True)
-            changed = True
-        elif node.kwargs.get("sorted") is False:
-            node.update_kwarg("sorted", True)
-            changed = True
-    return changed
-
-
-def _nonnegative_indices(gm: fx.GraphModule) -> bool:
-    """x[..., [-2], :] (Falcon's multi-query key) indexes with a negative integer, which torch
-    wraps and TVM's take reads out of bounds: wrong outputs that change from call to call.
-    Constant index tensors are wrapped here; computed ones get where(i < 0, i + size, i)."""
-    aten, changed = torch.ops.aten, False
-    for node in list(gm.graph.nodes):     # (index_select rejects negative indices in torch)
-        if node.op != "call_function" or node.target is not aten.index.Tensor:
-            continue
-        index_vals = [getattr(index, "meta", {}).get("val") for index in node.args[1] if index is not None]
-        if getattr(node.args[0], "meta", {}).get("val") is None or any(
-                v is None or v.dtype == torch.bool for v in index_vals):
-            continue                      # a bool mask spans several dims: positions would shift
-        replacements = {}
-        for dim, index in enumerate(node.args[1]):
-            wrapped = None if index is None else _wrapped_index(gm, node, index, dim)
-            if wrapped is not None:
-                replacements[index] = wrapped
-        for old, new in replacements.items():
-            node.replace_input_with(old, new)
-            changed = True
-    return changed
-
-
-def _wrapped_index(gm: fx.GraphModule, user: fx.Node, index: fx.Node, dim: int) -> fx.Node | None:
-    """A node holding `index` with negative entries wrapped by the size of `user`'s source
-    along `dim`, or None if there is nothing to wrap."""
-    source = user.args[0]
-    size = source.meta["val"].shape[dim]
-    index_val = index.meta["val"]
-    value = constant_value(gm, index)
-    if value is not None:
-        if not bool((value < 0).any()):
-            return None
-        name = add_constant(gm, f"{index.target}_wrapped", torch.where(value < 0, value + size, value))
-        with gm.graph.inserting_before(user):
-            wrapped = gm.graph.get_attr(name)
-        wrapped.meta = dict(index.meta)
-        return wrapped
-    aten = torch.ops.aten
-    with gm.graph.inserting_before(user):
-        if not isinstance(size, int):
-            size = gm.graph.call_function(aten.sym_size.int, (source, dim))
-            size.meta["val"] = source.meta["val"].shape[dim]
-        negative = gm.graph.call_function(aten.lt.Scalar, (index, 0))
-        shifted = gm.graph.call_function(aten.add.Tensor, (index, size))
-        wrapped = gm.graph.call_function(aten.where.self, (negative, shifted, index))
-    negative.meta["val"] = index_val < 0
-    shifted.meta["val"] = index_val.clone()           # same shape and dtype as the index
-    wrapped.meta = dict(index.meta)
-    return wrapped
-
-
-def _static_slices_of_dynamic_dims(gm: fx.GraphModule) -> bool:
-    """x[:, :1] of a dynamic length: torch knows the result has 1 element (the length is >= 2),
-    TVM infers min(1, seq) and loses the shape downstream (in Hugging Face's mask code, at a
-    cumsum it cannot lower). Such slices become index_select with constant indices."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.slice.Tensor:
-            continue
-        source, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
-        start = node.args[2] if len(node.args) > 2 else 0
-        step = node.args[4] if len(node.args) > 4 else 1
-        source_val, out = getattr(source, "meta", {}).get("val"), node.meta.get("val")
-        if source_val is None or out is None or not isinstance(start, int) or start < 0 or not isinstance(step, int):
-            continue
-        dim = dim % source_val.dim()
-        if isinstance(source_val.shape[dim], int) or not isinstance(out.shape[dim], int):
-            continue
-        size = out.shape[dim]
-        with gm.graph.inserting_before(node):
-            index = gm.graph.call_function(torch.ops.aten.arange.start_step, (start, start + size * step, step),
-                                           {"dtype": torch.int64})
-            index.meta["val"] = torch.arange(start, start + size * step, step)
-            select = gm.graph.call_function(torch.ops.aten.index_select.default, (source, dim, index))
-            select.meta = dict(node.meta)
-        node.replace_all_uses_with(select)
-        gm.graph.erase_node(node)
-        changed = True
-    return changed
-
-
-def _positive_slice_dims(gm: fx.GraphModule) -> None:
-    """TVM legalizes a slice with a negative axis over a dynamic shape into an out-of-range
-    axis (topi dynamic_strided_slice_with_axes: "axis < src_tensor_dim (-1 vs. 2)")."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.slice.Tensor and len(node.args) > 1:
-            dim, source_val = node.args[1], getattr(node.args[0], "meta", {}).get("val")
-            if isinstance(dim, int) and dim < 0 and source_val is not None:
-                node.update_arg(1, dim % source_val.dim())
-    gm.recompile()
-
-
-def _register_tensor_attributes(gm: fx.GraphModule, min_elements: int = 4096) -> None:
-    """Passes that make new weights (fused q/k/v, pruned matrices) store them as plain tensor
-    attributes or buffers, and block quantization stores its codes (uint8) as buffers; TVM's
-    importer binds those as constants (embedded in the library, invisible to weight packing and
-    to the lifted reordering of quantized codes). Large ones become parameters (no grad)."""
-    for node in gm.graph.find_nodes(op="get_attr"):
-        owner_path, _, attr = node.target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        value = getattr(owner, attr, None)
-        if (isinstance(value, torch.Tensor) and attr not in owner._parameters and value.dtype != torch.bool
-                and value.numel() >= min_elements):
-            if attr in owner._buffers:
-                del owner._buffers[attr]
-                owner._non_persistent_buffers_set.discard(attr)   # or torch.export misses it
-            else:
-                delattr(owner, attr)
-            owner.register_parameter(attr, torch.nn.Parameter(value, requires_grad=False))
-
-
 def _source_line(node: fx.Node) -> str:
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     for line in reversed(trace):
@@ -413,7 +190,7 @@ def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None 
     try:
         program = export_retrying_with_reshapes(gm, lambda: torch.export.export(
             gm, captured.example_inputs, dynamic_shapes=shapes).run_decompositions())
-        _positive_slice_dims(program.graph_module)
+        positive_slice_dims(program.graph_module)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BackendError(f"tvm backend: re-exporting the IR failed: {first}") from exc
