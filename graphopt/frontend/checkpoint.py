@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CaptureError
+from ..ir.graph import fetch_attr
 from ..ir.lazy import META_KEY, LazyWeights
 from .torch_export import CapturedModel, capture
 
@@ -147,10 +148,7 @@ def capture_checkpoint(folder: str, example_inputs: Any,
             tied = {alias: stored[0] for alias in aliases}
     lazy = LazyWeights(files)
     for node in gm.graph.find_nodes(op="get_attr"):
-        tensor = gm.get_parameter(node.target) if _is_parameter(gm, node.target) else None
-        if tensor is None:
-            owner_path, _, leaf = node.target.rpartition(".")
-            tensor = getattr(gm.get_submodule(owner_path) if owner_path else gm, leaf)
+        tensor = fetch_attr(gm, node.target)
         if not (isinstance(tensor, torch.Tensor) and tensor.is_meta):
             continue
         key = _checkpoint_key(node.target, files.where, tied)
@@ -160,9 +158,3 @@ def capture_checkpoint(folder: str, example_inputs: Any,
     gm.meta[META_KEY] = lazy
     captured.source = f"{type(model).__name__} ({os.path.basename(os.path.normpath(folder))}, weights streamed)"
     return captured
-
-
-def _is_parameter(gm, target: str) -> bool:
-    owner_path, _, leaf = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    return leaf in owner._parameters

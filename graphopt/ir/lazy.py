@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import GraphoptError
+from .graph import fetch_attr
 
 META_KEY = "graphopt_lazy_weights"
 
@@ -51,16 +52,9 @@ def lazy_weights(gm: fx.GraphModule) -> LazyWeights | None:
     return gm.meta.get(META_KEY)
 
 
-def _attribute(gm: fx.GraphModule, target: str):
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def value(gm: fx.GraphModule, target: str) -> torch.Tensor:
     """The real tensor of attribute `target` (itself, if it is not lazy)."""
-    tensor = _attribute(gm, target)
+    tensor = fetch_attr(gm, target)
     if not (isinstance(tensor, torch.Tensor) and tensor.is_meta):
         return tensor
     lazy = lazy_weights(gm)
@@ -78,7 +72,7 @@ def _targets_by_tensor(gm: fx.GraphModule) -> dict[int, str]:
     lazy = lazy_weights(gm)
     found = {}
     for node in gm.graph.find_nodes(op="get_attr"):
-        tensor = _attribute(gm, node.target)
+        tensor = fetch_attr(gm, node.target)
         if isinstance(tensor, torch.Tensor) and tensor.is_meta and lazy is not None and node.target in lazy:
             found[id(tensor)] = node.target
     return found
@@ -148,7 +142,7 @@ def materialize(gm: fx.GraphModule) -> int:
         return 0
     total = 0
     for target in sorted({n.target for n in gm.graph.find_nodes(op="get_attr")}):
-        tensor = _attribute(gm, target)
+        tensor = fetch_attr(gm, target)
         if not (isinstance(tensor, torch.Tensor) and tensor.is_meta):
             continue
         loaded = value(gm, target)
