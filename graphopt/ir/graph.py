@@ -182,6 +182,18 @@ _LAYOUT_OPS = ((ops.VIEWS - {torch.ops.aten.reshape.default}) | ops.TRANSPOSES |
                | ops.SQUEEZES | {torch.ops.aten.alias.default})
 
 
+def views_reading(source: fx.Node) -> list[fx.Node]:
+    """The aten.view nodes that read `source` through layout-only ops (transposes, views, ...)."""
+    views, frontier = [], list(source.users)
+    while frontier:
+        node = frontier.pop()
+        if node.op == "call_function" and node.target in _LAYOUT_OPS:
+            if node.target is torch.ops.aten.view.default:
+                views.append(node)
+            frontier.extend(node.users)
+    return views
+
+
 def reshape_views_of_attention(gm: fx.GraphModule) -> bool:
     """The CPU attention kernel that ran at capture returns a (batch, seq, heads, dim) memory
     layout, so `attn.transpose(1, 2).reshape(...)` (Swin) was captured as a view. Re-exporting
@@ -193,13 +205,7 @@ def reshape_views_of_attention(gm: fx.GraphModule) -> bool:
     aten = torch.ops.aten
     changed = False
     for attention in list(gm.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)):
-        views, frontier = [], list(attention.users)
-        while frontier:
-            node = frontier.pop()
-            if node.op == "call_function" and node.target in _LAYOUT_OPS:
-                if node.target is aten.view.default:
-                    views.append(node)
-                frontier.extend(node.users)
+        views = views_reading(attention)
         if not views:
             continue
         with gm.graph.inserting_after(attention):

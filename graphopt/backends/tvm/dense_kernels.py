@@ -41,22 +41,29 @@ KERNELS = {
     "avx512_vnni": ("int8", ("avx512_vnni", "avx512bw"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
                     "dense_int8.c"),
 }
+# float32 attention (attention.py): GCC vector code, 16 lanes in one register or two
+ATTENTION_KERNELS = {
+    "attention_avx512": ("f32", ("avx512f",), ("-mavx512f", "-mfma", "-ffp-contract=fast"), "attention.c"),
+    "attention_avx2": ("f32", ("avx2", "fma"), ("-mavx2", "-mfma", "-ffp-contract=fast", "-Wno-psabi"), "attention.c"),
+}
 K_MULTIPLE = {"bf16": 32, "int8": 64}      # k per AMX tile row (64 bytes)
 
 
-def kernel_for(precision: str, features: Iterable[str] | None, requested: str | None = None) -> str | None:
-    """The best `precision` kernel code for CPU `features` may use (or `requested`, if it may), else None."""
+def kernel_for(precision: str, features: Iterable[str] | None, requested: str | None = None,
+               table: dict = KERNELS) -> str | None:
+    """The best `precision` kernel of `table` code for CPU `features` may use (or `requested`,
+    if it may), else None."""
     have = set(features or ())
     if requested is not None:
-        if requested not in KERNELS or KERNELS[requested][0] != precision:
-            names = [name for name, spec in KERNELS.items() if spec[0] == precision]
+        if requested not in table or table[requested][0] != precision:
+            names = [name for name, spec in table.items() if spec[0] == precision]
             raise BackendError(f"unknown {precision} kernel '{requested}'; use one of {', '.join(names)}")
-        missing = [f for f in KERNELS[requested][1] if f not in have]
+        missing = [f for f in table[requested][1] if f not in have]
         if missing:
             raise BackendError(f"{precision} kernel '{requested}' needs CPU features {', '.join(missing)}, "
                                "which the target does not have")
         return requested
-    return next((name for name, (p, needs, _, _) in KERNELS.items()
+    return next((name for name, (p, needs, _, _) in table.items()
                  if p == precision and all(f in have for f in needs)), None)
 
 
@@ -71,7 +78,7 @@ def build_kernel_object(kernel: str, directory: str) -> str:
     if compiler is None:
         raise BackendError("tvm backend: reduced-precision kernels need a C compiler (cc or gcc; TVM's export "
                            "links with one too)")
-    _, _, flags, source = KERNELS[kernel]
+    _, _, flags, source = KERNELS[kernel] if kernel in KERNELS else ATTENTION_KERNELS[kernel]
     out = os.path.join(directory, f"{kernel}.o")
     command = [compiler, "-O3", "-fPIC", "-std=c11", *flags, "-c", os.path.join(KERNEL_DIR, source), "-o", out]
     result = subprocess.run(command, capture_output=True, text=True)

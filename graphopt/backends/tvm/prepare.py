@@ -7,13 +7,14 @@ import torch
 import torch.fx as fx
 
 from ...ir import ops
-from ...ir.graph import add_constant, constant_value, eliminate_dead_code
+from ...ir.graph import add_constant, constant_value, eliminate_dead_code, views_reading
 from ...ir.moe import densify_experts
 
 
-def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
+def prepare_graph(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModule:
     """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
-    or where it would embed weights in the library."""
+    or where it would embed weights in the library; with `attention` (the target has the
+    attention kernel), attention the kernel takes becomes graphopt.attention."""
     changed = densify_experts(gm)          # first: its per-expert weights become parameters below
     _register_tensor_attributes(gm)
     changed = _cast_bool_sums(gm) or changed
@@ -22,6 +23,8 @@ def prepare_graph(gm: fx.GraphModule) -> fx.GraphModule:
     changed = _sorted_topk(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     changed = _fold_block_offsets(gm) or changed
+    if attention:
+        changed = grouped_attention(gm) or changed
     if changed:
         gm.recompile()
     return gm
@@ -69,6 +72,67 @@ def _fold_block_offsets(gm: fx.GraphModule) -> bool:
         folded.meta.update({key: adds[0].meta[key] for key in ("val", "nn_module_stack", "stack_trace")
                             if key in adds[0].meta})
         adds[0].replace_all_uses_with(folded)
+        changed = True
+    if changed:
+        eliminate_dead_code(gm)
+    return changed
+
+
+def _repeated_heads_source(node) -> fx.Node | None:
+    """x if `node` is Hugging Face's repeat_kv of x: view(clone(expand(unsqueeze(x, 2),
+    [b, h, n, l, d])), [b, h * n, l, d]) (the clone optional, view / _unsafe_view / reshape)."""
+    aten = torch.ops.aten
+    if not any(_call(node, op) for op in (aten.view.default, aten._unsafe_view.default, aten.reshape.default)):
+        return None
+    expanded = node.args[0]
+    if _call(expanded, aten.clone.default):
+        expanded = expanded.args[0]
+    if not _call(expanded, aten.expand.default) or not _call(expanded.args[0], aten.unsqueeze.default):
+        return None
+    source, dim = expanded.args[0].args
+    source_val, out_val = source.meta.get("val"), node.meta.get("val")
+    if dim != 2 or source_val is None or out_val is None or source_val.dim() != 4:
+        return None
+    b, h, length, d = source_val.shape
+    if list(expanded.meta["val"].shape) != [b, h, expanded.meta["val"].shape[2], length, d] or \
+            list(out_val.shape) != [b, h * expanded.meta["val"].shape[2], length, d]:
+        return None
+    return source
+
+
+def grouped_attention(gm: fx.GraphModule) -> bool:
+    """scaled_dot_product_attention -> graphopt.attention where TVM's attention kernel takes it,
+    with repeat_kv's expanded keys and values replaced by their source (grouped heads read in
+    place). torch.export's decompositions would otherwise split it into matmuls, a masked
+    softmax and the copies (SmolLM2's prefill: ~14 ms of ~62 on TVM)."""
+    from ...ir.attention import ATTENTION
+    from .attention import kernel_takes
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function",
+                                         target=torch.ops.aten.scaled_dot_product_attention.default)):
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        values = dict(zip(names, node.args), **node.kwargs)
+        mask, causal = values.get("attn_mask"), bool(values.get("is_causal", False))
+        if values.get("dropout_p", 0.0) != 0.0 or (mask is not None and causal):
+            continue
+        query, key, value = values["query"], values["key"], values["value"]
+        if not values.get("enable_gqa", False):
+            key = _repeated_heads_source(key) or key
+            value = _repeated_heads_source(value) or value
+        vals = [getattr(n, "meta", {}).get("val") for n in (query, key, value)]
+        mask_val = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+        if (mask is not None and mask_val is None) or not kernel_takes(*vals, mask_val):
+            continue
+        scale = values.get("scale")
+        scale = float(vals[0].shape[-1]) ** -0.5 if scale is None else float(scale)
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(ATTENTION, (query, key, value, mask, causal, scale))
+        fused.meta.update(node.meta)
+        fused.meta["val"] = node.meta["val"].contiguous()
+        node.replace_all_uses_with(fused)
+        for view in views_reading(fused):     # captured against the CPU kernel's (b, l, h, d) layout
+            view.target = torch.ops.aten.reshape.default
+        gm.graph.erase_node(node)
         changed = True
     if changed:
         eliminate_dead_code(gm)

@@ -1,0 +1,153 @@
+"""graphopt.attention on the TVM backend: one call of graphopt's C kernel (kernels/attention.c)
+instead of the matmuls, masked softmax and key/value copies the op decomposes into.
+
+`prepare.grouped_attention` turns scaled_dot_product_attention nodes the kernel takes into
+graphopt.attention (looking through Hugging Face's repeat_kv, so grouped key/value heads are
+read in place); `AttentionConverter` lowers them to a parallel loop over tasks, each calling
+graphopt_attention for its share of (batch, head, 16-row block) units. The kernel is float32
+(products, softmax and sums), compiled for the host: AVX-512 or AVX2 with FMA.
+"""
+from __future__ import annotations
+
+from .dense_kernels import ATTENTION_KERNELS, kernel_for
+from .schedules import OPAQUE_PATTERN
+
+ROW_BLOCK = 16           # query rows per unit of work (kernels/attention.c)
+UNITS_PER_TASK = 4       # tasks = units / 4, at most `tasks` (the parallel loop's extent)
+
+
+def attention_kernel(features) -> str | None:
+    """The attention kernel code for CPU `features` may use, or None (then TVM's own lowering)."""
+    return kernel_for("f32", features, table=ATTENTION_KERNELS)
+
+
+def kernel_takes(query, key, value, mask) -> bool:
+    """Whether the kernel computes attention of these (fake) tensors: float32, rank 4, one batch
+    size, head sizes multiples of 16, whole groups of query heads per key/value head, a bool or
+    float32 mask."""
+    import torch
+    tensors = (query, key, value)
+    if any(t is None or t.dtype != torch.float32 or t.dim() != 4 for t in tensors):
+        return False
+    dims = [query.shape[1], key.shape[1], value.shape[1], query.shape[3], key.shape[3], value.shape[3]]
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    heads, kv_heads, v_heads, d, dk, dv = dims
+    if kv_heads != v_heads or heads % kv_heads or d != dk or d % 16 or dv % 16:
+        return False
+    if len({str(t.shape[0]) for t in tensors}) != 1:       # key/value broadcast over the batch
+        return False
+    return mask is None or (mask.dtype in (torch.bool, torch.float32) and mask.dim() <= 4)
+
+
+class AttentionConverter:
+    """The Relax conversion of graphopt.attention for one import (`kernel` from attention_kernel)."""
+
+    def __init__(self, kernel: str | None, tasks: int):
+        self.kernel = kernel
+        self.tasks = tasks
+        self.used = False
+
+    def convert_map(self) -> dict:
+        return {"attention.default": self.attention}
+
+    def attention(self, node, importer):
+        from tvm import relax
+        if self.kernel is None:          # a graph prepared for another target: TVM's own ops
+            return _relax_attention(node, importer)
+        self.used = True
+        query, key, value = (importer.env[a] for a in node.args[:3])
+        mask = importer.env[node.args[3]] if node.args[3] is not None else None
+        inputs = [query, key, value] + ([mask] if mask is not None else [])
+        func = attention_call(*[_shape_of(t) for t in inputs[:3]], mask_shape=_shape_of(mask) if mask is not None
+                              else None, mask_dtype=str(mask.ty.dtype) if mask is not None else None,
+                              causal=bool(node.args[4]), scale=float(node.args[5]), tasks=self.tasks)
+        builder = importer.block_builder
+        q_shape, v_shape = list(query.ty.shape.values), list(value.ty.shape.values)
+        out = relax.TensorType([*q_shape[:3], v_shape[3]], "float32")
+        return builder.emit(relax.call_tir(builder.add_func(func, "attention"), inputs, out))
+
+
+def _relax_attention(node, importer):
+    """graphopt.attention in Relax ops: key/value heads repeated, scores, mask, softmax (rows
+    that attend nothing: zeros, as torch), values."""
+    import numpy as np
+    import torch
+    from tvm import relax
+    emit = importer.block_builder.emit
+    query, key, value = (importer.env[a] for a in node.args[:3])
+    mask, causal, scale = node.args[3], bool(node.args[4]), float(node.args[5])
+    heads, kv_heads = int(query.ty.shape.values[1]), int(key.ty.shape.values[1])
+    if heads != kv_heads:
+        key = emit(relax.op.repeat(key, heads // kv_heads, axis=1))
+        value = emit(relax.op.repeat(value, heads // kv_heads, axis=1))
+    scores = emit(relax.op.multiply(relax.op.matmul(query, relax.op.permute_dims(key, [0, 1, 3, 2])),
+                                    relax.const(scale, "float32")))
+    allowed = None
+    if causal:
+        rows, keys = node.args[0].meta["val"].shape[2], node.args[1].meta["val"].shape[2]
+        allowed = relax.const(np.tril(np.ones((rows, keys), bool)))
+    if mask is not None and node.args[3].meta["val"].dtype == torch.bool:
+        allowed = importer.env[mask]
+    elif mask is not None:
+        scores = emit(relax.op.add(scores, importer.env[mask]))
+    if allowed is not None:
+        scores = emit(relax.op.where(allowed, scores, relax.const(float("-inf"), "float32")))
+    lowest = float(np.finfo(np.float32).min)       # TVM's max starts there, not at -inf
+    attends = emit(relax.op.greater(relax.op.max(scores, axis=[-1], keepdims=True), relax.const(lowest, "float32")))
+    probabilities = emit(relax.op.where(attends, relax.op.nn.softmax(scores, axis=-1), relax.const(0.0, "float32")))
+    return emit(relax.op.matmul(probabilities, value))
+
+
+def _shape_of(tensor) -> list:
+    """A Relax tensor's dims: ints where static, fresh int64 TIR vars where symbolic (bound by
+    the PrimFunc's buffers when it is called)."""
+    from tvm import tirx
+    dims = []
+    for i, dim in enumerate(tensor.ty.shape.values):
+        dims.append(int(dim) if isinstance(dim, tirx.IntImm) else tirx.Var(f"n{i}", "int64"))
+    return dims
+
+
+def _mask_strides(shape: list) -> list:
+    """Element strides of a contiguous mask per (batch, head, row, column), 0 where it broadcasts."""
+    from tvm import tirx
+    strides, step = [], tirx.const(1, "int64")
+    for dim in reversed([1] * (4 - len(shape)) + list(shape)):
+        strides.append(tirx.const(0, "int64") if isinstance(dim, int) and dim == 1 else step)
+        step = step * (tirx.const(dim, "int64") if isinstance(dim, int) else dim)
+    return strides[::-1]
+
+
+def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: list | None, mask_dtype: str | None,
+                   causal: bool, scale: float, tasks: int):
+    """The TIR function out [B, Hq, Lq, Dv] = attention(q, k, v[, mask]): a parallel loop over
+    tasks, each calling graphopt_attention for its share of the units."""
+    import tvm
+    from tvm import te, tirx
+    placeholders = [te.placeholder(q_shape, "float32", name="query"), te.placeholder(k_shape, "float32", name="key"),
+                    te.placeholder(v_shape, "float32", name="value")]
+    if mask_shape is not None:
+        placeholders.append(te.placeholder(mask_shape, mask_dtype, name="mask"))
+    sizes = [tirx.Cast("int64", d) if isinstance(d, tirx.Var) else tirx.const(d, "int64") for d in
+             (q_shape[0], q_shape[1], k_shape[1], q_shape[2], k_shape[2], q_shape[3], v_shape[3])]
+    units = sizes[0] * sizes[1] * ((sizes[3] + ROW_BLOCK - 1) // ROW_BLOCK)
+    count = tvm.sym.Analyzer().simplify(tirx.max(tirx.min((units + UNITS_PER_TASK - 1) // UNITS_PER_TASK, tasks), 1))
+    kind = 0 if mask_shape is None else 1 if mask_dtype == "bool" else 2
+    strides = _mask_strides(mask_shape) if mask_shape is not None else [tirx.const(0, "int64")] * 4
+
+    def body(ins, outs):
+        # an int32 loop variable, cast: an int64 one reaches the C side narrowed (dense_kernels.parallel_extern)
+        task = tirx.Var("task", "int32")
+        pointers = [t.access_ptr("r") for t in ins[:3]]
+        mask_pointer = ins[3].access_ptr("r") if mask_shape is not None else ins[0].access_ptr("r")
+        call = tirx.call_extern("int32", "graphopt_attention", *pointers, mask_pointer, outs[0].access_ptr("w"),
+                                *sizes, tirx.const(kind, "int64"), *strides, tirx.const(int(causal), "int64"),
+                                tirx.const(scale, "float32"), tirx.Cast("int64", task), count)
+        extent = tirx.const(int(count), "int32") if isinstance(count, tirx.IntImm) else tirx.Cast("int32", count)
+        return tirx.For(task, tirx.const(0, "int32"), extent, tirx.ForKind.PARALLEL, tirx.Evaluate(call))
+
+    out = te.extern([*q_shape[:3], v_shape[3]], placeholders, body, name="attention", dtype="float32")
+    func = te.create_prim_func([*placeholders, out])
+    return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
+            .without_attr("global_symbol"))

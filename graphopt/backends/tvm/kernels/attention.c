@@ -1,0 +1,304 @@
+/* Scaled dot-product attention for the TVM backend, float32 throughout:
+ *   out[b, h] = softmax(q[b, h] @ k[b, g]^T * scale + mask) @ v[b, g],   g = h / (heads / kv_heads)
+ * q [batch, heads, lq, d], k [batch, kv_heads, lk, d], v [batch, kv_heads, lk, dv], out [batch,
+ * heads, lq, dv], all contiguous; d and dv multiples of 16. The mask (optional) is bool (true =
+ * attend) or float (added), read through element strides per (batch, head, row, column), 0 where
+ * it broadcasts; `causal` keeps key j <= query row i (torch's is_causal: top-left aligned).
+ * A row with no key left gives zeros, as torch does.
+ *
+ * Keys past a row's last attended one are never multiplied (a causal prefill does half the
+ * products). TVM calls the function once per task from a parallel loop; a task takes a
+ * contiguous share of the (batch, head, 16-row block) units, heads outermost, so the threads
+ * get the same mix of short and long rows and consecutive units reuse one transposed K.
+ * Written with GCC vector extensions: compiled with the host's flags it is AVX-512 or AVX2. */
+#include "common.h"
+
+#define LANES 16
+#define ROW_BLOCK 16
+typedef float vfloat __attribute__((vector_size(LANES * 4)));
+typedef int32_t vint __attribute__((vector_size(LANES * 4)));
+typedef uint8_t vbyte __attribute__((vector_size(LANES)));
+
+static inline vfloat splat(float value) { return (vfloat){0} + value; }
+
+static inline vfloat load(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+
+/* lanes of a where `mask` is set, else of b */
+static inline vfloat vselect(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
+
+/* e^x, float32 (Cephes' expf polynomial: within 2 ulp); 0 below -87.3 (so -inf gives 0). */
+static inline vfloat vexp(vfloat x) {
+    const vint underflow = x < -87.33654f;
+    x = vselect(x > 88.72283f, splat(88.72283f), x);
+    x = vselect(underflow, splat(-87.33654f), x);
+    vfloat t = x * 1.44269504088896341f + 0.5f;
+    vint n = __builtin_convertvector(t, vint);
+    n += (vint)(__builtin_convertvector(n, vfloat) > t);       /* truncation -> floor */
+    vfloat nf = __builtin_convertvector(n, vfloat);
+    vfloat r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vfloat p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    vint bits = (n + 127) << 23;
+    vfloat scale;
+    memcpy(&scale, &bits, sizeof scale);
+    vfloat result = p * scale;
+    return (vfloat)((vint)result & ~underflow);
+}
+
+/* lanes of v with lanes [half, 2 half) moved down: one step of a tree reduction */
+static inline vfloat upper_half(vfloat v, int half) {
+    vint index = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return __builtin_shuffle(v, (index + half) & (LANES - 1));
+}
+
+static inline float hmax(vfloat v) {
+    for (int half = LANES / 2; half > 0; half /= 2) {
+        vfloat other = upper_half(v, half);
+        v = vselect(other > v, other, v);
+    }
+    return v[0];
+}
+
+static inline float hsum(vfloat v) {
+    for (int half = LANES / 2; half > 0; half /= 2)
+        v += upper_half(v, half);
+    return v[0];
+}
+
+struct attention {
+    const float *q, *k, *v;
+    const void *mask;
+    float *out;
+    int64_t batch, heads, kv_heads, lq, lk, d, dv, mask_kind, causal;
+    int64_t mask_stride[4];
+    float scale;
+};
+
+/* Number of keys row i attends at most (one past its last attended key). */
+static int64_t row_end(const struct attention *a, const char *mask_bh, int64_t i) {
+    int64_t end = a->causal ? (i + 1 < a->lk ? i + 1 : a->lk) : a->lk;
+    if (a->mask_kind == 1) {
+        const uint8_t *row = (const uint8_t *)mask_bh + i * a->mask_stride[2];
+        if (a->mask_stride[3] == 0)
+            return row[0] ? end : 0;
+        if (a->mask_stride[3] == 1) {
+            uint64_t word;          /* eight masked-out keys at a time (a causal mask's tail) */
+            while (end >= 8 && (memcpy(&word, row + end - 8, 8), word == 0))
+                end -= 8;
+        }
+        while (end > 0 && !row[(end - 1) * a->mask_stride[3]])
+            end--;
+    }
+    return end;
+}
+
+/* K of (b, g) keys [0, keys) transposed into kt [d][stride] (stride = keys rounded up to 16, zeros after). */
+static void transpose_keys(const float *k, float *kt, int64_t keys, int64_t stride, int64_t d) {
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = 0; j < keys; j++)
+            kt[c * stride + j] = k[j * d + c];
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = keys; j < stride; j++)
+            kt[c * stride + j] = 0;
+}
+
+/* scores[0, NR)[j, j + NK * 16) = q rows . kt columns: NR x NK vectors accumulated over d */
+static inline __attribute__((always_inline)) void score_tile(const int NR, const int NK, const float *q,
+        const float *kt, float *scores, int64_t j, int64_t stride, int64_t d) {
+    vfloat acc[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int c = 0; c < NK; c++) acc[i][c] = splat(0);
+    for (int64_t c = 0; c < d; c++) {
+        vfloat keys[4];
+        for (int n = 0; n < NK; n++) keys[n] = load(kt + c * stride + j + n * LANES);
+        for (int i = 0; i < NR; i++) {
+            const vfloat qv = splat(q[i * d + c]);
+            for (int n = 0; n < NK; n++) acc[i][n] += qv * keys[n];
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int n = 0; n < NK; n++) store(scores + i * stride + j + n * LANES, acc[i][n]);
+}
+
+#define SCORE_TILE(NR)                                                                                   \
+    for (int64_t j = 0; j < width; j += 4 * LANES) {                                                     \
+        const float *qr = q + r * d;                                                                     \
+        float *sr = scores + r * stride;                                                                 \
+        switch ((width - j) / LANES) {                                                                   \
+            case 1: score_tile(NR, 1, qr, kt, sr, j, stride, d); break;                                  \
+            case 2: score_tile(NR, 2, qr, kt, sr, j, stride, d); break;                                  \
+            case 3: score_tile(NR, 3, qr, kt, sr, j, stride, d); break;                                  \
+            default: score_tile(NR, 4, qr, kt, sr, j, stride, d); break;                                 \
+        }                                                                                                \
+    }
+
+/* scores[r][0, width) = q rows [0, rows) . kt columns (width a multiple of 16) */
+static void row_scores(const float *q, const float *kt, float *scores, int64_t rows, int64_t width,
+                       int64_t stride, int64_t d) {
+    for (int64_t r = 0; r < rows; r += 4) {
+        switch (rows - r < 4 ? rows - r : 4) {
+            case 1: SCORE_TILE(1); break;
+            case 2: SCORE_TILE(2); break;
+            case 3: SCORE_TILE(3); break;
+            default: SCORE_TILE(4); break;
+        }
+    }
+}
+
+/* One row's scores -> unnormalized probabilities in place; returns their sum (0: no key attended). */
+static float row_softmax(const struct attention *a, float *s, const char *mask_row, int64_t end, int64_t width) {
+    if (end == 0) {
+        memset(s, 0, (size_t)width * 4);
+        return 0;
+    }
+    const float neg_inf = -INFINITY;
+    const int64_t column = a->mask_stride[3];
+    const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t j = 0; j < width; j += LANES) {
+        vfloat x = load(s + j) * a->scale;
+        const int whole = j + LANES <= a->lk && column == 1;   /* else lanes past the mask's row: one at a time */
+        if (a->mask_kind == 1 && whole) {
+            vbyte bytes;
+            memcpy(&bytes, (const uint8_t *)mask_row + j, sizeof bytes);
+            x = vselect(__builtin_convertvector(bytes, vint) != 0, x, splat(neg_inf));
+        } else if (a->mask_kind == 2 && whole) {
+            x += load((const float *)mask_row + j);
+        } else if (a->mask_kind) {
+            for (int i = 0; i < LANES && j + i < end; i++) {
+                if (a->mask_kind == 1 && !((const uint8_t *)mask_row)[(j + i) * column]) x[i] = neg_inf;
+                else if (a->mask_kind == 2) x[i] += ((const float *)mask_row)[(j + i) * column];
+            }
+        }
+        store(s + j, vselect(lane + (int32_t)j < (int32_t)end, x, splat(neg_inf)));
+    }
+    vfloat peak = splat(neg_inf);
+    for (int64_t j = 0; j < width; j += LANES) {
+        vfloat x = load(s + j);
+        peak = vselect(x > peak, x, peak);
+    }
+    const float top = hmax(peak);
+    if (top == neg_inf) {
+        memset(s, 0, (size_t)width * 4);
+        return 0;
+    }
+    vfloat total = splat(0);
+    for (int64_t j = 0; j < width; j += LANES) {
+        vfloat p = vexp(load(s + j) - top);
+        store(s + j, p);
+        total += p;
+    }
+    return hsum(total);
+}
+
+/* out[0, NR)[col, col + NV * 16) = p rows @ v columns, times the rows' inverse sums */
+static inline __attribute__((always_inline)) void value_tile(const int NR, const int NV, const float *p,
+        const float *v, float *out, const float *inverse, int64_t keys, int64_t stride, int64_t dv, int64_t col) {
+    vfloat acc[4][4];
+    for (int i = 0; i < NR; i++)
+        for (int c = 0; c < NV; c++) acc[i][c] = splat(0);
+    for (int64_t j = 0; j < keys; j++) {
+        vfloat values[4];
+        for (int c = 0; c < NV; c++) values[c] = load(v + j * dv + col + c * LANES);
+        for (int i = 0; i < NR; i++) {
+            const vfloat pv = splat(p[i * stride + j]);
+            for (int c = 0; c < NV; c++) acc[i][c] += pv * values[c];
+        }
+    }
+    for (int i = 0; i < NR; i++)
+        for (int c = 0; c < NV; c++) store(out + i * dv + col + c * LANES, acc[i][c] * inverse[i]);
+}
+
+#define VALUE_TILE(NR)                                                                                       \
+    for (int64_t col = 0; col < dv; col += 4 * LANES) {                                                      \
+        const float *pr = p + r * stride;                                                                    \
+        float *o = out + r * dv;                                                                             \
+        switch ((dv - col) / LANES) {                                                                        \
+            case 1: value_tile(NR, 1, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
+            case 2: value_tile(NR, 2, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
+            case 3: value_tile(NR, 3, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
+            default: value_tile(NR, 4, pr, v, o, inverse + r, keys, stride, dv, col); break;                 \
+        }                                                                                                    \
+    }
+
+/* out rows [0, rows) = p rows @ v[0, keys) / sums (dv a multiple of 16) */
+static void weighted_values(const float *p, const float *v, float *out, const float *inverse, int64_t rows,
+                            int64_t keys, int64_t stride, int64_t dv) {
+    for (int64_t r = 0; r < rows; r += 4) {
+        switch (rows - r < 4 ? rows - r : 4) {
+            case 1: VALUE_TILE(1); break;
+            case 2: VALUE_TILE(2); break;
+            case 3: VALUE_TILE(3); break;
+            default: VALUE_TILE(4); break;
+        }
+    }
+}
+
+static void attend_block(const struct attention *a, int64_t b, int64_t h, int64_t r0, float *kt,
+                         int64_t *kt_owner) {
+    const int64_t group = a->heads / a->kv_heads, g = h / group;
+    const int64_t rows = a->lq - r0 < ROW_BLOCK ? a->lq - r0 : ROW_BLOCK;
+    const char *mask_bh = a->mask ? (const char *)a->mask + (b * a->mask_stride[0] + h * a->mask_stride[1]) *
+                                        (a->mask_kind == 1 ? 1 : 4) : 0;
+    const int64_t element = a->mask_kind == 1 ? 1 : 4;
+    int64_t ends[ROW_BLOCK], width = 0;
+    for (int64_t i = 0; i < rows; i++) {
+        ends[i] = row_end(a, mask_bh, r0 + i);
+        width = ends[i] > width ? ends[i] : width;
+    }
+    float *out = a->out + ((b * a->heads + h) * a->lq + r0) * a->dv;
+    if (width == 0) {
+        memset(out, 0, (size_t)(rows * a->dv) * 4);
+        return;
+    }
+    const int64_t stride = (a->lk + LANES - 1) / LANES * LANES;
+    width = (width + LANES - 1) / LANES * LANES;
+    const int64_t owner = b * a->kv_heads + g;
+    if (*kt_owner != owner) {          /* every key at once: the next row blocks read more of them */
+        transpose_keys(a->k + owner * a->lk * a->d, kt, a->lk, stride, a->d);
+        *kt_owner = owner;
+    }
+    float *scores = thread_scratch(1, (size_t)(ROW_BLOCK * stride) * 4);
+    row_scores(a->q + ((b * a->heads + h) * a->lq + r0) * a->d, kt, scores, rows, width, stride, a->d);
+    float inverse[ROW_BLOCK];
+    for (int64_t i = 0; i < rows; i++) {
+        const char *mask_row = mask_bh ? mask_bh + (r0 + i) * a->mask_stride[2] * element : 0;
+        const float sum = row_softmax(a, scores + i * stride, mask_row, ends[i], width);
+        inverse[i] = sum > 0 ? 1.0f / sum : 0.0f;
+    }
+    const int64_t keys = width < a->lk ? width : a->lk;
+    weighted_values(scores, a->v + owner * a->lk * a->dv, out, inverse, rows, keys, stride, a->dv);
+}
+
+/* mask_kind: 0 none, 1 bool (uint8), 2 float32; mask strides in elements. */
+int32_t graphopt_attention(const float *q, const float *k, const float *v, const void *mask, float *out,
+                           int64_t batch, int64_t heads, int64_t kv_heads, int64_t lq, int64_t lk, int64_t d,
+                           int64_t dv, int64_t mask_kind, int64_t mask_stride_b, int64_t mask_stride_h,
+                           int64_t mask_stride_r, int64_t mask_stride_c, int64_t causal, float scale,
+                           int64_t task, int64_t tasks) {
+    const struct attention a = {q, k, v, mask_kind ? mask : 0, out, batch, heads, kv_heads, lq, lk, d, dv,
+                                mask_kind, causal, {mask_stride_b, mask_stride_h, mask_stride_r, mask_stride_c},
+                                scale};
+    const int64_t blocks = (lq + ROW_BLOCK - 1) / ROW_BLOCK, units = batch * heads * blocks;
+    const int64_t first = units * task / tasks, end = units * (task + 1) / tasks;
+    if (first >= end || lk <= 0)
+        return 0;
+    const int64_t stride = (lk + LANES - 1) / LANES * LANES;
+    float *kt = thread_scratch(0, (size_t)(d * stride) * 4);
+    int64_t kt_owner = -1;
+    for (int64_t unit = first; unit < end; unit++) {
+        const int64_t bh = unit / blocks;
+        attend_block(&a, bh / heads, bh % heads, unit % blocks * ROW_BLOCK, kt, &kt_owner);
+    }
+    return 0;
+}
