@@ -41,10 +41,11 @@ KERNELS = {
     "avx512_vnni": ("int8", ("avx512_vnni", "avx512bw"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
                     "dense_int8.c"),
 }
-# float32 attention (attention.py): GCC vector code, 16 lanes in one register or two
-ATTENTION_KERNELS = {
-    "attention_avx512": ("f32", ("avx512f",), ("-mavx512f", "-mfma", "-ffp-contract=fast"), "attention.c"),
-    "attention_avx2": ("f32", ("avx2", "fma"), ("-mavx2", "-mfma", "-ffp-contract=fast", "-Wno-psabi"), "attention.c"),
+# float32 kernels (attention.py: attention and RMSNorm): GCC vector code, 16 lanes in one register or two
+F32_KERNELS = {
+    "f32_avx512": ("f32", ("avx512f",), ("-mavx512f", "-mfma", "-ffp-contract=fast"), ("attention.c", "rms_norm.c")),
+    "f32_avx2": ("f32", ("avx2", "fma"), ("-mavx2", "-mfma", "-ffp-contract=fast", "-Wno-psabi"),
+                 ("attention.c", "rms_norm.c")),
 }
 K_MULTIPLE = {"bf16": 32, "int8": 64}      # k per AMX tile row (64 bytes)
 
@@ -72,20 +73,23 @@ def supports(precision: str, k: int) -> bool:
     return k % K_MULTIPLE[precision] == 0
 
 
-def build_kernel_object(kernel: str, directory: str) -> str:
-    """Compile the kernel's C source for `kernel`'s instruction set into an object file in `directory`."""
+def build_kernel_objects(kernel: str, directory: str) -> list[str]:
+    """Compile the C sources of `kernel` for its instruction set into object files in `directory`."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise BackendError("tvm backend: reduced-precision kernels need a C compiler (cc or gcc; TVM's export "
+        raise BackendError("tvm backend: graphopt's C kernels need a C compiler (cc or gcc; TVM's export "
                            "links with one too)")
-    _, _, flags, source = KERNELS[kernel] if kernel in KERNELS else ATTENTION_KERNELS[kernel]
-    out = os.path.join(directory, f"{kernel}.o")
-    command = [compiler, "-O3", "-fPIC", "-std=c11", *flags, "-c", os.path.join(KERNEL_DIR, source), "-o", out]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BackendError(f"tvm backend: compiling the {kernel} kernel failed ({' '.join(command)}): {last}")
-    return out
+    _, _, flags, sources = KERNELS[kernel] if kernel in KERNELS else F32_KERNELS[kernel]
+    objects = []
+    for source in (sources,) if isinstance(sources, str) else sources:
+        out = os.path.join(directory, f"{kernel}_{os.path.splitext(source)[0]}.o")
+        command = [compiler, "-O3", "-fPIC", "-std=c11", *flags, "-c", os.path.join(KERNEL_DIR, source), "-o", out]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BackendError(f"tvm backend: compiling the {kernel} kernel failed ({' '.join(command)}): {last}")
+        objects.append(out)
+    return objects
 
 
 def tasks_for(threads: int) -> int:

@@ -43,8 +43,8 @@ from ...frontend.torch_export import CapturedModel
 from ...ir.graph import export_retrying_with_reshapes
 from ...runtime import default_threads
 from ..base import Backend, WorkdirExecutable
-from .attention import AttentionConverter, attention_kernel
-from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_object, kernel_for, tasks_for
+from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_objects, kernel_for, tasks_for
+from .float32_kernels import Float32Converters, float32_kernel
 from .intrinsics import register_fast_exp
 from .prepare import positive_slice_dims, prepare_graph
 from .quantized import QuantizedConverters
@@ -180,16 +180,17 @@ def check_supported(program: torch.export.ExportedProgram, convert_map: dict) ->
 
 
 def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None = None,
-                 attention: AttentionConverter | None = None):
+                 float32: Float32Converters | None = None):
     """The IR as a Relax IRModule with weights as parameters, plus the weights (in order).
     `quantized` converts block-quantized ops (default: with the host's bf16 kernel, if any);
-    `attention` lowers attention to its kernel (default: none, TVM's own ops)."""
+    `float32` lowers attention and RMSNorm to graphopt's float32 kernels (default: none, TVM's
+    own ops)."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    attention = attention or AttentionConverter(None, 1)
-    gm = prepare_graph(captured.graph_module, attention=attention.kernel is not None)
+    float32 = float32 or Float32Converters(None, 1)
+    gm = prepare_graph(captured.graph_module, float32_kernels=float32.kernel is not None)
     shapes = captured.dynamic_shapes()
     try:
         program = export_retrying_with_reshapes(gm, lambda: torch.export.export(
@@ -201,7 +202,7 @@ def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None 
     if quantized is None:
         quantized = QuantizedConverters(kernel_for("bf16", required_cpu_features(host_target())),
                                         tasks_for(default_threads()))
-    converters = {**quantized.convert_map(), **attention.convert_map(), **CUSTOM_CONVERT_MAP}
+    converters = {**quantized.convert_map(), **float32.convert_map(), **CUSTOM_CONVERT_MAP}
     importer = ExportedProgramImporter()
     importer.update_convert_map(converters)
     check_supported(program, importer.convert_map)
@@ -242,8 +243,8 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     from .pipeline import PackDenseWeights, cpu_pipeline
 
     quantized = QuantizedConverters(nbits_kernel, tasks)
-    attention = AttentionConverter(attention_kernel(required_cpu_features(target_dict)) if schedules else None, tasks)
-    mod, params = import_relax(captured, quantized, attention)
+    float32 = Float32Converters(float32_kernel(required_cpu_features(target_dict)) if schedules else None, tasks)
+    mod, params = import_relax(captured, quantized, float32)
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks)
     if schedules:
@@ -261,15 +262,16 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
         raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
     kernels = sorted({name for name in (kernel, quantized.kernel if quantized.used else None,
-                                        attention.kernel if attention.used else None) if name})
+                                        float32.kernel if float32.used else None) if name})
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-kernels-") as objects:
-        executable.export_library(library, addons=[build_kernel_object(name, objects) for name in kernels] or None)
+        addons = [path for name in kernels for path in build_kernel_objects(name, objects)]
+        executable.export_library(library, addons=addons or None)
     transformed = _transform_params(tvm.runtime.load_module(library), mod, params)
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
     return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights,
             "nbits_kernel": quantized.kernel if quantized.used else None,
-            "attention_kernel": attention.kernel if attention.used else None,
+            "float32_kernel": float32.kernel if float32.used else None,
             "kernel_tasks": tasks if kernel or quantized.used else None}
 
 

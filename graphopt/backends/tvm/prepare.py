@@ -11,10 +11,10 @@ from ...ir.graph import add_constant, constant_value, eliminate_dead_code, views
 from ...ir.moe import densify_experts
 
 
-def prepare_graph(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModule:
+def prepare_graph(gm: fx.GraphModule, float32_kernels: bool = False) -> fx.GraphModule:
     """Rewrite the IR (in place, semantics unchanged) where TVM's importer or codegen fails,
-    or where it would embed weights in the library; with `attention` (the target has the
-    attention kernel), attention the kernel takes becomes graphopt.attention."""
+    or where it would embed weights in the library; with `float32_kernels` (the target has
+    them), attention and RMSNorm that they take become graphopt.attention / graphopt.rms_norm."""
     changed = densify_experts(gm)          # first: its per-expert weights become parameters below
     _register_tensor_attributes(gm)
     changed = _cast_bool_sums(gm) or changed
@@ -23,8 +23,10 @@ def prepare_graph(gm: fx.GraphModule, attention: bool = False) -> fx.GraphModule
     changed = _sorted_topk(gm) or changed
     changed = _static_slices_of_dynamic_dims(gm) or changed
     changed = _fold_block_offsets(gm) or changed
-    if attention:
+    changed = _squares_as_products(gm) or changed
+    if float32_kernels:
         changed = grouped_attention(gm) or changed
+        changed = fused_rms_norms(gm) or changed
     if changed:
         gm.recompile()
     return gm
@@ -78,6 +80,78 @@ def _fold_block_offsets(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _squares_as_products(gm: fx.GraphModule) -> bool:
+    """x ** 2 (RMSNorm's mean of squares) -> x * x: Relax's power is not fused with its
+    consumers, so the square was its own kernel and buffer before the mean (SmolLM2's prefill:
+    61 calls, ~0.5 ms); a product fuses into the reduction."""
+    changed = False
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.pow.Tensor_Scalar)):
+        if node.args[1] == 2 and isinstance(node.args[0], fx.Node):
+            with gm.graph.inserting_before(node):
+                square = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node.args[0], node.args[0]))
+            square.meta.update(node.meta)
+            node.replace_all_uses_with(square)
+            gm.graph.erase_node(node)
+            changed = True
+    return changed
+
+
+def _single_user(node: fx.Node, target, other=None) -> fx.Node | None:
+    """The one user of `node` if it calls `target` (with `other` as its other operand, if given)."""
+    if len(node.users) != 1:
+        return None
+    [user] = node.users
+    if not _call(user, target):
+        return None
+    if other is not None and set(user.args[:2]) != {node, other}:
+        return None
+    return user
+
+
+def fused_rms_norms(gm: fx.GraphModule) -> bool:
+    """weight * (x * rsqrt(mean(x * x, -1, keepdim) + eps)) (Hugging Face's RMSNorm, x ** 2 or
+    x * x) -> graphopt.rms_norm(x, weight, eps), where the kernel takes the shapes."""
+    from ...ir.rms_norm import RMS_NORM
+    from .float32_kernels import rms_norm_kernel_takes
+    aten, changed = torch.ops.aten, False
+    for mean in list(gm.graph.find_nodes(op="call_function", target=aten.mean.dim)):
+        square = mean.args[0]
+        keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+        if not keepdim or list(mean.args[1]) not in ([-1], [square.meta["val"].dim() - 1]) or len(square.users) != 1:
+            continue
+        if _call(square, aten.mul.Tensor) and square.args[0] is square.args[1]:
+            x = square.args[0]
+        elif _call(square, aten.pow.Tensor_Scalar) and square.args[1] == 2:
+            x = square.args[0]
+        else:
+            continue
+        shifted = _single_user(mean, aten.add.Tensor)
+        if shifted is None or shifted.args[0] is not mean or not isinstance(shifted.args[1], (int, float)):
+            continue
+        inverse = _single_user(shifted, aten.rsqrt.default)
+        normalized = _single_user(inverse, aten.mul.Tensor, other=x) if inverse is not None else None
+        checks = [u for u in normalized.users if _call(u, aten._assert_tensor_metadata.default)] if normalized else []
+        if normalized is None or len(normalized.users) != len(checks) + 1:
+            continue
+        [scaled] = [u for u in normalized.users if u not in checks]
+        weight = None
+        if _call(scaled, aten.mul.Tensor):
+            weight = next((a for a in scaled.args[:2] if a is not normalized), None)
+        weight_val = weight.meta.get("val", constant_value(gm, weight)) if isinstance(weight, fx.Node) else None
+        if not rms_norm_kernel_takes(x.meta.get("val"), weight_val) or scaled.meta["val"].shape != x.meta["val"].shape:
+            continue
+        with gm.graph.inserting_before(scaled):
+            fused = gm.graph.call_function(RMS_NORM, (x, weight, float(shifted.args[1])))
+        fused.meta.update(scaled.meta)
+        scaled.replace_all_uses_with(fused)
+        for check in checks:         # a dtype check of the intermediate (float32, as the fused output)
+            gm.graph.erase_node(check)
+        changed = True
+    if changed:
+        eliminate_dead_code(gm)
+    return changed
+
+
 def _repeated_heads_source(node) -> fx.Node | None:
     """x if `node` is Hugging Face's repeat_kv of x: view(clone(expand(unsqueeze(x, 2),
     [b, h, n, l, d])), [b, h * n, l, d]) (the clone optional, view / _unsafe_view / reshape)."""
@@ -106,7 +180,7 @@ def grouped_attention(gm: fx.GraphModule) -> bool:
     place). torch.export's decompositions would otherwise split it into matmuls, a masked
     softmax and the copies (SmolLM2's prefill: ~14 ms of ~62 on TVM)."""
     from ...ir.attention import ATTENTION
-    from .attention import kernel_takes
+    from .float32_kernels import kernel_takes
     changed = False
     for node in list(gm.graph.find_nodes(op="call_function",
                                          target=torch.ops.aten.scaled_dot_product_attention.default)):

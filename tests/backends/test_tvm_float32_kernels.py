@@ -1,22 +1,24 @@
-"""Attention on the TVM backend: scaled_dot_product_attention becomes graphopt.attention and one
-call of graphopt's C kernel (kernels/attention.c), grouped key/value heads read in place; every
-mask kind, causal flag, head size and grouping equals torch in float64; shapes the kernel does
-not take stay TVM's own ops."""
+"""graphopt's float32 kernels on the TVM backend. Attention: scaled_dot_product_attention becomes
+graphopt.attention and one call of kernels/attention.c, grouped key/value heads read in place;
+every mask kind, causal flag, head size and grouping equals torch in float64; shapes the kernel
+does not take stay TVM's own ops. RMSNorm: Hugging Face's five ops become graphopt.rms_norm
+(kernels/rms_norm.c), equal to float64."""
 import pytest
 import torch
 
 import graphopt
-from graphopt.backends.tvm.dense_kernels import ATTENTION_KERNELS
+from graphopt.backends.tvm.dense_kernels import F32_KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.ir.attention import ATTENTION
+from graphopt.ir.rms_norm import RMS_NORM
 
 from ..conftest import assert_close_to_scale, run_artifact_without_torch
 
 pytest.importorskip("tvm")
 
 # target -> the attention kernel it gets; x86-64-v3 (AVX2) also where the host has AVX-512
-TARGETS = [(target, kernel) for target, kernel in (("host", "attention_avx512"), ("x86-64-v3", "attention_avx2"))
-           if set(ATTENTION_KERNELS[kernel][1]) <= (cpu_flags() or set())]
+TARGETS = [(target, kernel) for target, kernel in (("host", "f32_avx512"), ("x86-64-v3", "f32_avx2"))
+           if set(F32_KERNELS[kernel][1]) <= (cpu_flags() or set())]
 
 
 class Attention(torch.nn.Module):
@@ -100,7 +102,7 @@ def test_attention_kernel_equals_float64_attention(case, target, kernel):
     mask = make_mask(mask_kind, 2, heads, length)
     cm = graphopt.compile(module, (x, mask), passes="none", backend="tvm",
                           backend_options={"threads": 2, "target": target}, progress=False)
-    assert cm.executable.packed_weights["attention_kernel"] == kernel
+    assert cm.executable.packed_weights["float32_kernel"] == kernel
     fused = cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)
     assert len(fused) == 1
     if heads != kv_heads:      # repeat_kv's copies are gone: the op reads the projections' heads
@@ -124,7 +126,7 @@ def test_shapes_the_kernel_does_not_take_stay_tvm_ops():
     x = torch.randn(1, 12, 48)
     mask = make_mask("causal", 1, 4, 12)
     cm = graphopt.compile(module, (x, mask), passes="none", backend="tvm", progress=False)
-    assert cm.executable.packed_weights["attention_kernel"] is None
+    assert cm.executable.packed_weights["float32_kernel"] is None
     assert not cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)
     assert_close_to_scale(cm(x, mask), module(x, mask), 1e-5)
 
@@ -138,11 +140,12 @@ def test_llama_with_padding_runs_attention_in_the_kernel_and_without_torch(tmp_p
     cm = graphopt.compile(bundle.model, (ids, attention_mask), backend="tvm", progress=False)
     layers = bundle.model.config.num_hidden_layers
     assert len(cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)) == layers
+    assert len(cm.graph_module.graph.find_nodes(op="call_function", target=RMS_NORM)) == 2 * layers + 1
     with torch.no_grad():
         want = bundle.model(ids, attention_mask=attention_mask).logits
     assert_close_to_scale(cm(ids, attention_mask), want, 1e-5)
     path = cm.save(str(tmp_path / "llama"))
-    assert graphopt.load(path).manifest["backend_options"]["attention_kernel"].startswith("attention_")
+    assert graphopt.load(path).manifest["backend_options"]["float32_kernel"].startswith("f32_")
     assert_close_to_scale(run_artifact_without_torch(path, (ids, attention_mask)), want, 1e-5)
 
 
@@ -156,6 +159,56 @@ def test_a_graph_prepared_for_the_kernel_lowers_to_tvm_ops_for_a_target_without_
     cm = graphopt.compile(module, (x, mask), passes="none", backend="tvm", progress=False)
     assert cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)
     portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)
-    assert portable.packed_weights["attention_kernel"] is None
+    assert portable.packed_weights["float32_kernel"] is None
     got = portable.run((x, mask))[0]
     assert_close_to_scale(got, float64_attention(module, x, mask), 2e-6)
+
+
+class RMSNormBlock(torch.nn.Module):
+    """Hugging Face's RMSNorm (as LlamaRMSNorm writes it) around a linear layer."""
+
+    def __init__(self, width, square):
+        super().__init__()
+        torch.manual_seed(4)
+        self.weight = torch.nn.Parameter(torch.randn(width))
+        self.linear = torch.nn.Linear(width, width)
+        self.square = square
+
+    def norm(self, x):
+        variance = (x.pow(2) if self.square == "pow" else x * x).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + 1e-6))
+
+    def forward(self, x):
+        return self.norm(self.linear(self.norm(x)))
+
+
+@pytest.mark.parametrize("target,kernel", TARGETS)
+@pytest.mark.parametrize("square", ["pow", "product"])
+def test_rms_norm_kernel_equals_float64(square, target, kernel):
+    module = RMSNormBlock(80, square).eval()
+    x = torch.randn(3, 7, 80, generator=torch.Generator().manual_seed(5)) * 4
+    cm = graphopt.compile(module, (x,), passes="none", backend="tvm",
+                          backend_options={"threads": 2, "target": target}, progress=False)
+    assert len(cm.graph_module.graph.find_nodes(op="call_function", target=RMS_NORM)) == 2
+    assert cm.executable.packed_weights["float32_kernel"] == kernel
+    double = RMSNormBlock(80, square).double().eval()
+    assert_close_to_scale(cm(x), double(x.double()), 2e-6)
+
+
+def test_an_rms_norm_the_kernel_does_not_take_stays_tvm_ops():
+    module = RMSNormBlock(40, "pow").eval()                 # width 40: not a multiple of 16
+    x = torch.randn(2, 5, 40)
+    cm = graphopt.compile(module, (x,), passes="none", backend="tvm", progress=False)
+    assert not cm.graph_module.graph.find_nodes(op="call_function", target=RMS_NORM)
+    assert_close_to_scale(cm(x), module(x), 1e-5)
+
+
+def test_a_graph_with_rms_norm_lowers_to_tvm_ops_for_a_target_without_the_kernel():
+    from graphopt.backends.tvm.lower import TvmBackend
+    module = RMSNormBlock(32, "pow").eval()
+    x = torch.randn(2, 5, 32)
+    cm = graphopt.compile(module, (x,), passes="none", backend="tvm", progress=False)
+    assert cm.graph_module.graph.find_nodes(op="call_function", target=RMS_NORM)
+    portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)
+    assert portable.packed_weights["float32_kernel"] is None
+    assert_close_to_scale(portable.run((x,))[0], RMSNormBlock(32, "pow").double().eval()(x.double()), 2e-6)

@@ -1,24 +1,30 @@
-"""graphopt.attention on the TVM backend: one call of graphopt's C kernel (kernels/attention.c)
-instead of the matmuls, masked softmax and key/value copies the op decomposes into.
+"""graphopt's float32 C kernels on the TVM backend: attention and RMSNorm, each one call instead
+of the ops they decompose into.
 
-`prepare.grouped_attention` turns scaled_dot_product_attention nodes the kernel takes into
-graphopt.attention (looking through Hugging Face's repeat_kv, so grouped key/value heads are
-read in place); `AttentionConverter` lowers them to a parallel loop over tasks, each calling
-graphopt_attention for its share of (batch, head, 16-row block) units. The kernel is float32
-(products, softmax and sums), compiled for the host: AVX-512 or AVX2 with FMA.
+- graphopt.attention (kernels/attention.c): `prepare.grouped_attention` turns
+  scaled_dot_product_attention nodes the kernel takes into it (looking through Hugging Face's
+  repeat_kv, so grouped key/value heads are read in place); it runs as a parallel loop over
+  tasks, each calling graphopt_attention for its share of (batch, head, 16-row block) units,
+  instead of two matmuls, a masked softmax and the key/value copies.
+- graphopt.rms_norm (kernels/rms_norm.c): `prepare.fused_rms_norms` matches Hugging Face's
+  RMSNorm; one pass per row instead of a square, a scalar mean and three elementwise ops.
+
+Products, softmax and sums stay float32. The kernels are compiled for the target: AVX-512, or
+AVX2 with FMA (`F32_KERNELS`); a target with neither gets TVM's own ops, and a graph prepared
+for the kernels lowers to Relax ops there.
 """
 from __future__ import annotations
 
-from .dense_kernels import ATTENTION_KERNELS, kernel_for
+from .dense_kernels import F32_KERNELS, kernel_for
 from .schedules import OPAQUE_PATTERN
 
 ROW_BLOCK = 16           # query rows per unit of work (kernels/attention.c)
 UNITS_PER_TASK = 4       # tasks = units / 4, at most `tasks` (the parallel loop's extent)
 
 
-def attention_kernel(features) -> str | None:
-    """The attention kernel code for CPU `features` may use, or None (then TVM's own lowering)."""
-    return kernel_for("f32", features, table=ATTENTION_KERNELS)
+def float32_kernel(features) -> str | None:
+    """The float32 kernel code for CPU `features` may use, or None (then TVM's own lowering)."""
+    return kernel_for("f32", features, table=F32_KERNELS)
 
 
 def kernel_takes(query, key, value, mask) -> bool:
@@ -40,8 +46,9 @@ def kernel_takes(query, key, value, mask) -> bool:
     return mask is None or (mask.dtype in (torch.bool, torch.float32) and mask.dim() <= 4)
 
 
-class AttentionConverter:
-    """The Relax conversion of graphopt.attention for one import (`kernel` from attention_kernel)."""
+class Float32Converters:
+    """The Relax conversions of graphopt.attention and graphopt.rms_norm for one import (`kernel`
+    from float32_kernel; None: Relax ops)."""
 
     def __init__(self, kernel: str | None, tasks: int):
         self.kernel = kernel
@@ -49,7 +56,29 @@ class AttentionConverter:
         self.used = False
 
     def convert_map(self) -> dict:
-        return {"attention.default": self.attention}
+        return {"attention.default": self.attention, "rms_norm.default": self.rms_norm}
+
+    def rms_norm(self, node, importer):
+        from tvm import relax
+        x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
+        eps = float(node.args[2])
+        if self.kernel is None:
+            squares = relax.op.mean(relax.op.multiply(x, x), axis=[-1], keepdims=True)
+            inverse = relax.op.rsqrt(relax.op.add(squares, relax.const(eps, "float32")))
+            return importer.block_builder.emit(relax.op.multiply(weight, relax.op.multiply(x, inverse)))
+        self.used = True
+        shape = list(x.ty.shape.values)
+        width = int(shape[-1])
+        rows = 1
+        for dim in shape[:-1]:
+            rows = rows * dim
+        static_rows = _static(rows)
+        func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks)
+        builder = importer.block_builder
+        flat = builder.emit(relax.op.reshape(x, [rows, width]))
+        out = builder.emit(relax.call_tir(builder.add_func(func, "rms_norm"), [flat, weight],
+                                          relax.TensorType([rows, width], "float32")))
+        return builder.emit(relax.op.reshape(out, shape))
 
     def attention(self, node, importer):
         from tvm import relax
@@ -149,5 +178,47 @@ def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: l
 
     out = te.extern([*q_shape[:3], v_shape[3]], placeholders, body, name="attention", dtype="float32")
     func = te.create_prim_func([*placeholders, out])
+    return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
+            .without_attr("global_symbol"))
+
+
+def _static(expr):
+    import tvm
+    from tvm import tirx
+    expr = tvm.sym.Analyzer().simplify(expr)
+    return int(expr) if isinstance(expr, tirx.IntImm) else None
+
+
+def tirx_var(name: str):
+    from tvm import tirx
+    return tirx.Var(name, "int64")
+
+
+def rms_norm_kernel_takes(x, weight) -> bool:
+    """Whether the kernel normalizes these (fake) tensors: float32, a static last dim that is a
+    multiple of 16, a weight of that many floats."""
+    import torch
+    return (x is not None and weight is not None and x.dtype == weight.dtype == torch.float32
+            and isinstance(x.shape[-1], int) and x.shape[-1] % 16 == 0 and tuple(weight.shape) == (x.shape[-1],))
+
+
+def rms_norm_call(rows, width: int, eps: float, tasks: int):
+    """The TIR function y[rows, width] = graphopt_rms_norm(x, weight) from a parallel loop over tasks."""
+    from tvm import te, tirx
+    x = te.placeholder((rows, width), "float32", name="x")
+    weight = te.placeholder((width,), "float32", name="weight")
+    count = min(tasks, rows) if isinstance(rows, int) else tasks
+
+    def body(ins, outs):
+        task = tirx.Var("task", "int32")       # int32, cast: see dense_kernels.parallel_extern
+        call = tirx.call_extern("int32", "graphopt_rms_norm", ins[0].access_ptr("r"), ins[1].access_ptr("r"),
+                                outs[0].access_ptr("w"), tirx.Cast("int64", rows) if not isinstance(rows, int)
+                                else tirx.const(rows, "int64"), tirx.const(width, "int64"),
+                                tirx.const(eps, "float32"), tirx.Cast("int64", task), tirx.const(count, "int64"))
+        return tirx.For(task, tirx.const(0, "int32"), tirx.const(count, "int32"), tirx.ForKind.PARALLEL,
+                        tirx.Evaluate(call))
+
+    y = te.extern((rows, width), [x, weight], body, name="rms_norm", dtype="float32")
+    func = te.create_prim_func([x, weight, y])
     return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
             .without_attr("global_symbol"))
