@@ -10,7 +10,7 @@ import graphopt
 from graphopt.backends.tvm.dense_kernels import F32_KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.ir.attention import ATTENTION
-from graphopt.ir.rms_norm import RMS_NORM
+from graphopt.ir.rms_norm import RESIDUAL_RMS_NORM, RMS_NORM
 
 from ..conftest import assert_close_to_scale, run_artifact_without_torch
 
@@ -140,7 +140,8 @@ def test_llama_with_padding_runs_attention_in_the_kernel_and_without_torch(tmp_p
     cm = graphopt.compile(bundle.model, (ids, attention_mask), backend="tvm", progress=False)
     layers = bundle.model.config.num_hidden_layers
     assert len(cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)) == layers
-    assert len(cm.graph_module.graph.find_nodes(op="call_function", target=RMS_NORM)) == 2 * layers + 1
+    norms = [len(cm.graph_module.graph.find_nodes(op="call_function", target=op)) for op in (RMS_NORM, RESIDUAL_RMS_NORM)]
+    assert norms == [1, 2 * layers]         # the first norm reads the embedding; the others, residual sums
     with torch.no_grad():
         want = bundle.model(ids, attention_mask=attention_mask).logits
     assert_close_to_scale(cm(ids, attention_mask), want, 1e-5)
@@ -212,3 +213,26 @@ def test_a_graph_with_rms_norm_lowers_to_tvm_ops_for_a_target_without_the_kernel
     portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)
     assert portable.packed_weights["float32_kernel"] is None
     assert_close_to_scale(portable.run((x,))[0], RMSNormBlock(32, "pow").double().eval()(x.double()), 2e-6)
+
+
+class ResidualBlock(RMSNormBlock):
+    """A transformer layer's residual stream: h = x + f(norm(x)), then norm(h), h read again after."""
+
+    def forward(self, x):
+        h = x + self.linear(self.norm(x))
+        return self.norm(h) * 2 + h
+
+
+@pytest.mark.parametrize("target,kernel", TARGETS)
+def test_the_residual_add_before_a_norm_is_written_by_the_norm_kernel(target, kernel):
+    module = ResidualBlock(64, "pow").eval()
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6))
+    cm = graphopt.compile(module, (x,), passes="none", backend="tvm",
+                          backend_options={"threads": 2, "target": target}, progress=False)
+    graph = cm.graph_module.graph
+    assert len(graph.find_nodes(op="call_function", target=RESIDUAL_RMS_NORM)) == 1
+    assert len(graph.find_nodes(op="call_function", target=RMS_NORM)) == 1
+    assert_close_to_scale(cm(x), ResidualBlock(64, "pow").double().eval()(x.double()), 2e-6)
+    from graphopt.backends.tvm.lower import TvmBackend
+    portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)      # Relax ops, no kernel
+    assert_close_to_scale(portable.run((x,))[0], ResidualBlock(64, "pow").double().eval()(x.double()), 2e-6)

@@ -7,7 +7,8 @@ of the ops they decompose into.
   tasks, each calling graphopt_attention for its share of (batch, head, 16-row block) units,
   instead of two matmuls, a masked softmax and the key/value copies.
 - graphopt.rms_norm (kernels/rms_norm.c): `prepare.fused_rms_norms` matches Hugging Face's
-  RMSNorm; one pass per row instead of a square, a scalar mean and three elementwise ops.
+  RMSNorm; one pass per row instead of a square, a scalar mean and three elementwise ops; the
+  residual add before a norm goes into the same call (graphopt.residual_rms_norm).
 
 Products, softmax and sums stay float32. The kernels are compiled for the target: AVX-512, or
 AVX2 with FMA (`F32_KERNELS`); a target with neither gets TVM's own ops, and a graph prepared
@@ -56,7 +57,32 @@ class Float32Converters:
         self.used = False
 
     def convert_map(self) -> dict:
-        return {"attention.default": self.attention, "rms_norm.default": self.rms_norm}
+        return {"attention.default": self.attention, "rms_norm.default": self.rms_norm,
+                "residual_rms_norm.default": self.residual_rms_norm}
+
+    def residual_rms_norm(self, node, importer):
+        from tvm import relax
+        x, residual, weight = (importer.env[a] for a in node.args[:3])
+        eps = float(node.args[3])
+        builder = importer.block_builder
+        if self.kernel is None:
+            total = builder.emit(relax.op.add(x, residual))
+            squares = relax.op.mean(relax.op.multiply(total, total), axis=[-1], keepdims=True)
+            inverse = relax.op.rsqrt(relax.op.add(squares, relax.const(eps, "float32")))
+            return builder.emit(relax.Tuple([total, builder.emit(relax.op.multiply(weight, relax.op.multiply(
+                total, inverse)))]))
+        self.used = True
+        shape = list(x.ty.shape.values)
+        rows, width = _rows(shape), int(shape[-1])
+        static_rows = _static(rows)
+        func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks,
+                             residual=True)
+        flat = [builder.emit(relax.op.reshape(t, [rows, width])) for t in (x, residual)]
+        flat_type = relax.TensorType([rows, width], "float32")
+        out = builder.emit(relax.call_tir(builder.add_func(func, "residual_rms_norm"), [*flat, weight],
+                                          [flat_type, flat_type]))
+        return builder.emit(relax.Tuple([builder.emit(relax.op.reshape(relax.TupleGetItem(out, i), shape))
+                                         for i in range(2)]))
 
     def rms_norm(self, node, importer):
         from tvm import relax
@@ -68,10 +94,7 @@ class Float32Converters:
             return importer.block_builder.emit(relax.op.multiply(weight, relax.op.multiply(x, inverse)))
         self.used = True
         shape = list(x.ty.shape.values)
-        width = int(shape[-1])
-        rows = 1
-        for dim in shape[:-1]:
-            rows = rows * dim
+        rows, width = _rows(shape), int(shape[-1])
         static_rows = _static(rows)
         func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks)
         builder = importer.block_builder
@@ -182,6 +205,13 @@ def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: l
             .without_attr("global_symbol"))
 
 
+def _rows(shape: list):
+    rows = 1
+    for dim in shape[:-1]:
+        rows = rows * dim
+    return rows
+
+
 def _static(expr):
     import tvm
     from tvm import tirx
@@ -202,23 +232,28 @@ def rms_norm_kernel_takes(x, weight) -> bool:
             and isinstance(x.shape[-1], int) and x.shape[-1] % 16 == 0 and tuple(weight.shape) == (x.shape[-1],))
 
 
-def rms_norm_call(rows, width: int, eps: float, tasks: int):
-    """The TIR function y[rows, width] = graphopt_rms_norm(x, weight) from a parallel loop over tasks."""
+def rms_norm_call(rows, width: int, eps: float, tasks: int, residual: bool = False):
+    """The TIR function y[rows, width] = graphopt_rms_norm(x, weight) from a parallel loop over
+    tasks; with `residual`, (sum, y) = graphopt_residual_rms_norm(x, residual, weight)."""
     from tvm import te, tirx
-    x = te.placeholder((rows, width), "float32", name="x")
-    weight = te.placeholder((width,), "float32", name="weight")
+    inputs = [te.placeholder((rows, width), "float32", name=name) for name in ("x", "residual")[:1 + residual]]
+    inputs.append(te.placeholder((width,), "float32", name="weight"))
     count = min(tasks, rows) if isinstance(rows, int) else tasks
+    symbol = "graphopt_residual_rms_norm" if residual else "graphopt_rms_norm"
 
     def body(ins, outs):
         task = tirx.Var("task", "int32")       # int32, cast: see dense_kernels.parallel_extern
-        call = tirx.call_extern("int32", "graphopt_rms_norm", ins[0].access_ptr("r"), ins[1].access_ptr("r"),
-                                outs[0].access_ptr("w"), tirx.Cast("int64", rows) if not isinstance(rows, int)
-                                else tirx.const(rows, "int64"), tirx.const(width, "int64"),
-                                tirx.const(eps, "float32"), tirx.Cast("int64", task), tirx.const(count, "int64"))
+        sizes = [tirx.Cast("int64", rows) if not isinstance(rows, int) else tirx.const(rows, "int64"),
+                 tirx.const(width, "int64"), tirx.const(eps, "float32")]
+        call = tirx.call_extern("int32", symbol, *[t.access_ptr("r") for t in ins],
+                                *[t.access_ptr("w") for t in outs], *sizes, tirx.Cast("int64", task),
+                                tirx.const(count, "int64"))
         return tirx.For(task, tirx.const(0, "int32"), tirx.const(count, "int32"), tirx.ForKind.PARALLEL,
                         tirx.Evaluate(call))
 
-    y = te.extern((rows, width), [x, weight], body, name="rms_norm", dtype="float32")
-    func = te.create_prim_func([x, weight, y])
+    shapes = [(rows, width)] * (1 + residual)
+    outs = te.extern(shapes, inputs, body, name="rms_norm", dtype=["float32"] * len(shapes))
+    outs = outs if isinstance(outs, list) else [outs]
+    func = te.create_prim_func([*inputs, *outs])
     return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
             .without_attr("global_symbol"))

@@ -27,6 +27,7 @@ def prepare_graph(gm: fx.GraphModule, float32_kernels: bool = False) -> fx.Graph
     if float32_kernels:
         changed = grouped_attention(gm) or changed
         changed = fused_rms_norms(gm) or changed
+        changed = _residual_adds_into_norms(gm) or changed
     if changed:
         gm.recompile()
     return gm
@@ -146,6 +147,44 @@ def fused_rms_norms(gm: fx.GraphModule) -> bool:
         scaled.replace_all_uses_with(fused)
         for check in checks:         # a dtype check of the intermediate (float32, as the fused output)
             gm.graph.erase_node(check)
+        changed = True
+    if changed:
+        eliminate_dead_code(gm)
+    return changed
+
+
+def _residual_adds_into_norms(gm: fx.GraphModule) -> bool:
+    """rms_norm(a + b) with a, b of the norm's shape -> residual_rms_norm(a, b): the residual
+    stream's add is written by the norm's kernel (one pass instead of two)."""
+    import operator
+
+    from ...ir.rms_norm import RESIDUAL_RMS_NORM, RMS_NORM
+    changed = False
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for norm in list(gm.graph.find_nodes(op="call_function", target=RMS_NORM)):
+        total = norm.args[0]
+        if not _call(total, torch.ops.aten.add.Tensor) or len(total.args) != 2 or total.kwargs:
+            continue
+        checks = [u for u in total.users if _call(u, torch.ops.aten._assert_tensor_metadata.default)]
+        if any(order.get(user, len(order)) < order[norm] for user in total.users if user not in checks):
+            continue                  # the sum is read before the norm: it cannot come from the norm's call
+        shape = total.meta["val"].shape
+        if not all(isinstance(a, fx.Node) and a.meta.get("val") is not None and a.meta["val"].shape == shape
+                   and a.meta["val"].dtype == torch.float32 for a in total.args):
+            continue
+        with gm.graph.inserting_before(norm):
+            fused = gm.graph.call_function(RESIDUAL_RMS_NORM, (*total.args, *norm.args[1:]))
+            new_total = gm.graph.call_function(operator.getitem, (fused, 0))
+            normalized = gm.graph.call_function(operator.getitem, (fused, 1))
+        for check in checks:          # dtype checks of the sum (float32, as the fused output's)
+            gm.graph.erase_node(check)
+        fused.meta.update(norm.meta)
+        fused.meta["val"] = (total.meta["val"], norm.meta["val"])
+        new_total.meta.update(total.meta)
+        normalized.meta.update(norm.meta)
+        total.replace_all_uses_with(new_total)
+        norm.replace_all_uses_with(normalized)
+        gm.graph.erase_node(norm)
         changed = True
     if changed:
         eliminate_dead_code(gm)
