@@ -140,7 +140,8 @@ def test_llama_with_padding_runs_attention_in_the_kernel_and_without_torch(tmp_p
     cm = graphopt.compile(bundle.model, (ids, attention_mask), backend="tvm", progress=False)
     layers = bundle.model.config.num_hidden_layers
     assert len(cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)) == layers
-    norms = [len(cm.graph_module.graph.find_nodes(op="call_function", target=op)) for op in (RMS_NORM, RESIDUAL_RMS_NORM)]
+    graph = cm.graph_module.graph
+    norms = [len(graph.find_nodes(op="call_function", target=op)) for op in (RMS_NORM, RESIDUAL_RMS_NORM)]
     assert norms == [1, 2 * layers]         # the first norm reads the embedding; the others, residual sums
     with torch.no_grad():
         want = bundle.model(ids, attention_mask=attention_mask).logits
