@@ -9,7 +9,7 @@ import torch
 import graphopt
 from graphopt.backends.tvm.dense_kernels import F32_KERNELS
 from graphopt.backends.tvm.runner import cpu_flags
-from graphopt.ir.attention import ATTENTION
+from graphopt.ir.attention import ATTENTION, rotate
 from graphopt.ir.rms_norm import RESIDUAL_RMS_NORM, RMS_NORM
 
 from ..conftest import assert_close_to_scale, run_artifact_without_torch
@@ -24,20 +24,30 @@ TARGETS = [(target, kernel) for target, kernel in (("host", "f32_avx512"), ("x86
 class Attention(torch.nn.Module):
     """q/k/v projections of x, then attention as Hugging Face writes it (repeat_kv when grouped)."""
 
-    def __init__(self, width, heads, kv_heads, head_dim, value_dim, mask_kind, causal):
+    def __init__(self, width, heads, kv_heads, head_dim, value_dim, mask_kind, causal, rotary=False):
         super().__init__()
         torch.manual_seed(1)
         self.shape = heads, kv_heads, head_dim, value_dim
         self.q = torch.nn.Linear(width, heads * head_dim)
         self.k = torch.nn.Linear(width, kv_heads * head_dim)
         self.v = torch.nn.Linear(width, kv_heads * value_dim)
-        self.mask_kind, self.causal = mask_kind, causal
+        self.mask_kind, self.causal, self.rotary = mask_kind, causal, rotary
+
+    def tables(self, batch, length, head_dim):
+        """Per-row positions (row b starts at b): cos/sin [batch, 1, length, head_dim]."""
+        positions = torch.arange(length)[None] + torch.arange(batch)[:, None]
+        frequencies = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.cat([positions[..., None] * frequencies] * 2, -1)[:, None]
+        return angles.cos(), angles.sin()
 
     def forward(self, x, mask):
         b, length, _ = x.shape
         heads, kv_heads, head_dim, value_dim = self.shape
         q = self.q(x).view(b, length, heads, head_dim).transpose(1, 2)
         k = self.k(x).view(b, length, kv_heads, head_dim).transpose(1, 2)
+        if self.rotary:
+            cos, sin = self.tables(b, length, head_dim)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = self.v(x).view(b, length, kv_heads, value_dim).transpose(1, 2)
         if heads != kv_heads:
             n = heads // kv_heads
@@ -75,6 +85,9 @@ def float64_attention(module: Attention, x, mask):
     q = (x @ double["q.weight"].T + double["q.bias"]).view(b, length, heads, head_dim).transpose(1, 2)
     k = (x @ double["k.weight"].T + double["k.bias"]).view(b, length, kv_heads, head_dim).transpose(1, 2)
     v = (x @ double["v.weight"].T + double["v.bias"]).view(b, length, kv_heads, value_dim).transpose(1, 2)
+    if module.rotary:
+        cos, sin = (t.double() for t in module.tables(b, length, head_dim))
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     m = mask.double() if mask.dtype == torch.float32 else mask
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=m if module.mask_kind != "none" else None, is_causal=module.causal, enable_gqa=True)
@@ -237,3 +250,24 @@ def test_the_residual_add_before_a_norm_is_written_by_the_norm_kernel(target, ke
     from graphopt.backends.tvm.lower import TvmBackend
     portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)      # Relax ops, no kernel
     assert_close_to_scale(portable.run((x,))[0], ResidualBlock(64, "pow").double().eval()(x.double()), 2e-6)
+
+
+
+@pytest.mark.parametrize("target,kernel", TARGETS)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 64), (3, 3, 16)])
+def test_rotary_embedding_of_query_and_key_is_applied_in_the_kernel(heads, kv_heads, head_dim, target, kernel):
+    """Hugging Face's apply_rotary_pos_emb on q and k goes into graphopt.attention (cos/sin per
+    batch row here); its two rotary kernels are gone."""
+    module = Attention(48, heads, kv_heads, head_dim, head_dim, "padded-causal", False, rotary=True).eval()
+    x = torch.randn(2, 21, 48, generator=torch.Generator().manual_seed(7))
+    mask = make_mask("padded-causal", 2, heads, 21)
+    cm = graphopt.compile(module, (x, mask), passes="none", backend="tvm",
+                          backend_options={"threads": 2, "target": target}, progress=False)
+    [fused] = cm.graph_module.graph.find_nodes(op="call_function", target=ATTENTION)
+    assert len(fused.args) == 8 and fused.args[6] is not None
+    assert not cm.graph_module.graph.find_nodes(op="call_function", target=torch.ops.aten.slice.Tensor)
+    want = float64_attention(module, x, mask)
+    assert_close_to_scale(cm(x, mask), want, 2e-6)
+    from graphopt.backends.tvm.lower import TvmBackend
+    portable = TvmBackend(threads=2, target="x86-64-v2").compile(cm.captured)      # Relax ops, no kernel
+    assert_close_to_scale(portable.run((x, mask))[0], want, 2e-6)

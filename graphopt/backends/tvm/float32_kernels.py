@@ -110,10 +110,12 @@ class Float32Converters:
         self.used = True
         query, key, value = (importer.env[a] for a in node.args[:3])
         mask = importer.env[node.args[3]] if node.args[3] is not None else None
-        inputs = [query, key, value] + ([mask] if mask is not None else [])
+        tables = [importer.env[a] for a in node.args[6:8] if a is not None]
+        inputs = [query, key, value] + ([mask] if mask is not None else []) + tables
         func = attention_call(*[_shape_of(t) for t in inputs[:3]], mask_shape=_shape_of(mask) if mask is not None
                               else None, mask_dtype=str(mask.ty.dtype) if mask is not None else None,
-                              causal=bool(node.args[4]), scale=float(node.args[5]), tasks=self.tasks)
+                              causal=bool(node.args[4]), scale=float(node.args[5]), tasks=self.tasks,
+                              rotary_shape=_shape_of(tables[0]) if tables else None)
         builder = importer.block_builder
         q_shape, v_shape = list(query.ty.shape.values), list(value.ty.shape.values)
         out = relax.TensorType([*q_shape[:3], v_shape[3]], "float32")
@@ -129,6 +131,9 @@ def _relax_attention(node, importer):
     emit = importer.block_builder.emit
     query, key, value = (importer.env[a] for a in node.args[:3])
     mask, causal, scale = node.args[3], bool(node.args[4]), float(node.args[5])
+    if len(node.args) > 7 and node.args[6] is not None:
+        cos, sin = importer.env[node.args[6]], importer.env[node.args[7]]
+        query, key = (emit(_relax_rotate(t, cos, sin)) for t in (query, key))
     heads, kv_heads = int(query.ty.shape.values[1]), int(key.ty.shape.values[1])
     if heads != kv_heads:
         key = emit(relax.op.repeat(key, heads // kv_heads, axis=1))
@@ -149,6 +154,16 @@ def _relax_attention(node, importer):
     attends = emit(relax.op.greater(relax.op.max(scores, axis=[-1], keepdims=True), relax.const(lowest, "float32")))
     probabilities = emit(relax.op.where(attends, relax.op.nn.softmax(scores, axis=-1), relax.const(0.0, "float32")))
     return emit(relax.op.matmul(probabilities, value))
+
+
+def _relax_rotate(x, cos, sin):
+    """x cos + rotate_half(x) sin in Relax ops (graphopt.ir.attention.rotate)."""
+    from tvm import relax
+    depth = int(x.ty.shape.values[-1])
+    first = relax.op.strided_slice(x, axes=[-1], begin=[0], end=[depth // 2])
+    second = relax.op.strided_slice(x, axes=[-1], begin=[depth // 2], end=[depth])
+    rotated = relax.op.concat([relax.op.negative(second), first], axis=-1)
+    return relax.op.add(relax.op.multiply(x, cos), relax.op.multiply(rotated, sin))
 
 
 def _shape_of(tensor) -> list:
@@ -172,7 +187,7 @@ def _mask_strides(shape: list) -> list:
 
 
 def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: list | None, mask_dtype: str | None,
-                   causal: bool, scale: float, tasks: int):
+                   causal: bool, scale: float, tasks: int, rotary_shape: list | None = None):
     """The TIR function out [B, Hq, Lq, Dv] = attention(q, k, v[, mask]): a parallel loop over
     tasks, each calling graphopt_attention for its share of the units."""
     import tvm
@@ -181,6 +196,11 @@ def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: l
                     te.placeholder(v_shape, "float32", name="value")]
     if mask_shape is not None:
         placeholders.append(te.placeholder(mask_shape, mask_dtype, name="mask"))
+    if rotary_shape is not None:
+        placeholders += [te.placeholder(rotary_shape, "float32", name=name) for name in ("cos", "sin")]
+        shared = isinstance(rotary_shape[0], int) and rotary_shape[0] == 1
+        rows, depth = (tirx.const(d, "int64") if isinstance(d, int) else d for d in rotary_shape[2:])
+        rotary_batch_stride = tirx.const(0, "int64") if shared else rows * depth
     sizes = [tirx.Cast("int64", d) if isinstance(d, tirx.Var) else tirx.const(d, "int64") for d in
              (q_shape[0], q_shape[1], k_shape[1], q_shape[2], k_shape[2], q_shape[3], v_shape[3])]
     units = sizes[0] * sizes[1] * ((sizes[3] + ROW_BLOCK - 1) // ROW_BLOCK)
@@ -193,9 +213,13 @@ def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: l
         task = tirx.Var("task", "int32")
         pointers = [t.access_ptr("r") for t in ins[:3]]
         mask_pointer = ins[3].access_ptr("r") if mask_shape is not None else ins[0].access_ptr("r")
+        if rotary_shape is not None:     # (else any valid pointers: the kernel does not read them)
+            rotary = [ins[-2].access_ptr("r"), ins[-1].access_ptr("r"), tirx.const(1, "int64"), rotary_batch_stride]
+        else:
+            rotary = [ins[0].access_ptr("r"), ins[0].access_ptr("r"), tirx.const(0, "int64"), tirx.const(0, "int64")]
         call = tirx.call_extern("int32", "graphopt_attention", *pointers, mask_pointer, outs[0].access_ptr("w"),
                                 *sizes, tirx.const(kind, "int64"), *strides, tirx.const(int(causal), "int64"),
-                                tirx.const(scale, "float32"), tirx.Cast("int64", task), count)
+                                tirx.const(scale, "float32"), *rotary, tirx.Cast("int64", task), count)
         extent = tirx.const(int(count), "int32") if isinstance(count, tirx.IntImm) else tirx.Cast("int32", count)
         return tirx.For(task, tirx.const(0, "int32"), extent, tirx.ForKind.PARALLEL, tirx.Evaluate(call))
 

@@ -191,6 +191,65 @@ def _residual_adds_into_norms(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _rotary_parts(node) -> tuple | None:
+    """(x, cos, sin) if `node` is x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., h:],
+    x[..., :h]) (Hugging Face's apply_rotary_pos_emb), else None."""
+    aten = torch.ops.aten
+    if not _call(node, aten.add.Tensor) or len(node.args) != 2:
+        return None
+    for direct, turned in (node.args, node.args[::-1]):
+        if not (_call(direct, aten.mul.Tensor) and _call(turned, aten.mul.Tensor)):
+            continue
+        for cat, sin in (turned.args, turned.args[::-1]):
+            if not _call(cat, aten.cat.default) or len(cat.args[0]) != 2:
+                continue
+            negated, first = cat.args[0]
+            if not (_call(negated, aten.neg.default) and _call(negated.args[0], aten.slice.Tensor)
+                    and _call(first, aten.slice.Tensor)):
+                continue
+            second, x = negated.args[0], first.args[0]
+            depth = x.meta["val"].shape[-1] if isinstance(x, fx.Node) and "val" in x.meta else None
+            if second.args[0] is not x or not isinstance(depth, int) or depth % 2:
+                continue
+            if any(len(n.args) > 4 and n.args[4] != 1 for n in (first, second)):
+                continue
+            ends = [(list(n.args[1:4]) + [None] * 3)[:3] for n in (first, second)]
+            last = x.meta["val"].dim() - 1
+            if ends[0][0] not in (-1, last) or ends[1][0] not in (-1, last) or ends[0][1:] != [0, depth // 2] \
+                    or ends[1][1] != depth // 2 or ends[1][2] not in (depth, None) and ends[1][2] < depth:
+                continue
+            cos = next((a for a in direct.args if a is not x), None) if x in direct.args else None
+            if isinstance(cos, fx.Node) and isinstance(sin, fx.Node):
+                return x, cos, sin
+    return None
+
+
+def _feeds_only(node: fx.Node, consumer: fx.Node) -> bool:
+    """Whether every use of `node` leads to `consumer` through layout-only ops (repeat_kv's
+    unsqueeze / expand / clone / view) or dtype checks."""
+    aten = torch.ops.aten
+    passing = {aten.unsqueeze.default, aten.expand.default, aten.clone.default, aten.view.default,
+               aten._unsafe_view.default, aten.reshape.default}
+    frontier = list(node.users)
+    while frontier:
+        user = frontier.pop()
+        if user is consumer or _call(user, aten._assert_tensor_metadata.default):
+            continue
+        if user.op != "call_function" or user.target not in passing:
+            return False
+        frontier.extend(user.users)
+    return True
+
+
+def _rotary_tables_fit(table, query, key) -> bool:
+    """cos/sin the kernel reads: float32 [B or 1, 1, L, D] with L the query's and key's length."""
+    if table is None or table.dtype != torch.float32 or table.dim() != 4:
+        return False
+    length, depth = query.shape[2], query.shape[3]
+    return (table.shape[1] == 1 and str(table.shape[2]) == str(length) == str(key.shape[2])
+            and table.shape[3] == depth and str(table.shape[0]) in ("1", str(query.shape[0])))
+
+
 def _repeated_heads_source(node) -> fx.Node | None:
     """x if `node` is Hugging Face's repeat_kv of x: view(clone(expand(unsqueeze(x, 2),
     [b, h, n, l, d])), [b, h * n, l, d]) (the clone optional, view / _unsafe_view / reshape)."""
@@ -238,8 +297,14 @@ def grouped_attention(gm: fx.GraphModule) -> bool:
             continue
         scale = values.get("scale")
         scale = float(vals[0].shape[-1]) ** -0.5 if scale is None else float(scale)
+        tables: tuple = ()
+        rotated_query, rotated_key = _rotary_parts(query), _rotary_parts(key)
+        if (rotated_query and rotated_key and rotated_query[1:] == rotated_key[1:]
+                and _feeds_only(query, node) and _feeds_only(key, node)
+                and _rotary_tables_fit(rotated_query[1].meta.get("val"), vals[0], vals[1])):
+            query, key, tables = rotated_query[0], rotated_key[0], rotated_query[1:]
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(ATTENTION, (query, key, value, mask, causal, scale))
+            fused = gm.graph.call_function(ATTENTION, (query, key, value, mask, causal, scale, *tables))
         fused.meta.update(node.meta)
         fused.meta["val"] = node.meta["val"].contiguous()
         node.replace_all_uses_with(fused)

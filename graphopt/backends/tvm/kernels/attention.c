@@ -4,7 +4,8 @@
  * heads, lq, dv], all contiguous; d and dv multiples of 16. The mask (optional) is bool (true =
  * attend) or float (added), read through element strides per (batch, head, row, column), 0 where
  * it broadcasts; `causal` keeps key j <= query row i (torch's is_causal: top-left aligned).
- * A row with no key left gives zeros, as torch does.
+ * A row with no key left gives zeros, as torch does. With rotary tables cos/sin [*, l, d], q and k
+ * arrive unrotated and are rotated (rotate-half convention) as they are read.
  *
  * Keys past a row's last attended one are never multiplied (a causal prefill does half the
  * products). TVM calls the function once per task from a parallel loop; a task takes a
@@ -23,7 +24,18 @@ struct attention {
     int64_t batch, heads, kv_heads, lq, lk, d, dv, mask_kind, causal;
     int64_t mask_stride[4];
     float scale;
+    const float *cos, *sin;      /* rotary tables [*, lq, d] (NULL: q and k arrive rotated) */
+    int64_t rotary_batch_stride;
 };
+
+/* out[c] = x[c] cos[c] + rotate_half(x)[c] sin[c], rotate_half(x) = (-x[d/2:], x[:d/2]) */
+static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t c = 0; c < half; c++)
+        out[c] = x[c] * cos[c] - x[c + half] * sin[c];
+    for (int64_t c = half; c < d; c++)
+        out[c] = x[c] * cos[c] + x[c - half] * sin[c];
+}
 
 /* Number of keys row i attends at most (one past its last attended key). */
 static int64_t row_end(const struct attention *a, const char *mask_bh, int64_t i) {
@@ -43,11 +55,23 @@ static int64_t row_end(const struct attention *a, const char *mask_bh, int64_t i
     return end;
 }
 
-/* K of (b, g) keys [0, keys) transposed into kt [d][stride] (stride = keys rounded up to 16, zeros after). */
-static void transpose_keys(const float *k, float *kt, int64_t keys, int64_t stride, int64_t d) {
-    for (int64_t c = 0; c < d; c++)
-        for (int64_t j = 0; j < keys; j++)
-            kt[c * stride + j] = k[j * d + c];
+/* K of (b, g) keys [0, keys) transposed into kt [d][stride] (stride = keys rounded up to 16, zeros
+ * after), rotated first when the tables are given (`rotated`: a row's scratch). */
+static void transpose_keys(const struct attention *a, int64_t b, const float *k, float *kt, int64_t keys,
+                           int64_t stride, float *rotated) {
+    const int64_t d = a->d;
+    if (a->cos) {
+        const float *cos = a->cos + b * a->rotary_batch_stride, *sin = a->sin + b * a->rotary_batch_stride;
+        for (int64_t j = 0; j < keys; j++) {
+            rotate(k + j * d, cos + j * d, sin + j * d, rotated, d);
+            for (int64_t c = 0; c < d; c++)
+                kt[c * stride + j] = rotated[c];
+        }
+    } else {
+        for (int64_t c = 0; c < d; c++)
+            for (int64_t j = 0; j < keys; j++)
+                kt[c * stride + j] = k[j * d + c];
+    }
     for (int64_t c = 0; c < d; c++)
         for (int64_t j = keys; j < stride; j++)
             kt[c * stride + j] = 0;
@@ -105,6 +129,7 @@ static float row_softmax(const struct attention *a, float *s, const char *mask_r
     const float neg_inf = -INFINITY;
     const int64_t column = a->mask_stride[3];
     const vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vfloat peak = splat(neg_inf);
     for (int64_t j = 0; j < width; j += LANES) {
         vfloat x = load(s + j) * a->scale;
         const int whole = j + LANES <= a->lk && column == 1;   /* else lanes past the mask's row: one at a time */
@@ -120,11 +145,8 @@ static float row_softmax(const struct attention *a, float *s, const char *mask_r
                 else if (a->mask_kind == 2) x[i] += ((const float *)mask_row)[(j + i) * column];
             }
         }
-        store(s + j, vselect(lane + (int32_t)j < (int32_t)end, x, splat(neg_inf)));
-    }
-    vfloat peak = splat(neg_inf);
-    for (int64_t j = 0; j < width; j += LANES) {
-        vfloat x = load(s + j);
+        x = vselect(lane + (int32_t)j < (int32_t)end, x, splat(neg_inf));
+        store(s + j, x);
         peak = vselect(x > peak, x, peak);
     }
     const float top = hmax(peak);
@@ -204,12 +226,20 @@ static void attend_block(const struct attention *a, int64_t b, int64_t h, int64_
     const int64_t stride = (a->lk + LANES - 1) / LANES * LANES;
     width = (width + LANES - 1) / LANES * LANES;
     const int64_t owner = b * a->kv_heads + g;
+    float *rotated = thread_scratch(2, (size_t)(ROW_BLOCK * a->d) * 4);
     if (*kt_owner != owner) {          /* every key at once: the next row blocks read more of them */
-        transpose_keys(a->k + owner * a->lk * a->d, kt, a->lk, stride, a->d);
+        transpose_keys(a, b, a->k + owner * a->lk * a->d, kt, a->lk, stride, rotated);
         *kt_owner = owner;
     }
+    const float *q = a->q + ((b * a->heads + h) * a->lq + r0) * a->d;
+    if (a->cos) {
+        const int64_t at = b * a->rotary_batch_stride + r0 * a->d;
+        for (int64_t i = 0; i < rows; i++)
+            rotate(q + i * a->d, a->cos + at + i * a->d, a->sin + at + i * a->d, rotated + i * a->d, a->d);
+        q = rotated;
+    }
     float *scores = thread_scratch(1, (size_t)(ROW_BLOCK * stride) * 4);
-    row_scores(a->q + ((b * a->heads + h) * a->lq + r0) * a->d, kt, scores, rows, width, stride, a->d);
+    row_scores(q, kt, scores, rows, width, stride, a->d);
     float inverse[ROW_BLOCK];
     for (int64_t i = 0; i < rows; i++) {
         const char *mask_row = mask_bh ? mask_bh + (r0 + i) * a->mask_stride[2] * element : 0;
@@ -220,15 +250,17 @@ static void attend_block(const struct attention *a, int64_t b, int64_t h, int64_
     weighted_values(scores, a->v + owner * a->lk * a->dv, out, inverse, rows, keys, stride, a->dv);
 }
 
-/* mask_kind: 0 none, 1 bool (uint8), 2 float32; mask strides in elements. */
+/* mask_kind: 0 none, 1 bool (uint8), 2 float32; mask strides in elements. With `rotary`, cos/sin
+ * are rotary tables [batch or 1, lq, d] applied to q and k first (lq == lk), batch stride 0 when shared. */
 int32_t graphopt_attention(const float *q, const float *k, const float *v, const void *mask, float *out,
                            int64_t batch, int64_t heads, int64_t kv_heads, int64_t lq, int64_t lk, int64_t d,
                            int64_t dv, int64_t mask_kind, int64_t mask_stride_b, int64_t mask_stride_h,
                            int64_t mask_stride_r, int64_t mask_stride_c, int64_t causal, float scale,
+                           const float *cos, const float *sin, int64_t rotary, int64_t rotary_batch_stride,
                            int64_t task, int64_t tasks) {
     const struct attention a = {q, k, v, mask_kind ? mask : 0, out, batch, heads, kv_heads, lq, lk, d, dv,
                                 mask_kind, causal, {mask_stride_b, mask_stride_h, mask_stride_r, mask_stride_c},
-                                scale};
+                                scale, rotary ? cos : 0, rotary ? sin : 0, rotary_batch_stride};
     const int64_t blocks = (lq + ROW_BLOCK - 1) / ROW_BLOCK, units = batch * heads * blocks;
     const int64_t first = units * task / tasks, end = units * (task + 1) / tasks;
     if (first >= end || lk <= 0)
