@@ -27,7 +27,7 @@ from ...errors import BackendError
 from .schedules import OPAQUE_PATTERN
 
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
-TASKS_PER_THREAD = 2      # measured: docs/measurements/decisions.md
+TASKS_PER_THREAD = 1      # measured: docs/measurements/decisions.md
 
 # kernel -> (precision, CPU flags it needs, compiler flags, source), best first per precision
 KERNELS = {
@@ -94,7 +94,7 @@ def build_kernel_objects(kernel: str, directory: str) -> list[str]:
 
 def tasks_for(threads: int) -> int:
     """Tasks per matmul for a library run with `threads` threads: each task rounds or quantizes
-    all of X again, so few; two a thread for balance."""
+    all of X again, so as few as threads (measured faster than two a thread)."""
     return TASKS_PER_THREAD * max(1, threads)
 
 
