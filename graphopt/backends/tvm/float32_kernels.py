@@ -61,47 +61,38 @@ class Float32Converters:
                 "residual_rms_norm.default": self.residual_rms_norm}
 
     def residual_rms_norm(self, node, importer):
+        return self._norm(node, importer, residual=True)
+
+    def rms_norm(self, node, importer):
+        return self._norm(node, importer, residual=False)
+
+    def _norm(self, node, importer, residual: bool):
+        """rms_norm(x, weight, eps) or residual_rms_norm(x, residual, weight, eps) -> (x + residual,
+        its norm): the kernel, or Relax ops without one."""
         from tvm import relax
-        x, residual, weight = (importer.env[a] for a in node.args[:3])
-        eps = float(node.args[3])
         builder = importer.block_builder
+        inputs = [importer.env[a] for a in node.args[:2 + residual]]
+        eps = float(node.args[2 + residual])
+        x = builder.emit(relax.op.add(inputs[0], inputs[1])) if residual and self.kernel is None else inputs[0]
         if self.kernel is None:
-            total = builder.emit(relax.op.add(x, residual))
-            squares = relax.op.mean(relax.op.multiply(total, total), axis=[-1], keepdims=True)
+            squares = relax.op.mean(relax.op.multiply(x, x), axis=[-1], keepdims=True)
             inverse = relax.op.rsqrt(relax.op.add(squares, relax.const(eps, "float32")))
-            return builder.emit(relax.Tuple([total, builder.emit(relax.op.multiply(weight, relax.op.multiply(
-                total, inverse)))]))
+            normalized = builder.emit(relax.op.multiply(inputs[-1], relax.op.multiply(x, inverse)))
+            return builder.emit(relax.Tuple([x, normalized])) if residual else normalized
         self.used = True
         shape = list(x.ty.shape.values)
         rows, width = _rows(shape), int(shape[-1])
         static_rows = _static(rows)
         func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks,
-                             residual=True)
-        flat = [builder.emit(relax.op.reshape(t, [rows, width])) for t in (x, residual)]
-        flat_type = relax.TensorType([rows, width], "float32")
-        out = builder.emit(relax.call_tir(builder.add_func(func, "residual_rms_norm"), [*flat, weight],
-                                          [flat_type, flat_type]))
+                             residual=residual)
+        flat = [builder.emit(relax.op.reshape(t, [rows, width])) for t in inputs[:-1]]
+        outputs = [relax.TensorType([rows, width], "float32")] * (1 + residual)
+        out = builder.emit(relax.call_tir(builder.add_func(func, "rms_norm"), [*flat, inputs[-1]],
+                                          outputs if residual else outputs[0]))
+        if not residual:
+            return builder.emit(relax.op.reshape(out, shape))
         return builder.emit(relax.Tuple([builder.emit(relax.op.reshape(relax.TupleGetItem(out, i), shape))
                                          for i in range(2)]))
-
-    def rms_norm(self, node, importer):
-        from tvm import relax
-        x, weight = importer.env[node.args[0]], importer.env[node.args[1]]
-        eps = float(node.args[2])
-        if self.kernel is None:
-            squares = relax.op.mean(relax.op.multiply(x, x), axis=[-1], keepdims=True)
-            inverse = relax.op.rsqrt(relax.op.add(squares, relax.const(eps, "float32")))
-            return importer.block_builder.emit(relax.op.multiply(weight, relax.op.multiply(x, inverse)))
-        self.used = True
-        shape = list(x.ty.shape.values)
-        rows, width = _rows(shape), int(shape[-1])
-        static_rows = _static(rows)
-        func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks)
-        builder = importer.block_builder
-        flat = builder.emit(relax.op.reshape(x, [rows, width]))
-        out = builder.emit(relax.call_tir(builder.add_func(func, "rms_norm"), [flat, weight],
-                                          relax.TensorType([rows, width], "float32")))
-        return builder.emit(relax.op.reshape(out, shape))
 
     def attention(self, node, importer):
         from tvm import relax

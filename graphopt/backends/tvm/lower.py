@@ -9,8 +9,11 @@ Lowering, step by step:
    negative indices are wrapped (TVM's take would read out of bounds); a pooling stride left
    empty (= the kernel) is written out; an unsorted topk asks for sorted output (any order
    is allowed, the importer takes sorted only); mixture-of-experts ops take their dense form
-   (graphopt.ir.moe.dense_moe_experts: static shapes, every expert on every token). If
-   re-exporting then fails on a view of an attention output, those views become reshapes
+   (graphopt.ir.moe.dense_moe_experts: static shapes, every expert on every token). Where
+   the target has graphopt's float32 kernels (AVX-512 or AVX2), attention (with the rotary
+   embedding of query and key, grouped key/value heads read in place) and RMSNorm (with the
+   residual add before it) become graphopt ops, each one C-kernel call (float32_kernels.py).
+   If re-exporting then fails on a view of an attention output, those views become reshapes
    (graphopt.ir.graph.export_retrying_with_reshapes).
 2. Every op is checked against the Relax importer's table before import; an op it cannot
    import stops the lowering with the op, the node and the source line.
