@@ -98,6 +98,18 @@ def tasks_for(threads: int) -> int:
     return TASKS_PER_THREAD * max(1, threads)
 
 
+def leading_rows(shape: list) -> tuple:
+    """(rows, static_rows) of a tensor seen as [rows, last dim]: the product of the leading dims
+    (a simplified TIR expression) and that as an int when it is static, else None."""
+    import tvm
+    from tvm import tirx
+    rows = 1
+    for dim in shape[:-1]:
+        rows = rows * dim
+    rows = tvm.sym.Analyzer().simplify(rows)
+    return rows, int(rows) if isinstance(rows, tirx.IntImm) else None
+
+
 def dense_call(precision: str, m, k: int, n: int, tasks: int):
     """The TIR function Y[m, n] = X[m, k] @ W for packed `precision` weights; `m` an int or a tirx.Var.
 

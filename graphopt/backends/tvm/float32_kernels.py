@@ -16,7 +16,7 @@ for the kernels lowers to Relax ops there.
 """
 from __future__ import annotations
 
-from .dense_kernels import F32_KERNELS, kernel_for
+from .dense_kernels import F32_KERNELS, kernel_for, leading_rows
 from .schedules import OPAQUE_PATTERN
 
 ROW_BLOCK = 16           # query rows per unit of work (kernels/attention.c)
@@ -69,7 +69,7 @@ class Float32Converters:
     def _norm(self, node, importer, residual: bool):
         """rms_norm(x, weight, eps) or residual_rms_norm(x, residual, weight, eps) -> (x + residual,
         its norm): the kernel, or Relax ops without one."""
-        from tvm import relax
+        from tvm import relax, tirx
         builder = importer.block_builder
         inputs = [importer.env[a] for a in node.args[:2 + residual]]
         eps = float(node.args[2 + residual])
@@ -81,10 +81,9 @@ class Float32Converters:
             return builder.emit(relax.Tuple([x, normalized])) if residual else normalized
         self.used = True
         shape = list(x.ty.shape.values)
-        rows, width = _rows(shape), int(shape[-1])
-        static_rows = _static(rows)
-        func = rms_norm_call(static_rows if static_rows is not None else tirx_var("rows"), width, eps, self.tasks,
-                             residual=residual)
+        (rows, static_rows), width = leading_rows(shape), int(shape[-1])
+        func = rms_norm_call(static_rows if static_rows is not None else tirx.Var("rows", "int64"), width, eps,
+                             self.tasks, residual=residual)
         flat = [builder.emit(relax.op.reshape(t, [rows, width])) for t in inputs[:-1]]
         outputs = [relax.TensorType([rows, width], "float32")] * (1 + residual)
         out = builder.emit(relax.call_tir(builder.add_func(func, "rms_norm"), [*flat, inputs[-1]],
@@ -218,25 +217,6 @@ def attention_call(q_shape: list, k_shape: list, v_shape: list, *, mask_shape: l
     func = te.create_prim_func([*placeholders, out])
     return (func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE_PATTERN)
             .without_attr("global_symbol"))
-
-
-def _rows(shape: list):
-    rows = 1
-    for dim in shape[:-1]:
-        rows = rows * dim
-    return rows
-
-
-def _static(expr):
-    import tvm
-    from tvm import tirx
-    expr = tvm.sym.Analyzer().simplify(expr)
-    return int(expr) if isinstance(expr, tirx.IntImm) else None
-
-
-def tirx_var(name: str):
-    from tvm import tirx
-    return tirx.Var(name, "int64")
 
 
 def rms_norm_kernel_takes(x, weight) -> bool:

@@ -145,11 +145,7 @@ class _DenseRewriter(relax.PyExprMutator):
         p = self.packings[weight]
         if not isinstance(x_shape[-1], tirx.IntImm) or int(x_shape[-1]) != p.k:
             return call
-        rows = 1
-        for dim in x_shape[:-1]:
-            rows = rows * dim
-        rows = tvm.sym.Analyzer().simplify(rows)
-        static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
+        rows, static_rows = dense_kernels.leading_rows(x_shape)
         key = (static_rows, p.k, p.padded, p.lanes, p.precision)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")

@@ -13,7 +13,7 @@ keep one copy. A CPU without a bf16 kernel gets a one-line error naming the op.
 from __future__ import annotations
 
 from ...errors import BackendError
-from .dense_kernels import parallel_extern
+from .dense_kernels import leading_rows, parallel_extern
 
 
 class QuantizedConverters:
@@ -75,7 +75,6 @@ class QuantizedConverters:
         return self._matmul(node, importer, minimums=True)
 
     def _matmul(self, node, importer, minimums: bool):
-        import tvm
         from tvm import relax, tirx
         if self.kernel is None:
             raise BackendError(f"tvm backend: node '{node.name}' (graphopt.{node.target.__name__.split('.')[0]}) needs "
@@ -91,11 +90,7 @@ class QuantizedConverters:
             minimums=table if minimums else None)
         kind = None if zeros is None else "minimums" if minimums else "zeros"
         shape = list(x.ty.shape.values)
-        rows = 1
-        for dim in shape[:-1]:
-            rows = rows * dim
-        rows = tvm.sym.Analyzer().simplify(rows)
-        static_rows = int(rows) if isinstance(rows, tirx.IntImm) else None
+        rows, static_rows = leading_rows(shape)
         if minimums and str(table.ty.dtype) != str(scales.ty.dtype):
             raise BackendError(f"tvm backend: node '{node.name}': minimums in {table.ty.dtype}, scales in "
                                f"{scales.ty.dtype}; the kernel reads both in one type")
