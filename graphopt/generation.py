@@ -6,9 +6,9 @@ jinja2 only to apply a chat template).
     for piece in lm.generate("Tell me a story", stream=True): print(piece, end="")
 
 The artifact's one graph serves the prompt (all prompt tokens at once) and every decode step
-(one token per row). Its KV cache is one preallocated buffer per layer and kind, bound as
-both the graph's past input and its present output (ONNX Runtime I/O binding), so
-GroupQueryAttention writes each new key and value in place: no copy of the cache per token.
+(one token per row). Its KV cache is one preallocated buffer per layer and kind that each
+step writes its keys and values into in place (graphopt.generation_steps: ONNX Runtime I/O
+binding, or the TVM library's in-place attention): no copy of the cache per token.
 Prompts of different lengths run as one batch, right-padded, each row at its own position.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import ArtifactError, GraphoptError
+from .generation_steps import steps_for
 
 TASK = "text-generation"
 
@@ -136,14 +137,12 @@ class _TextStream:
 
 
 class TextGenerator:
-    """The generation runtime of one artifact: an onnxruntime session, its tokenizer and the
-    manifest's task section (layers, cache shape, special tokens, chat template)."""
+    """The generation runtime of one artifact: its step runner (graphopt.generation_steps: the
+    onnxruntime session or the TVM library), its tokenizer and the manifest's task section
+    (layers, cache shape, special tokens, chat template)."""
 
-    def __init__(self, task: dict, session, tokenizer=None):
-        import onnxruntime as ort
-        self.ort = ort
+    def __init__(self, task: dict, runner, tokenizer=None, backend: str = "onnxruntime"):
         self.task = task
-        self.session = session
         self._tokenizer = tokenizer
         self.layers = int(self.task["layers"])
         self.kv_heads, self.head_dim = int(self.task["kv_heads"]), int(self.task["head_dim"])
@@ -153,6 +152,12 @@ class TextGenerator:
         self.eos = set(int(t) for t in self.task.get("eos_token_ids", []))
         self.pad = int(self.task.get("pad_token_id") or 0)
         self.stats = GenerationStats()
+        self.steps = steps_for(runner, self.layers, self._cache_shape, self.cache_dtype, self.vocab_size)
+        if self.steps is None:
+            raise ArtifactError(f"text generation runs on onnxruntime and tvm artifacts, this one is {backend}")
+
+    def _cache_shape(self, batch: int, capacity: int) -> tuple[int, int, int, int]:
+        return batch, self.kv_heads, capacity, self.head_dim
 
     @property
     def tokenizer(self):
@@ -247,14 +252,14 @@ class TextGenerator:
         if capacity < longest + 1:
             raise GraphoptError(f"a cache of {capacity} positions cannot hold a {longest}-token prompt and a new token")
         batch = len(rows)
-        io, logits = self._bind_cache(batch, capacity)
+        self.steps.bind(batch, capacity)
         self.stats = stats = GenerationStats(prompt_tokens=int(lengths.sum()))
         ids = np.full((batch, longest), self.pad, dtype=np.int64)
         for b, r in enumerate(rows):
             ids[b, :len(r)] = r
         start = time.perf_counter()
-        self._run(io, ids, np.broadcast_to(np.arange(longest), (batch, longest)), lengths - 1, longest,
-                  (lengths - 1).reshape(batch, 1))
+        logits = self.steps.run(ids, np.broadcast_to(np.arange(longest), (batch, longest)), lengths - 1, longest,
+                                (lengths - 1).reshape(batch, 1))
         stats.prompt_seconds = time.perf_counter() - start
         going = np.ones(batch, dtype=bool)
         decode_start: float | None = None
@@ -273,8 +278,8 @@ class TextGenerator:
                 break                   # done, or the cache is full (the model's last position)
             positions = lengths.reshape(batch, 1)
             lengths = lengths + 1
-            self._run(io, np.where(going, tokens, self.pad).reshape(batch, 1), positions, lengths - 1,
-                      int(lengths.max()), np.zeros((batch, 1), dtype=np.int64))
+            logits = self.steps.run(np.where(going, tokens, self.pad).reshape(batch, 1), positions, lengths - 1,
+                                    int(lengths.max()), np.zeros((batch, 1), dtype=np.int64))
             if decode_start is not None:
                 stats.decode_seconds = time.perf_counter() - decode_start
 
@@ -284,13 +289,7 @@ class TextGenerator:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         batch, seq = ids.shape
         positions = np.ascontiguousarray(np.broadcast_to(np.arange(seq), (batch, seq)))
-        feeds = {"input_ids": ids, "position_ids": positions,
-                 "seqlens_k": np.full(batch, seq - 1, dtype=np.int32), "total_length": np.array(seq, dtype=np.int32),
-                 "logit_positions": positions}
-        cache = np.zeros((batch, self.kv_heads, seq, self.head_dim), dtype=self.cache_dtype)
-        for layer in range(self.layers):
-            feeds[f"past_key.{layer}"] = feeds[f"past_value.{layer}"] = cache
-        return self.session.run(["logits"], feeds)[0]
+        return self.steps.all_logits(ids, positions, np.full(batch, seq - 1), seq, positions)
 
     def perplexity(self, windows: Sequence[np.ndarray]) -> float:
         """exp(mean next-token negative log-likelihood) over token windows (each [1, S] or [S])."""
@@ -303,33 +302,6 @@ class TextGenerator:
             total += float((logz - logits[np.arange(len(logits)), ids[0, 1:]]).sum())
             count += len(logits)
         return float(np.exp(total / count))
-
-    # ----- onnxruntime
-    def _bind_cache(self, batch: int, capacity: int):
-        io = self.session.io_binding()
-        shape = (batch, self.kv_heads, capacity, self.head_dim)
-        self._buffers = []
-        for layer in range(self.layers):
-            for kind in ("key", "value"):
-                value = self.ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.cache_dtype))
-                io.bind_ortvalue_input(f"past_{kind}.{layer}", value)
-                io.bind_ortvalue_output(f"present_{kind}.{layer}", value)
-                self._buffers.append(value)
-        logits = np.empty((batch, 1, self.vocab_size), dtype=np.float32)
-        io.bind_ortvalue_output("logits", self.ort.OrtValue.ortvalue_from_numpy(logits))
-        self._logits = logits
-        return io, logits
-
-    def _run(self, io, ids, positions, seqlens, total, keep):
-        feeds = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
-                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64),
-                 "seqlens_k": np.ascontiguousarray(seqlens, dtype=np.int32),
-                 "total_length": np.array(total, dtype=np.int32),
-                 "logit_positions": np.ascontiguousarray(keep, dtype=np.int64)}
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, value)
-        self._feeds = feeds  # the bound arrays must outlive the run
-        self.session.run_with_iobinding(io)
 
 
 def load_tokenizer(directory: str | None, task: dict, files: dict[str, bytes] | None = None):
@@ -359,8 +331,4 @@ def generator_for(directory: str, manifest: dict, runner, files: dict[str, bytes
         kind = task.get("name") if isinstance(task, dict) else "a fixed-shape forward pass"
         raise ArtifactError(f"artifact {directory} is {kind}, not a {TASK} artifact: compile it with "
                             f"task='{TASK}' (CLI: --task {TASK}) to generate text")
-    session = getattr(runner, "session", None)
-    if session is None:
-        raise ArtifactError(f"artifact {directory}: text generation runs on onnxruntime artifacts only, "
-                            f"this one is {manifest.get('backend')}")
-    return TextGenerator(task, session, load_tokenizer(directory, task, files))
+    return TextGenerator(task, runner, load_tokenizer(directory, task, files), manifest.get("backend", "?"))

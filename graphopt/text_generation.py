@@ -20,6 +20,7 @@ from .generation import TASK
 from .ir.kv_attention import CACHE_DTYPES
 
 TASKS = (TASK,)
+GENERATION_BACKENDS = ("onnxruntime", "tvm")
 TOKENIZER_FILE = "tokenizer.json.gz"
 
 
@@ -66,9 +67,11 @@ def compile_text_generation(model: torch.nn.Module, tokenizer: Any | None, passe
     if cache_dtype not in CACHE_DTYPES:
         raise GraphoptError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     dtype = CACHE_DTYPES[cache_dtype]
-    if backend != "onnxruntime":
-        raise GraphoptError(f"task '{TASK}' lowers to onnxruntime only (its in-place KV cache is ONNX Runtime's "
-                            f"GroupQueryAttention); got backend '{backend}'")
+    if backend not in GENERATION_BACKENDS:
+        raise GraphoptError(f"task '{TASK}' lowers to {' and '.join(GENERATION_BACKENDS)} (backends with an "
+                            f"in-place KV cache); got backend '{backend}'")
+    if backend == "tvm" and cache_dtype != "float32":
+        raise GraphoptError(f"task '{TASK}' on tvm keeps a float32 cache; got cache_dtype={cache_dtype!r}")
     graph = GenerationGraph(model)
     config = model.config
     batches = None

@@ -41,11 +41,12 @@ KERNELS = {
     "avx512_vnni": ("int8", ("avx512_vnni", "avx512bw"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
                     "dense_int8.c"),
 }
-# float32 kernels (attention.py: attention and RMSNorm): GCC vector code, 16 lanes in one register or two
+# float32 kernels (float32_kernels.py: attention, attention over a KV cache, RMSNorm): GCC vector
+# code, 16 lanes in one register or two
+F32_SOURCES = ("attention.c", "kv_attention.c", "rms_norm.c")
 F32_KERNELS = {
-    "f32_avx512": ("f32", ("avx512f",), ("-mavx512f", "-mfma", "-ffp-contract=fast"), ("attention.c", "rms_norm.c")),
-    "f32_avx2": ("f32", ("avx2", "fma"), ("-mavx2", "-mfma", "-ffp-contract=fast", "-Wno-psabi"),
-                 ("attention.c", "rms_norm.c")),
+    "f32_avx512": ("f32", ("avx512f",), ("-mavx512f", "-mfma", "-ffp-contract=fast"), F32_SOURCES),
+    "f32_avx2": ("f32", ("avx2", "fma"), ("-mavx2", "-mfma", "-ffp-contract=fast", "-Wno-psabi"), F32_SOURCES),
 }
 K_MULTIPLE = {"bf16": 32, "int8": 64}      # k per AMX tile row (64 bytes)
 

@@ -17,6 +17,7 @@ for the kernels lowers to Relax ops there.
 from __future__ import annotations
 
 from .dense_kernels import F32_KERNELS, kernel_for, leading_rows
+from .kv_attention import convert_kv_attention
 from .schedules import OPAQUE_PATTERN
 
 ROW_BLOCK = 16           # query rows per unit of work (kernels/attention.c)
@@ -58,7 +59,12 @@ class Float32Converters:
 
     def convert_map(self) -> dict:
         return {"attention.default": self.attention, "rms_norm.default": self.rms_norm,
-                "residual_rms_norm.default": self.residual_rms_norm}
+                "residual_rms_norm.default": self.residual_rms_norm, "kv_attention.default": self.kv_attention}
+
+    def kv_attention(self, node, importer):
+        result = convert_kv_attention(node, importer, self.kernel, self.tasks)
+        self.used = True
+        return result
 
     def residual_rms_norm(self, node, importer):
         return self._norm(node, importer, residual=True)

@@ -120,11 +120,18 @@ class TvmRunner:
         self.outputs = list(outputs)
         self._tensor = tvm.runtime.tensor
 
+    def tensor(self, array: np.ndarray):
+        """A TVM tensor on this runner's device holding a copy of `array`."""
+        return self._tensor(array, self.device)
+
+    def call(self, tensors: Sequence[Any]) -> list:
+        """main(*tensors, *weights) without checks or copies: its outputs as TVM tensors."""
+        out = self.vm["main"](*tensors, *self.params)
+        return [out] if hasattr(out, "numpy") else [out[i] for i in range(len(out))]
+
     def run(self, values: Sequence[Any]) -> list[np.ndarray]:
         check_inputs(self.inputs, values)
-        args = [self._tensor(to_numpy(v), self.device) for v in values]
-        out = self.vm["main"](*args, *self.params)
-        outs = [out] if hasattr(out, "numpy") else [out[i] for i in range(len(out))]
+        outs = self.call([self._tensor(to_numpy(v), self.device) for v in values])
         # zero-copy views that keep the TVM buffers alive (.numpy() copies)
         return [np.from_dlpack(o) for o in outs]
 

@@ -9,11 +9,11 @@
 #include <math.h>
 #include <string.h>
 
-/* This thread's scratch buffer `slot` (0 to 2) of at least `bytes` (64-byte aligned, kept
+/* This thread's scratch buffer `slot` (0 to 3) of at least `bytes` (64-byte aligned, kept
  * between calls). */
 static void *thread_scratch(int slot, size_t bytes) {
-    static __thread void *buffers[3];
-    static __thread size_t capacity[3];
+    static __thread void *buffers[4];
+    static __thread size_t capacity[4];
     if (bytes > capacity[slot]) {
         free(buffers[slot]);
         capacity[slot] = (bytes + 63) / 64 * 64;

@@ -12,6 +12,8 @@
  * AMX-BF16 tiles, otherwise AVX512-BF16's vdpbf16ps is used. */
 #include "common.h"
 
+#define FEW_ROWS 4          /* up to this many rows of X, quantized weights are used without converting them */
+
 static uint16_t round_to_bf16(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
@@ -222,6 +224,111 @@ static void dequantize_panel(const uint8_t *codes, const void *scales, const uin
     }
 }
 
+/* 16 columns' float scales or minimums of block b (table [n / 16, blocks, 16], entry p * blocks + b) */
+static inline __m512 column_floats(const void *table, int64_t at, int f16) {
+    return f16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)table + at))
+               : _mm512_loadu_ps((const float *)table + at * 16);
+}
+
+/* NR rows (1-4) of x (zero-padded to k_blocks, row sums per block in xsum) times NP panels from p,
+ * the codes read in place: per block, sum(code * x) then * scale, plus sum(x) * minimum (or minus
+ * sum(x) * zero * scale). float32 products and sums. */
+static inline __attribute__((always_inline)) void nbits_rows(const int NR, const int NP, const float *x,
+        const float *xsum, const uint8_t *codes, const void *scales, const void *table, float *y, int64_t n,
+        int64_t p, int64_t k_blocks, int bits, int64_t block, int64_t blocks, int64_t flags) {
+    const int64_t rows = k_blocks / 2, row_bytes = 16 * bits / 4;
+    const int f16 = flags & 1;
+    __m512 acc[4][4];
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NP; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512 even_sum[4][4], odd_sum[4][4];
+        for (int r = 0; r < NR; r++)
+            for (int j = 0; j < NP; j++) even_sum[r][j] = odd_sum[r][j] = _mm512_setzero_ps();
+        for (int64_t kk = b * block / 2; kk < (b + 1) * block / 2; kk++) {
+            for (int j = 0; j < NP; j++) {
+                const uint8_t *source = codes + ((p + j) * rows + kk) * row_bytes;
+                __m512i pairs, even, odd;
+                if (bits == 4) {
+                    pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)source));
+                    even = _mm512_and_si512(pairs, _mm512_set1_epi32(15));
+                    odd = _mm512_srli_epi32(pairs, 4);
+                } else {
+                    pairs = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)source));
+                    even = _mm512_and_si512(pairs, _mm512_set1_epi32(255));
+                    odd = _mm512_srli_epi32(pairs, 8);
+                }
+                const __m512 low = _mm512_cvtepi32_ps(even), high = _mm512_cvtepi32_ps(odd);
+                for (int r = 0; r < NR; r++) {
+                    even_sum[r][j] = _mm512_fmadd_ps(low, _mm512_set1_ps(x[r * k_blocks + 2 * kk]), even_sum[r][j]);
+                    odd_sum[r][j] = _mm512_fmadd_ps(high, _mm512_set1_ps(x[r * k_blocks + 2 * kk + 1]), odd_sum[r][j]);
+                }
+            }
+        }
+        for (int j = 0; j < NP; j++) {
+            const int64_t at = (p + j) * blocks + b;
+            const __m512 scale = column_floats(scales, at, f16);
+            __m512 offset;                  /* per column: what sum(x) of the block is multiplied by */
+            if (flags & 4)
+                offset = column_floats(table, at, f16);
+            else if (flags & 2)
+                offset = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                    _mm_loadu_si128((const __m128i *)table + at))), _mm512_sub_ps(_mm512_setzero_ps(), scale));
+            else
+                offset = _mm512_mul_ps(_mm512_set1_ps((float)-(1 << (bits - 1))), scale);
+            for (int r = 0; r < NR; r++) {
+                const __m512 dot = _mm512_add_ps(even_sum[r][j], odd_sum[r][j]);
+                acc[r][j] = _mm512_fmadd_ps(dot, scale, acc[r][j]);
+                acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * blocks + b]), offset, acc[r][j]);
+            }
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int j = 0; j < NP; j++) _mm512_storeu_ps(y + r * n + (p + j) * 16, acc[r][j]);
+}
+
+#define NBITS_ROWS(NR, NP) nbits_rows(NR, NP, xp + r * k_blocks, xsum + r * blocks, codes, scales, table, \
+                                      y + r * n, n, p, k_blocks, (int)bits, block, blocks, flags)
+
+/* Y rows [0, m) for panels [panel0, panel_end) without converting the weights: rows of x four
+ * at a time (sharing each code load), panels four (two) at a time. */
+static void dense_nbits_few_rows(const float *x, const uint8_t *codes, const void *scales, const void *table,
+                                 float *y, int64_t m, int64_t k, int64_t n, int64_t bits, int64_t block,
+                                 int64_t blocks, int64_t flags, int64_t panel0, int64_t panel_end) {
+    const int64_t k_blocks = blocks * block;
+    float *xp = thread_scratch(0, (size_t)(m * k_blocks) * 4), *xsum = thread_scratch(2, (size_t)(m * blocks) * 4);
+    for (int64_t r = 0; r < m; r++) {
+        memcpy(xp + r * k_blocks, x + r * k, (size_t)k * 4);
+        memset(xp + r * k_blocks + k, 0, (size_t)(k_blocks - k) * 4);
+        for (int64_t b = 0; b < blocks; b++) {
+            float sum = 0;
+            for (int64_t i = b * block; i < (b + 1) * block; i++) sum += xp[r * k_blocks + i];
+            xsum[r * blocks + b] = sum;
+        }
+    }
+    for (int64_t r = 0; r < m; r += 4) {
+        const int64_t nr = m - r < 4 ? m - r : 4;
+        int64_t p = panel0;
+        if (nr <= 2) {
+            for (; p + 4 <= panel_end; p += 4) {
+                if (nr == 1) NBITS_ROWS(1, 4); else NBITS_ROWS(2, 4);
+            }
+        } else {
+            for (; p + 2 <= panel_end; p += 2) {
+                if (nr == 3) NBITS_ROWS(3, 2); else NBITS_ROWS(4, 2);
+            }
+        }
+        for (; p < panel_end; p++) {
+            switch (nr) {
+                case 1: NBITS_ROWS(1, 1); break;
+                case 2: NBITS_ROWS(2, 1); break;
+                case 3: NBITS_ROWS(3, 1); break;
+                default: NBITS_ROWS(4, 1); break;
+            }
+        }
+    }
+}
+
 /* Y[m, n] = X[m, k] @ W^T for block-quantized W (bits 4 or 8, `blocks` blocks of `block` per
  * column, k_blocks = blocks * block >= k); flags: 1 = float16 scales (and minimums), 2 = `table`
  * holds uint8 zero points (else 2 ** (bits - 1)), 4 = it holds minimums (w = code * scale +
@@ -232,6 +339,10 @@ int32_t graphopt_dense_nbits(const float *x, const uint8_t *codes, const void *s
     int64_t panel0, panel_end;
     if (m <= 0 || !task_panels(n, task, tasks, &panel0, &panel_end))
         return 0;
+    if (m <= FEW_ROWS) {
+        dense_nbits_few_rows(x, codes, scales, table, y, m, k, n, bits, block, blocks, flags, panel0, panel_end);
+        return 0;
+    }
     const int64_t k32 = (k + 31) / 32 * 32, k_blocks = blocks * block;
     const uint16_t *xb = rows_to_bf16(x, m, k, k32);
     uint16_t *panels = thread_scratch(1, (size_t)(4 * k32 / 2 * 32) * 2);
