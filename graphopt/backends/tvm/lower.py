@@ -248,6 +248,9 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     quantized = QuantizedConverters(nbits_kernel, tasks)
     float32 = Float32Converters(float32_kernel(required_cpu_features(target_dict)) if schedules else None, tasks)
     mod, params = import_relax(captured, quantized, float32)
+    # torch.export's upper bounds of dynamic dims (4096 each) would size every intermediate
+    # for all of them at once (batch x tokens x ...): without them memory is planned per call
+    mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks)
     if schedules:
