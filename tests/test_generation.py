@@ -114,11 +114,11 @@ def test_the_cache_is_written_in_place_in_the_bound_buffers(llama_artifact):
     generator = lm._generator
     steps = generator.generate_tokens([[5, 6, 7]], 3, capacity=8)
     next(steps)                                          # the prompt ran
-    key = generator._buffers[0].numpy()                  # layer 0 keys, the numpy view of the bound memory
+    key = generator.steps.buffers[0].numpy()             # layer 0 keys, the numpy view of the bound memory
     assert np.abs(key[0, :, :3]).min(axis=-1).max() > 0 and not key[0, :, 3:].any()
     next(steps)                                          # one decode step: position 3 is written in place
     assert key[0, :, 3].any() and not key[0, :, 4:].any()
-    assert generator._buffers[0].data_ptr() == key.ctypes.data
+    assert generator.steps.buffers[0].data_ptr() == key.ctypes.data
 
 
 def test_text_stream_concatenates_to_the_text_and_stop_strings_end_it(llama_artifact):
@@ -187,8 +187,8 @@ def test_a_forward_pass_artifact_cannot_generate(tmp_path):
 def test_unsupported_architectures_and_backends_are_refused():
     with pytest.raises(GraphoptError, match="text generation supports llama"):
         graphopt.compile(graphopt.models.load("gpt2").model, task="text-generation", progress=False)
-    with pytest.raises(GraphoptError, match="onnxruntime only"):
-        graphopt.compile(causal_lm("llama"), task="text-generation", backend="tvm", progress=False)
+    with pytest.raises(GraphoptError, match="lowers to onnxruntime and tvm"):
+        graphopt.compile(causal_lm("llama"), task="text-generation", backend="openvino", progress=False)
 
 
 def test_generation_runs_where_torch_cannot_be_imported(llama_artifact):
@@ -241,7 +241,7 @@ def test_float16_cache_artifact_equals_its_torch_reference_in_prompt_and_decode(
     assert 1e-5 * scale < np.abs(ours - fp32).max() <= 2e-3 * scale   # the float16 cache's cost (2.3e-4), visible
     steps = generator.generate_tokens([ids[0].tolist()], 4, capacity=20)
     next(steps)
-    assert generator._buffers[0].numpy().dtype == np.float16      # the bound buffers are half-size
+    assert generator.steps.buffers[0].numpy().dtype == np.float16      # the bound buffers are half-size
     rows = [ids[0].tolist()]
     assert tokens_of(generator, rows, 12)[0][:4] == hf_greedy(model, rows[0], 12)[:4]
     with pytest.raises(GraphoptError, match="cache_dtype must be one of float32, float16"):
