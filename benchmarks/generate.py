@@ -36,12 +36,14 @@ REPO = os.path.dirname(HERE)
 COLUMNS = ["name", "prompt_tps_128", "prompt_tps_512", "decode_tps_128", "decode_tps_1024", "ttft_ms",
            "peak_rss_mb", "bytes", "perplexity"]
 # The lossy rows: int4 plus the removal of 2 of 60 sublayers by FinerCut, and int4 with a
-# float16 KV cache (perplexity printed).
+# float16 KV cache (perplexity printed). Rows without a backend are onnxruntime's.
 ARTIFACTS = {
     "graphopt fp32": ["--passes", "default"],
     "graphopt int4": ["--passes", "int4"],
     "graphopt int4 + skip 2 sublayers": ["--passes", "int4", "--skip-sublayers", "2"],
     "graphopt int4, float16 cache": ["--passes", "int4", "--cache-dtype", "float16"],
+    "graphopt int4 tvm": ["--passes", "int4", "--backend", "tvm"],
+    "graphopt int4 tvm + skip 2 sublayers": ["--passes", "int4", "--skip-sublayers", "2", "--backend", "tvm"],
 }
 NEW_TOKENS = 32
 

@@ -1,6 +1,7 @@
 """Block-quantized weights on the TVM backend: matmul_nbits and embedding_nbits keep their 4- or
 8-bit codes in the artifact and run in graphopt's bf16 kernels, exactly the quantized graph
-with its dequantized weights and its activations rounded to bf16."""
+with its dequantized weights and its activations rounded to bf16 (up to four rows: the codes
+read in place, the weights exact)."""
 import json
 import os
 
@@ -34,14 +35,21 @@ def quantized_linear(bits: int, grid: str, scale_dtype: str):
     return model, x, passes
 
 
+FEW_ROWS = 4      # kernels/dense_bf16.c: up to this many rows read the codes in place
+
+
 def bf16_plan(cm, model, x: torch.Tensor) -> torch.Tensor:
-    """The quantized graph's linear with its dequantized weight and x rounded to bf16, in float64."""
+    """The quantized graph's linear, in float64, as the kernel computes it: more than FEW_ROWS
+    rows with the dequantized weight and x rounded to bf16; fewer with the exact weight and x
+    rounded to bf16 (4-bit codes) or not (8-bit)."""
     gm = cm.graph_module
     node = next(n for n in gm.graph.nodes if n.target == MATMUL_NBITS)
     def value(arg):        # float16 scales reach matmul_nbits through a cast
         return constant_value(gm, arg) if arg.op == "get_attr" else constant_value(gm, arg.args[0]).float()
-    weight = dequantize(*(value(a) for a in node.args[1:4]), *node.args[4:7])
-    rounded = x.to(torch.bfloat16).double() @ weight.to(torch.bfloat16).double().T
+    weight = dequantize(*(value(a) for a in node.args[1:4]), *node.args[4:7]).double()
+    if x.shape[0] > FEW_ROWS:
+        weight = weight.to(torch.bfloat16).double()
+    rounded = (x.to(torch.bfloat16) if x.shape[0] > FEW_ROWS or node.args[4] == 4 else x).double() @ weight.T
     return (rounded + model[0].bias.detach().double()).float()
 
 
@@ -53,7 +61,7 @@ def test_matmul_nbits_equals_the_bf16_plan(bits, grid, scale_dtype, kernel, tmp_
     model, x, passes = quantized_linear(bits, grid, scale_dtype)
     cm = graphopt.compile(model, (x,), passes=passes, backend="tvm", dynamic_dims={0: {0: "rows"}}, progress=False,
                           backend_options={"kernel": kernel})
-    for rows in (1, 5, 33):
+    for rows in (1, 3, 5, 33):
         other = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
         assert_close_to_scale(cm(other), bf16_plan(cm, model, other), 2e-6)
     path = cm.save(str(tmp_path / "q"))
@@ -73,10 +81,11 @@ def test_the_offset_grid_folds_into_one_dequantization_equal_to_its_plan(scale_d
     assert scales.dtype == minimums.dtype == getattr(torch, scale_dtype)
     n, blocks = packed.shape[:2]
     codes = unpack_codes(packed, 4).double()
-    weight = (codes * scales.double().reshape(n, blocks, 1) + minimums.double().reshape(n, blocks, 1)).float()
-    weight = weight.reshape(n, -1)[:, :48].to(torch.bfloat16).double()          # code * scale + minimum, one rounding
-    for rows in (1, 5, 33):
+    exact = (codes * scales.double().reshape(n, blocks, 1) + minimums.double().reshape(n, blocks, 1)).reshape(n, -1)
+    rounded = exact.float()[:, :48].to(torch.bfloat16).double()          # code * scale + minimum, one rounding
+    for rows in (1, 3, 5, 33):          # up to FEW_ROWS rows the codes are read in place: the exact weight
         other = torch.randn(rows, 48, generator=torch.Generator().manual_seed(rows))
+        weight = exact[:, :48] if rows <= FEW_ROWS else rounded
         plan = (other.to(torch.bfloat16).double() @ weight.T + model[0].bias.detach().double()).float()
         assert_close_to_scale(cm(other), plan, 2e-6)
     assert_close_to_scale(cm(x), model(x).detach(), 0.1)                         # int4 of the float model

@@ -6,9 +6,12 @@ reorders them into 16-column panels [n / 16, k_blocks / 2, 16 * bits / 4] (a row
 column's codes for an even and the next odd k), and the scales and zero points into
 [n / 16, blocks, 16]. matmul_nbits calls graphopt_dense_nbits (kernels/dense_bf16.c), which
 dequantizes four panels at a time to bf16 in a per-thread buffer and multiplies them with the
-bf16 kernels (AMX-BF16 or AVX512-BF16): the products are in bf16, the sums in fp32.
-embedding_nbits reads rows from the same reordered codes, so a tied embedding and LM head
-keep one copy. A CPU without a bf16 kernel gets a one-line error naming the op.
+bf16 kernels (AMX-BF16 or AVX512-BF16): the products are in bf16, the sums in fp32. Up to four
+rows of X (decode steps) it reads the codes in place instead: 4-bit codes become bf16 values
+by OR-ing in exponent bits and meet X rounded to bf16 in vdpbf16ps (the weights exact), 8-bit
+codes are converted to float32 and multiplied in fp32. embedding_nbits reads rows from the same
+reordered codes, so a tied embedding and LM head keep one copy. A CPU without a bf16 kernel gets
+a one-line error naming the op.
 """
 from __future__ import annotations
 

@@ -230,12 +230,18 @@ static inline __m512 column_floats(const void *table, int64_t at, int f16) {
                : _mm512_loadu_ps((const float *)table + at * 16);
 }
 
-/* NR rows (1-4) of x (zero-padded to k_blocks, row sums per block in xsum) times NP panels from p,
- * the codes read in place: per block, sum(code * x) then * scale, plus sum(x) * minimum (or minus
- * sum(x) * zero * scale). float32 products and sums. */
-static inline __attribute__((always_inline)) void nbits_rows(const int NR, const int NP, const float *x,
-        const float *xsum, const uint8_t *codes, const void *scales, const void *table, float *y, int64_t n,
-        int64_t p, int64_t k_blocks, int bits, int64_t block, int64_t blocks, int64_t flags) {
+/* NR rows (1-4) of x times NP panels from p, the codes read in place: per block, the dot
+ * product of codes and x, times the scale, plus sum(x) times the minimum (or minus sum(x) * zero
+ * * scale). 4-bit codes: each byte becomes two bf16 values 128 + code (exponent bits OR'd in,
+ * no conversion) and vdpbf16ps multiplies them with x rounded to bf16 (`xw`: pairs of bf16 per
+ * 32 bits), fp32 sums; 128 * the block's sum of rounded x (`xsum16`) is taken off again, and the
+ * minimum or zero point term uses that sum too: the result is W @ bf16(x) (the rounding of x
+ * meets the weights centred, as in the bf16 panels). 8-bit codes: converted to float32 and
+ * multiplied with x (`x`) in fp32. `xsum`: the block sums of the x multiplied. */
+static inline __attribute__((always_inline)) void nbits_rows(const int NR, const int NP, const int bits,
+        const float *x, const uint32_t *xw, const float *xsum, const float *xsum16, const uint8_t *codes,
+        const void *scales, const void *table, float *y, int64_t n, int64_t p, int64_t k_blocks, int64_t block,
+        int64_t blocks, int64_t flags) {
     const int64_t rows = k_blocks / 2, row_bytes = 16 * bits / 4;
     const int f16 = flags & 1;
     __m512 acc[4][4];
@@ -248,20 +254,25 @@ static inline __attribute__((always_inline)) void nbits_rows(const int NR, const
         for (int64_t kk = b * block / 2; kk < (b + 1) * block / 2; kk++) {
             for (int j = 0; j < NP; j++) {
                 const uint8_t *source = codes + ((p + j) * rows + kk) * row_bytes;
-                __m512i pairs, even, odd;
                 if (bits == 4) {
-                    pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)source));
-                    even = _mm512_and_si512(pairs, _mm512_set1_epi32(15));
-                    odd = _mm512_srli_epi32(pairs, 4);
+                    const __m512i pairs = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)source));
+                    const __m512i low = _mm512_ternarylogic_epi32(pairs, _mm512_set1_epi32(0x0F),
+                                                                  _mm512_set1_epi32(0x43004300), 0xEA);
+                    const __m512i both = _mm512_ternarylogic_epi32(_mm512_slli_epi32(pairs, 12),
+                                                                   _mm512_set1_epi32(0xF0000), low, 0xEA);
+                    for (int r = 0; r < NR; r++)
+                        even_sum[r][j] = _mm512_dpbf16_ps(even_sum[r][j], (__m512bh)both,
+                                                          (__m512bh)_mm512_set1_epi32((int)xw[r * rows + kk]));
                 } else {
-                    pairs = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)source));
-                    even = _mm512_and_si512(pairs, _mm512_set1_epi32(255));
-                    odd = _mm512_srli_epi32(pairs, 8);
-                }
-                const __m512 low = _mm512_cvtepi32_ps(even), high = _mm512_cvtepi32_ps(odd);
-                for (int r = 0; r < NR; r++) {
-                    even_sum[r][j] = _mm512_fmadd_ps(low, _mm512_set1_ps(x[r * k_blocks + 2 * kk]), even_sum[r][j]);
-                    odd_sum[r][j] = _mm512_fmadd_ps(high, _mm512_set1_ps(x[r * k_blocks + 2 * kk + 1]), odd_sum[r][j]);
+                    const __m512i pairs = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)source));
+                    const __m512 low = _mm512_cvtepi32_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(255)));
+                    const __m512 high = _mm512_cvtepi32_ps(_mm512_srli_epi32(pairs, 8));
+                    for (int r = 0; r < NR; r++) {
+                        even_sum[r][j] = _mm512_fmadd_ps(low, _mm512_set1_ps(x[r * k_blocks + 2 * kk]),
+                                                         even_sum[r][j]);
+                        odd_sum[r][j] = _mm512_fmadd_ps(high, _mm512_set1_ps(x[r * k_blocks + 2 * kk + 1]),
+                                                        odd_sum[r][j]);
+                    }
                 }
             }
         }
@@ -277,7 +288,9 @@ static inline __attribute__((always_inline)) void nbits_rows(const int NR, const
             else
                 offset = _mm512_mul_ps(_mm512_set1_ps((float)-(1 << (bits - 1))), scale);
             for (int r = 0; r < NR; r++) {
-                const __m512 dot = _mm512_add_ps(even_sum[r][j], odd_sum[r][j]);
+                __m512 dot = _mm512_add_ps(even_sum[r][j], odd_sum[r][j]);
+                if (bits == 4)
+                    dot = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), _mm512_set1_ps(xsum16[r * blocks + b]), dot);
                 acc[r][j] = _mm512_fmadd_ps(dot, scale, acc[r][j]);
                 acc[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[r * blocks + b]), offset, acc[r][j]);
             }
@@ -287,23 +300,38 @@ static inline __attribute__((always_inline)) void nbits_rows(const int NR, const
         for (int j = 0; j < NP; j++) _mm512_storeu_ps(y + r * n + (p + j) * 16, acc[r][j]);
 }
 
-#define NBITS_ROWS(NR, NP) nbits_rows(NR, NP, xp + r * k_blocks, xsum + r * blocks, codes, scales, table, \
-                                      y + r * n, n, p, k_blocks, (int)bits, block, blocks, flags)
+#define NBITS_ROWS(NR, NP) (bits == 4                                                                         \
+    ? nbits_rows(NR, NP, 4, 0, xw + r * rows, xsum16 + r * blocks, xsum16 + r * blocks, codes, scales, table,\
+                 y + r * n, n, p, k_blocks, block, blocks, flags)                                            \
+    : nbits_rows(NR, NP, 8, xp + r * k_blocks, 0, xsum + r * blocks, 0, codes, scales, table, y + r * n, n,  \
+                 p, k_blocks, block, blocks, flags))
 
-/* Y rows [0, m) for panels [panel0, panel_end) without converting the weights: rows of x four
- * at a time (sharing each code load), panels four (two) at a time. */
+/* Y rows [0, m) for panels [panel0, panel_end) without converting the weights to panels: rows of
+ * x four at a time (sharing each code load), panels four (two) at a time. */
 static void dense_nbits_few_rows(const float *x, const uint8_t *codes, const void *scales, const void *table,
                                  float *y, int64_t m, int64_t k, int64_t n, int64_t bits, int64_t block,
                                  int64_t blocks, int64_t flags, int64_t panel0, int64_t panel_end) {
-    const int64_t k_blocks = blocks * block;
-    float *xp = thread_scratch(0, (size_t)(m * k_blocks) * 4), *xsum = thread_scratch(2, (size_t)(m * blocks) * 4);
+    const int64_t k_blocks = blocks * block, rows = k_blocks / 2;
+    float *xp = thread_scratch(0, (size_t)(m * k_blocks) * 4), *xsum = thread_scratch(2, (size_t)(2 * m * blocks) * 4);
+    float *xsum16 = xsum + m * blocks;
+    uint32_t *xw = thread_scratch(1, (size_t)(m * rows) * 4);
     for (int64_t r = 0; r < m; r++) {
-        memcpy(xp + r * k_blocks, x + r * k, (size_t)k * 4);
-        memset(xp + r * k_blocks + k, 0, (size_t)(k_blocks - k) * 4);
+        float *row = xp + r * k_blocks;
+        memcpy(row, x + r * k, (size_t)k * 4);
+        memset(row + k, 0, (size_t)(k_blocks - k) * 4);
+        floats_to_bf16(row, (uint16_t *)(xw + r * rows), k_blocks);
+        const uint16_t *rounded = (const uint16_t *)(xw + r * rows);
         for (int64_t b = 0; b < blocks; b++) {
-            float sum = 0;
-            for (int64_t i = b * block; i < (b + 1) * block; i++) sum += xp[r * k_blocks + i];
+            float sum = 0, sum16 = 0;
+            for (int64_t i = b * block; i < (b + 1) * block; i++) {
+                uint32_t bits16 = (uint32_t)rounded[i] << 16;
+                float value;
+                memcpy(&value, &bits16, 4);
+                sum += row[i];
+                sum16 += value;
+            }
             xsum[r * blocks + b] = sum;
+            xsum16[r * blocks + b] = sum16;
         }
     }
     for (int64_t r = 0; r < m; r += 4) {
