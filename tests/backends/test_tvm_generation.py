@@ -166,6 +166,19 @@ def test_generation_runs_where_torch_cannot_be_imported(llama_tvm):
     assert out.stdout == expected
 
 
+def test_loading_a_tvm_artifact_leaves_torch_unimported(llama_tvm):
+    _, _, path = llama_tvm          # tvm_ffi would import torch where it is installed: +250 MB
+    script = textwrap.dedent(f"""
+        import sys
+        import graphopt
+        graphopt.load({path!r}).generate("hello", max_new_tokens=2)
+        assert "torch" not in sys.modules, "torch was imported"
+        import torch                   # and torch still imports afterwards
+        assert torch.ones(2).sum() == 2
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=180)
+
+
 def test_int4_artifact_tracks_its_torch_graph_in_prompt_and_decode():
     model = causal_lm("llama")
     cm = graphopt.compile(model, task="text-generation", passes="int4", backend="tvm", progress=False)

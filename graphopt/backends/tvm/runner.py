@@ -23,6 +23,23 @@ def use_all_cores_for_tvm() -> None:
     os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 
 
+def import_tvm_runtime():
+    """`import tvm` for running a library. tvm_ffi imports torch when it is installed (+250 MB
+    of memory and ~1 s in a process that runs an artifact); where torch is not loaded yet it is
+    kept out (a process that loaded torch first, as compiling does, is left as it is)."""
+    import sys
+    if "tvm" in sys.modules or "torch" in sys.modules:
+        import tvm
+        return tvm
+    sys.modules["torch"] = None          # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        import tvm
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return tvm
+
+
 # The x86-64 micro-architecture levels (x86-64 psABI), as Linux /proc/cpuinfo flag names;
 # each level includes the ones before it.
 X86_64_LEVELS = {
@@ -103,7 +120,7 @@ class TvmRunner:
     def __init__(self, library_path: str, params_path: str, inputs: Sequence[TensorSpec],
                  outputs: Sequence[TensorSpec], threads: int | None = None):
         use_all_cores_for_tvm()
-        import tvm
+        tvm = import_tvm_runtime()
         from tvm.runtime import vm as tvm_vm
         if threads:
             tvm.get_global_func("runtime.config_threadpool")(0, int(threads))
