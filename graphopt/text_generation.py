@@ -85,4 +85,6 @@ def compile_text_generation(model: torch.nn.Module, tokenizer: Any | None, passe
     compiled = compile_graph(graph, example_inputs(config, dtype), passes, backend,
                              dynamic_dims=dynamic_dims(graph.layers), calibration=batches, **options)
     compiled.task, compiled.extra_files = task_section(model, tokenizer, cache_dtype)
+    if backend == "tvm" and graph.rotary_inside:     # ONNX Runtime folds the tables at load; TVM would store them
+        compiled.executable.store_rotary_tables_as_recipes(graph.inv_freq, graph.max_positions, graph.rotary_scaling)
     return compiled

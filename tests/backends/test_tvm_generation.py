@@ -166,6 +166,22 @@ def test_generation_runs_where_torch_cannot_be_imported(llama_tvm):
     assert out.stdout == expected
 
 
+def test_the_rotary_tables_are_stored_as_their_recipe(llama_tvm):
+    model, _, path = llama_tvm
+    import json
+
+    import tvm
+    derived = json.load(open(f"{path}/manifest.json"))["backend_options"]["derived_params"]
+    assert sorted(recipe["kind"] for recipe in derived.values()) == ["rotary_cos", "rotary_sin"]
+    stored = tvm.runtime.load_param_dict_from_file(f"{path}/params.bin")
+    assert not set(derived) & set(stored)
+    from graphopt.backends.tvm.runner import derived_param
+    from graphopt.frontend.generation import rotary_tables
+    for recipe, table in zip(sorted(derived.values(), key=lambda r: r["kind"]),
+                             rotary_tables(model.get_decoder(), model.config.max_position_embeddings)):
+        assert np.abs(derived_param(recipe) - table.numpy()).max() <= 1e-6      # the model's own tables
+
+
 def test_loading_a_tvm_artifact_leaves_torch_unimported(llama_tvm):
     _, _, path = llama_tvm          # tvm_ffi would import torch where it is installed: +250 MB
     script = textwrap.dedent(f"""

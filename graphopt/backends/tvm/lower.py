@@ -58,6 +58,7 @@ from .runner import (
     check_cpu_features,
     host_target,
     required_cpu_features,
+    rotary_table,
     tvm_target,
     use_all_cores_for_tvm,
 )
@@ -88,8 +89,35 @@ class TvmExecutable(WorkdirExecutable):
         self.precision = precision
         self.kernel = kernel
         self.packed_weights = packed_weights or {}
+        self.captured = captured
+        self.derived_params: dict = {}
         self.runner = TvmRunner(os.path.join(workdir, TVM_LIBRARY), os.path.join(workdir, TVM_PARAMS),
                                 captured.inputs, captured.outputs, threads)
+
+    def store_rotary_tables_as_recipes(self, inv_freq, positions: int, scaling: float = 1.0) -> int:
+        """Weights equal to the rotary tables of `inv_freq` (computed at compile time: 2 MB for
+        SmolLM2) leave params.bin; the manifest keeps their recipe and loading recomputes them
+        (runner.rotary_table). Returns how many were found."""
+        import numpy as np
+        import tvm
+        path = os.path.join(self.workdir, TVM_PARAMS)
+        params = {name: value.numpy() for name, value in tvm.runtime.load_param_dict_from_file(path).items()}
+        frequencies = [float(f) for f in np.asarray(inv_freq, dtype=np.float32)]
+        found = {}
+        for kind in ("cos", "sin"):
+            table = rotary_table(kind, frequencies, positions, scaling)
+            for name, value in params.items():
+                if name not in found and value.shape == table.shape and value.dtype == table.dtype \
+                        and float(np.abs(value - table).max()) <= 1e-6:
+                    found[name] = {"kind": f"rotary_{kind}", "inv_freq": frequencies, "positions": positions,
+                                   "scaling": scaling}
+                    break
+        if found:
+            tvm.runtime.save_param_dict_to_file({n: v for n, v in params.items() if n not in found}, path)
+            self.derived_params.update(found)
+            self.runner = TvmRunner(os.path.join(self.workdir, TVM_LIBRARY), path, self.captured.inputs,
+                                    self.captured.outputs, self.threads, self.derived_params)
+        return len(found)
 
     @property
     def reduced_precision(self):
@@ -104,6 +132,7 @@ class TvmExecutable(WorkdirExecutable):
         return {"library": TVM_LIBRARY, "params": TVM_PARAMS, "threads": self.threads,
                 "target": self.target, "cpu_features": required_cpu_features(self.target),
                 "compile_seconds": round(self.compile_seconds, 1), "precision": self.precision,
+                **({"derived_params": self.derived_params} if self.derived_params else {}),
                 "precision_computed": self.precision if self.kernel else "f32", "kernel": self.kernel,
                 **self.packed_weights}
 

@@ -112,13 +112,29 @@ def host_target() -> dict:
     return out
 
 
+def rotary_table(kind: str, inv_freq, positions: int, scaling: float = 1.0) -> np.ndarray:
+    """cos or sin of position x frequency [positions, len(inv_freq)] as a generation graph computes
+    it (the product in float32), each value rounded once from float64."""
+    angles = np.arange(positions, dtype=np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None]
+    table = (np.cos if kind == "cos" else np.sin)(angles.astype(np.float64)) * scaling
+    return table.astype(np.float32)
+
+
+def derived_param(recipe: dict) -> np.ndarray:
+    """A weight the artifact stores as a recipe (manifest "derived_params") instead of its values."""
+    if recipe.get("kind") not in ("rotary_cos", "rotary_sin"):
+        raise ArtifactError(f"unknown derived parameter {recipe.get('kind')!r}; recompile with this graphopt")
+    return rotary_table(recipe["kind"][len("rotary_"):], recipe["inv_freq"], int(recipe["positions"]),
+                        float(recipe.get("scaling", 1.0)))
+
+
 class TvmRunner:
     """A TVM shared library (Relax VM executable) plus its weights, with input checking.
 
     Needs numpy and the `tvm` runtime only; the weights file is TVM's parameter format."""
 
     def __init__(self, library_path: str, params_path: str, inputs: Sequence[TensorSpec],
-                 outputs: Sequence[TensorSpec], threads: int | None = None):
+                 outputs: Sequence[TensorSpec], threads: int | None = None, derived: dict | None = None):
         use_all_cores_for_tvm()
         tvm = import_tvm_runtime()
         from tvm.runtime import vm as tvm_vm
@@ -132,6 +148,9 @@ class TvmRunner:
             raise BackendError(f"tvm could not load {library_path}: {first}") from exc
         self.device = tvm.cpu()
         self.vm = tvm_vm.VirtualMachine(library, self.device)
+        params = dict(params)
+        for name, recipe in (derived or {}).items():
+            params[name] = tvm.runtime.tensor(derived_param(recipe), self.device)
         self.params = [params[f"p{i}"] for i in range(len(params))]
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -167,4 +186,4 @@ def load_runner(directory: str, options: dict[str, Any], inputs: Sequence[Tensor
         raise ArtifactError(str(exc)) from None
     return TvmRunner(os.path.join(directory, options.get("library", TVM_LIBRARY)),
                      os.path.join(directory, options.get("params", TVM_PARAMS)), inputs, outputs,
-                     threads or options.get("threads"))
+                     threads or options.get("threads"), options.get("derived_params"))
