@@ -191,19 +191,25 @@ def test_unsupported_architectures_and_backends_are_refused():
         graphopt.compile(causal_lm("llama"), task="text-generation", backend="openvino", progress=False)
 
 
-def test_generation_runs_where_torch_cannot_be_imported(llama_artifact):
-    _, _, _, path = llama_artifact
-    expected = graphopt.load(path).generate("hello", max_new_tokens=10)
+def generated_where_torch_cannot_be_imported(path: str, prompt: str, new_tokens: int) -> str:
+    """The artifact's greedy text, generated in a subprocess where `import torch` fails (and
+    checked to have loaded neither torch nor transformers)."""
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None            # any `import torch` now raises ImportError
         import graphopt
-        text = graphopt.load({path!r}).generate("hello", max_new_tokens=10)
+        text = graphopt.load({path!r}).generate({prompt!r}, max_new_tokens={new_tokens})
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") and sys.modules[m]]
         sys.stdout.write(text)
     """)
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=180, text=True)
-    assert out.stdout == expected
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=180,
+                          text=True).stdout
+
+
+def test_generation_runs_where_torch_cannot_be_imported(llama_artifact):
+    _, _, _, path = llama_artifact
+    expected = graphopt.load(path).generate("hello", max_new_tokens=10)
+    assert generated_where_torch_cannot_be_imported(path, "hello", 10) == expected
 
 
 def test_int4_offset_grid_artifact_tracks_the_torch_reference(tmp_path):
