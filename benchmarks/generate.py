@@ -306,7 +306,9 @@ def main(argv=None) -> int:
     wanted = (lambda name: not args.rows or name in args.rows)
     measures = []            # (name, measure) of every row to run, in table order
     for name in ARTIFACTS:
-        if wanted(name):
+        if wanted(name) and "tvm" in ARTIFACTS[name] and not _tvm_int4_supported():
+            measures.append((name, lambda: {"note": "not supported on this CPU (TVM int4 needs AVX512-BF16 or AMX)"}))
+        elif wanted(name):
             path = ensure_artifact(name, args.artifacts, args.threads)
             measures.append((name, lambda path=path: run_child("artifact:" + path, args)))
     peers = [("llama.cpp (llama-bench, Q4_1 GGUF)", lambda: llama_cpp_row(args.llama_bench, gguf, args.threads,
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
             results[name].append(measure())
     rows = [{"name": name, **median_row(results[name])} for name, _ in measures]
     for row in rows:
-        if row["name"] in ARTIFACTS:
+        if row["name"] in ARTIFACTS and not row.get("note"):
             path = ensure_artifact(row["name"], args.artifacts, args.threads)
             row["perplexity"] = run_child("perplexity:" + path, args)["perplexity"]
     for row in rows:
@@ -359,6 +361,15 @@ def median_row(measured: list[dict]) -> dict:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             row[key] = _median([m[key] for m in measured if m.get(key) is not None])
     return row
+
+
+def _tvm_int4_supported() -> bool:
+    """Whether this CPU has the bf16 kernel TVM's int4 weights run in (and tvm is installed)."""
+    if not _importable("tvm"):
+        return False
+    from graphopt.backends.tvm.dense_kernels import kernel_for
+    from graphopt.backends.tvm.runner import cpu_flags
+    return kernel_for("bf16", cpu_flags()) is not None
 
 
 def _importable(name: str) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.backends.tvm.dense_kernels import F32_KERNELS, build_kernel_objects
+from graphopt.backends.tvm.dense_kernels import F32_KERNELS, KERNELS as DENSE_KERNELS, build_kernel_objects
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.errors import BackendError, GraphoptError
 from graphopt.generation import generator_for
@@ -24,6 +24,8 @@ from ..test_generation import causal_lm, generated_where_torch_cannot_be_importe
 pytest.importorskip("tvm")
 
 KERNELS = [kernel for kernel in F32_KERNELS if set(F32_KERNELS[kernel][1]) <= (cpu_flags() or set())]
+BF16_KERNELS = [name for name, (precision, needs, _, _) in DENSE_KERNELS.items()
+                if precision == "bf16" and set(needs) <= (cpu_flags() or set())]
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -186,6 +188,7 @@ def test_loading_a_tvm_artifact_leaves_torch_unimported(llama_tvm):
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=180)
 
 
+@pytest.mark.skipif(not BF16_KERNELS, reason="int4 on TVM needs a bf16 kernel (AVX512-BF16 or AMX)")
 def test_int4_artifact_tracks_its_torch_graph_in_prompt_and_decode():
     model = causal_lm("llama")
     cm = graphopt.compile(model, task="text-generation", passes="int4", backend="tvm", progress=False)
