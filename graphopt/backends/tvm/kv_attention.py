@@ -15,7 +15,6 @@ from ...errors import BackendError
 from .schedules import OPAQUE_PATTERN
 
 ROW_BLOCK = 16            # query rows per unit of work (kernels/kv_attention.c)
-KEY_CACHE_LAYOUT = "transposed"     # the manifest says so: [batch, kv_heads, head_dim, capacity] in memory
 
 
 def convert_kv_attention(node, importer, kernel: str | None, tasks: int):
