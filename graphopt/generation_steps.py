@@ -26,12 +26,19 @@ def step_feeds(ids, positions, seqlens, total, keep) -> dict[str, np.ndarray]:
             "logit_positions": np.ascontiguousarray(keep, dtype=np.int64)}
 
 
-class OrtSteps:
-    def __init__(self, session, layers: int, cache_shape, cache_dtype, vocab_size: int):
-        import onnxruntime as ort
-        self.ort, self.session = ort, session
+class _Steps:
+    """What both runners keep: the cache geometry (`cache_shape(batch, capacity)`) and buffers."""
+
+    def __init__(self, layers: int, cache_shape, cache_dtype, vocab_size: int):
         self.layers, self.cache_shape, self.cache_dtype, self.vocab_size = layers, cache_shape, cache_dtype, vocab_size
         self.buffers: list = []
+
+
+class OrtSteps(_Steps):
+    def __init__(self, session, *geometry):
+        import onnxruntime as ort
+        super().__init__(*geometry)
+        self.ort, self.session = ort, session
 
     def bind(self, batch: int, capacity: int) -> None:
         """Fresh zeroed cache buffers for `batch` rows of `capacity` positions."""
@@ -64,11 +71,10 @@ class OrtSteps:
         return self.session.run(["logits"], feeds)[0]
 
 
-class TvmSteps:
-    def __init__(self, runner, layers: int, cache_shape, cache_dtype, vocab_size: int):
+class TvmSteps(_Steps):
+    def __init__(self, runner, *geometry):
+        super().__init__(*geometry)
         self.runner = runner
-        self.layers, self.cache_shape, self.cache_dtype, self.vocab_size = layers, cache_shape, cache_dtype, vocab_size
-        self.buffers: list = []
 
     def bind(self, batch: int, capacity: int) -> None:
         capacity = -(-capacity // KEY_TILE) * KEY_TILE
