@@ -182,7 +182,9 @@ def main() -> None:
                                   backend_options={"threads": args.threads, "precision": precision})
             label = precision if passes == "default" else f"{passes}, {precision}"
             add(f"graphopt openvino ({label})", lambda cm=cm: cm(ids), start)
-    # (label, preset, options, the precision its kernels need)
+    # (label, preset, options, the precision its kernels need); int8 learns its activations'
+    # smoothing and outlier channels from 4 windows of calibration.txt (and the example inputs)
+    calibration = token_windows(bundle.tokenizer, read_text("calibration.txt"), args.seq_len, 4 * args.seq_len)
     tvm_rows = [("default", "default", {}, None), ("fuse", "fuse", {}, None),
                 ("bf16", "default", {"precision": "bf16"}, "bf16"), ("int8", "default", {"precision": "int8"}, "int8"),
                 ("int4", "int4", {}, "bf16")]
@@ -191,8 +193,9 @@ def main() -> None:
             unsupported.append(f"graphopt tvm ({label})")
             continue
         start = time.perf_counter()
-        cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm",
-                              backend_options={"threads": args.threads, **options}, progress=False)
+        cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm", progress=False,
+                              calibration=calibration if label == "int8" else None,
+                              backend_options={"threads": args.threads, **options})
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 
     candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())

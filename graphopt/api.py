@@ -196,7 +196,8 @@ def compile(model: torch.nn.Module | str, example_inputs: Any = None, passes: st
     stages.set_description(f"lower ({backend})")
     t2 = time.perf_counter()
     streamed = materialize(captured.graph_module)       # what is still on disk (streamed compile)
-    executable = backend_impl.compile(captured, progress=progress)
+    batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration] if calibration else None
+    executable = backend_impl.compile(captured, progress=progress, calibration=batches)
     if executable.reduced_precision:
         result.records.append(_precision_record(captured, executable, calibration, len(result.records)))
     stages.update()

@@ -183,6 +183,13 @@ class _Observer(LazyInterpreter):
         record.hessian = self.hessians[source]
 
 
+def outlier_channels(peaks: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Input channels whose calibration peak |x| is at least `ratio` x the median channel's
+    (LLM.int8's outlier features; they include the super activations), largest first."""
+    found = torch.nonzero(peaks >= ratio * peaks.median().clamp(min=1e-12)).flatten()
+    return found[torch.argsort(peaks[found], descending=True, stable=True)]
+
+
 def calibrate(gm: fx.GraphModule, batches: Iterable[tuple], progress: bool = True,
               desc: str = "calibrate", hessians: bool = False, samples: int = 0,
               executor: Executor | None = None) -> CalibrationStats:

@@ -59,5 +59,8 @@ class WorkdirExecutable(Executable):
 class Backend:
     name: str = ""
 
-    def compile(self, captured: CapturedModel, progress: bool = False) -> Executable:
+    def compile(self, captured: CapturedModel, progress: bool = False,
+                calibration: Sequence[tuple] | None = None) -> Executable:
+        """Lower `captured`. `calibration`: compile()'s calibration batches (input tuples), for a
+        lowering that learns from activations (the TVM int8 kernels' smoothing); others need none."""
         raise NotImplementedError

@@ -26,5 +26,5 @@ class TorchExecutable(Executable):
 class TorchBackend(Backend):
     name = "torch"
 
-    def compile(self, captured, progress=False):
+    def compile(self, captured, progress=False, calibration=None):
         return TorchExecutable(captured)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
-from ..analysis.calibration import calibrate
+from ..analysis.calibration import calibrate, outlier_channels
 from ..errors import PreconditionError
 from ..ir.graph import add_constant, eliminate_dead_code, infer_meta, remove_unused_attributes
 from ..ir.linear import layer_name, linear_bias, linear_input, linear_weight
@@ -71,7 +71,7 @@ class ActivationQuantization(Pass):
                 continue
             s = stats[node.name]
             peaks = s.input_absmax
-            outliers = torch.nonzero(peaks >= o.outlier_ratio * peaks.median().clamp(min=1e-12)).flatten()
+            outliers = outlier_channels(peaks, o.outlier_ratio)
             if outliers.numel() > o.max_outlier_channels:
                 kept.append(f"{name} ({outliers.numel()} outlier channels)")
                 continue

@@ -9,6 +9,7 @@ import torch
 
 import graphopt
 from graphopt.backends.tvm.dense_kernels import KERNELS, kernel_for
+from graphopt.backends.tvm.int8_plan import int8_plans
 from graphopt.backends.tvm.runner import cpu_flags
 from graphopt.errors import BackendError
 
@@ -39,7 +40,7 @@ class TiedTiny(torch.nn.Module):
         return self.head(h)
 
 
-def bf16_reference(m: TiedTiny, ids: torch.Tensor) -> torch.Tensor:
+def bf16_reference(m: TiedTiny, ids: torch.Tensor, plans=None) -> torch.Tensor:
     """The bf16 plan in float64: operands of k % 32 == 0 matmuls (and the tied embedding
     rows, read from the bf16 panels) rounded to bf16 (nearest even), everything else exact."""
     def r(t):
@@ -51,21 +52,31 @@ def bf16_reference(m: TiedTiny, ids: torch.Tensor) -> torch.Tensor:
     return (r(h) @ r(m.embed.weight).T).float()
 
 
-def int8_reference(m: TiedTiny, ids: torch.Tensor) -> torch.Tensor:
+def int8_reference(m: TiedTiny, ids: torch.Tensor, plans: dict) -> torch.Tensor:
     """The int8 plan in float64: k % 64 == 0 matmuls (up, the tied head, and the embedding
-    rows read from its panels) with weights symmetric per output row and activations per
-    token, rounded to nearest even; everything else exact."""
-    def weights(w):
-        scale = w.detach().abs().amax(1, keepdim=True) / 127
-        return (torch.round(w.detach() / scale) * scale).double()
+    rows read from its panels) with the weights' rows times their plan's smoothing s (0 at the
+    outlier channels) symmetric per output row and the activations over s per token, rounded to
+    nearest even, plus the outlier channels' products in full precision; everything else exact."""
+    def weights(w, plan):
+        s = torch.from_numpy(plan.smoothing).double()
+        smoothed = w.detach().double() * s
+        scale = smoothed.abs().amax(1, keepdim=True) / 127
+        return torch.round(smoothed / scale) * scale
 
-    def activations(x):
-        scale = x.abs().amax(-1, keepdim=True) / 127
-        return torch.round(x / scale) * scale
-    h = weights(m.embed.weight)[ids]
-    u = torch.relu(activations(h) @ weights(m.up.weight).T + m.up.bias.double())
+    def matmul(x, w, plan):
+        s, outliers = torch.from_numpy(plan.smoothing).double(), list(plan.outliers)
+        smoothed = torch.where(s > 0, x / s, torch.zeros_like(x))
+        scale = smoothed.abs().amax(-1, keepdim=True) / 127
+        return (torch.round(smoothed / scale) * scale) @ weights(w, plan).T \
+            + x[..., outliers] @ w.detach().double()[:, outliers].T
+
+    up, head = plans["model.up.weight"], plans["model.head.weight"]
+    s = torch.from_numpy(head.smoothing).double()
+    table = torch.where(s > 0, weights(m.embed.weight, head) / s, m.embed.weight.detach().double())
+    h = table[ids]
+    u = torch.relu(matmul(h, m.up.weight, up) + m.up.bias.double())
     h = h + u @ m.down.weight.double().T @ m.back.weight.double().T + m.back.bias.double()
-    return (activations(h) @ weights(m.embed.weight).T).float()
+    return matmul(h, m.embed.weight, head).float()
 
 
 REFERENCES = {"bf16": (bf16_reference, "1 of 4 weight matmuls stay fp32", (3, 1)),
@@ -90,14 +101,20 @@ def test_kernel_choice_follows_the_cpu_features():
 @pytest.mark.parametrize("precision,kernel", HOST_KERNELS)
 def test_reduced_precision_matmuls_equal_the_rounded_float64_plan(precision, kernel, tmp_path, capsys):
     m = TiedTiny().eval()
+    with torch.no_grad():
+        m.embed.weight[:, 5] *= 30                # an outlier channel of the embeddings (and the head's input)
     ids = torch.randint(0, 100, (1, 37))          # a 32-row block and a 5-row tail
     cm = graphopt.compile(m, (ids,), backend="tvm", dynamic_dims={0: {1: "seq"}}, progress=False,
                           backend_options={"precision": precision, "kernel": kernel})
     reference, fp32_said, counts = REFERENCES[precision]
     assert fp32_said in capsys.readouterr().err
+    plans = int8_plans(cm.captured.graph_module, [(ids,)])
+    if precision == "int8":
+        assert plans["model.up.weight"].outliers == plans["model.head.weight"].outliers == (5,)
+        assert "2 outlier channels in fp32, learnt from 1 batch(es)" in cm.records[-1].notes[0]
     for length in (1, 16, 37, 70):
         other = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
-        assert_close_to_scale(cm(other), reference(m, other), 2e-6)
+        assert_close_to_scale(cm(other), reference(m, other, plans), 2e-6)
     # and it is not fp32: the rounding moves the result well beyond fp32's error
     assert (cm(ids) - m(ids)).abs().max() > 1e-3
     path = cm.save(str(tmp_path / "tiny-bf16"))

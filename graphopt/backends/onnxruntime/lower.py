@@ -54,7 +54,7 @@ class OnnxRuntimeBackend(Backend):
         self.optimization_level = optimization_level
         self.opset = opset
 
-    def compile(self, captured, progress=False):
+    def compile(self, captured, progress=False, calibration=None):
         workdir = tempfile.mkdtemp(prefix="graphopt-ort-")
         try:
             export_onnx(captured, os.path.join(workdir, MODEL_FILE), self.opset)

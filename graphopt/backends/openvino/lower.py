@@ -45,7 +45,7 @@ class OpenVinoBackend(Backend):
         self.precision = precision
         self.opset = opset
 
-    def compile(self, captured, progress=False):
+    def compile(self, captured, progress=False, calibration=None):
         try:
             import openvino as ov
         except ImportError as exc:

@@ -111,22 +111,32 @@ def leading_rows(shape: list) -> tuple:
     return rows, int(rows) if isinstance(rows, tirx.IntImm) else None
 
 
-def dense_call(precision: str, m, k: int, n: int, tasks: int):
+def dense_call(precision: str, m, k: int, n: int, tasks: int, outliers: int = 0):
     """The TIR function Y[m, n] = X[m, k] @ W for packed `precision` weights; `m` an int or a tirx.Var.
 
-    bf16 reads (X, panels); int8 reads (X, panels, column scales, column sums)."""
+    bf16 reads (X, panels); int8 reads (X, panels, column scales, column sums, x smoothing
+    [, the `outliers` outlier channels and their fp32 weight panels]): pipeline._int8_panels."""
     from tvm import te, tirx
 
     if precision == "bf16":
         weights = [te.placeholder((n // 16, k // 2, 32), "bfloat16", name="W")]
     else:
         weights = [te.placeholder((n // 16, k // 4, 64), "int8", name="W"),
-                   te.placeholder((n,), "float32", name="w_scale"), te.placeholder((n,), "int32", name="w_sums")]
+                   te.placeholder((n,), "float32", name="w_scale"), te.placeholder((n,), "int32", name="w_sums"),
+                   te.placeholder((k,), "float32", name="x_smoothing")]
+        if outliers:
+            weights += [te.placeholder((outliers,), "int32", name="outlier_channels"),
+                        te.placeholder((n // 16, outliers, 16), "float32", name="outlier_weights")]
 
     def arguments(ins, y):
         # A bf16 parameter is its own tensor (offset 0), and TVM's bf16 legalization rejects its access_ptr.
         pointers = [ins[0].access_ptr("r")] + [w.data if w.dtype == "bfloat16" else w.access_ptr("r") for w in ins[1:]]
-        return [*pointers, y, tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
+        sizes = [tirx.Cast("int64", m), tirx.const(k, "int64"), tirx.const(n, "int64")]
+        if precision == "int8":
+            if not outliers:        # the kernel reads the outlier pointers only when there are outliers
+                pointers += [pointers[-1], pointers[-1]]
+            sizes.append(tirx.const(outliers, "int64"))
+        return [*pointers, y, *sizes]
     return parallel_extern(f"graphopt_dense_{precision}", m, k, n, weights, arguments, tasks)
 
 

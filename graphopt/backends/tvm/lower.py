@@ -48,6 +48,7 @@ from ...runtime import default_threads
 from ..base import Backend, WorkdirExecutable
 from .dense_kernels import K_MULTIPLE, KERNELS, build_kernel_objects, kernel_for, tasks_for
 from .float32_kernels import Float32Converters, float32_kernel
+from .int8_plan import ALPHA, CALIBRATION_BATCHES, int8_plans
 from .intrinsics import register_fast_exp
 from .prepare import positive_slice_dims, prepare_graph
 from .quantized import QuantizedConverters
@@ -122,6 +123,11 @@ class TvmExecutable(WorkdirExecutable):
     @property
     def reduced_precision(self):
         parts = [f"{_COMPUTES[self.precision]}, {self.kernel} kernel"] if self.kernel else []
+        if "int8_smoothed_weights" in self.packed_weights:
+            weights = self.packed_weights
+            parts.append(f"activations smoothed per channel (SmoothQuant, alpha {ALPHA}) in "
+                         f"{weights['int8_smoothed_weights']} weights, {weights['int8_outlier_channels']} outlier "
+                         f"channels in fp32, learnt from {weights['int8_plan_batches']} batch(es)")
         if self.packed_weights.get("nbits_kernel"):
             parts.append(f"block-quantized weights dequantized to bf16 (bf16 products, fp32 sums), "
                          f"{self.packed_weights['nbits_kernel']} kernel")
@@ -177,12 +183,18 @@ class TvmBackend(Backend):
             if precision == "bf16":
                 self.nbits_kernel = self.kernel
 
-    def compile(self, captured, progress=False):
+    def compile(self, captured, progress=False, calibration=None):
         started = time.perf_counter()
+        plans = None
+        if self.kernel and KERNELS[self.kernel][0] == "int8":
+            batches = [captured.example_inputs, *list(calibration or [])[:CALIBRATION_BATCHES]]
+            plans = int8_plans(captured.graph_module, batches)
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
             weights = build_library(captured, workdir, self.target, self.schedules, self.kernel, self.nbits_kernel,
-                                    tasks_for(self.threads or default_threads()))
+                                    tasks_for(self.threads or default_threads()), plans)
+            if plans is not None:
+                weights["int8_plan_batches"] = len(batches)
             if self.kernel and weights["fp32_weights"]:
                 total = weights["reduced_weights"] + weights["fp32_weights"]
                 print(f"tvm backend: {weights['fp32_weights']} of {total} weight matmuls stay fp32 "
@@ -217,6 +229,13 @@ def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None 
     `quantized` converts block-quantized ops (default: with the host's bf16 kernel, if any);
     `float32` lowers attention and RMSNorm to graphopt's float32 kernels (default: none, TVM's
     own ops)."""
+    mod, params, _ = _import_relax(captured, quantized, float32)
+    return mod, params
+
+
+def _import_relax(captured: CapturedModel, quantized: QuantizedConverters | None,
+                  float32: Float32Converters | None):
+    """import_relax, plus the Relax parameter name of each graph attribute (by its name)."""
     from tvm.relax.frontend import detach_params
     from tvm.relax.frontend.torch import from_exported_program
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
@@ -248,7 +267,9 @@ def import_relax(captured: CapturedModel, quantized: QuantizedConverters | None 
         raise BackendError(f"tvm backend: Relax import failed: {first}") from exc
     _check_output_types(mod, captured)
     mod, params = detach_params(mod)
-    return mod, list(params.get("main", []))
+    names = {spec.target: spec.arg.name for spec in program.graph_signature.input_specs
+             if spec.target is not None and hasattr(spec.arg, "name")}
+    return mod, list(params.get("main", [])), names
 
 
 def _check_output_types(mod, captured: CapturedModel) -> None:
@@ -264,11 +285,13 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
 
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
-                  kernel: str | None = None, nbits_kernel: str | None = None, tasks: int = 2) -> dict:
+                  kernel: str | None = None, nbits_kernel: str | None = None, tasks: int = 2,
+                  int8_plans: dict | None = None) -> dict:
     """Build model.so and params.bin in `workdir` (weight matmuls in `kernel`'s precision where
     it takes them, quantized weights in the bf16 `nbits_kernel`); returns how many packed
     weights are in that precision and in fp32, and the kernel quantized weights used. `tasks`:
-    parallel calls per C-kernel matmul (dense_kernels.tasks_for the threads it will run with)."""
+    parallel calls per C-kernel matmul (dense_kernels.tasks_for the threads it will run with);
+    `int8_plans`: graph attribute name -> int8_plan.Int8Plan of the int8 kernels."""
     import tvm
     from tvm import relax
 
@@ -276,12 +299,13 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
 
     quantized = QuantizedConverters(nbits_kernel, tasks)
     float32 = Float32Converters(float32_kernel(required_cpu_features(target_dict)) if schedules else None, tasks)
-    mod, params = import_relax(captured, quantized, float32)
+    mod, params, names = _import_relax(captured, quantized, float32)
     # torch.export's upper bounds of dynamic dims (4096 each) would size every intermediate
     # for all of them at once (batch x tokens x ...): without them memory is planned per call
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     target = tvm.target.Target(target_dict)
-    packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks)
+    packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks,
+                               {names[name]: plan for name, plan in (int8_plans or {}).items() if name in names})
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
@@ -307,7 +331,9 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights,
             "nbits_kernel": quantized.kernel if quantized.used else None,
             "float32_kernel": float32.kernel if float32.used else None,
-            "kernel_tasks": tasks if kernel or quantized.used else None}
+            "kernel_tasks": tasks if kernel or quantized.used else None,
+            **({"int8_smoothed_weights": packing.smoothed_weights,
+                "int8_outlier_channels": packing.outlier_channels} if kernel and KERNELS[kernel][0] == "int8" else {})}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import relax, te, tirx
 from tvm.s_tir import dlight
 
+from ...errors import BackendError
 from . import dense_kernels
+from .int8_plan import Int8Plan
 from .schedules import default_rules, dense_lanes, packed_dense
 
 _MATMUL = tvm.ir.Op.get("relax.matmul")
@@ -33,15 +36,17 @@ class _Packing:
     k: int
     lanes: int
     precision: str = "f32"    # "bf16" / "int8": panels for graphopt's C kernels (dense_kernels.py)
+    plan: Int8Plan | None = None      # int8: smoothing and outlier channels of its activations
 
     @property
     def padded(self) -> int:
         return -(-self.n // self.lanes) * self.lanes
 
 
-def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32") -> dict:
+def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", plans: dict | None = None) -> dict:
     """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T;
-    with precision "bf16" / "int8", that precision's panels wherever its kernels take the shape."""
+    with precision "bf16" / "int8", that precision's panels wherever its kernels take the shape
+    (int8: with the plan `plans` has under the weight's name, if any)."""
     bound = {}
     packings = {}
     for block in main.body.blocks:
@@ -61,7 +66,11 @@ def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32") 
             continue
         n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
         if precision != "f32" and dense_kernels.supports(precision, k):
-            packings[rhs] = _Packing(transposed, n, k, 16, precision)
+            plan = (plans or {}).get(rhs.name) if precision == "int8" else None
+            if plan is not None and plan.smoothing.shape != (k,):
+                raise BackendError(f"tvm backend: the int8 plan of weight '{rhs.name}' has "
+                                                 f"{plan.smoothing.shape[0]} input channels, its matmul {k}")
+            packings[rhs] = _Packing(transposed, n, k, 16, precision, plan)
         else:
             packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
     return packings
@@ -124,16 +133,21 @@ class _DenseRewriter(relax.PyExprMutator):
         panels = self._panels_of(weight)
         lanes = p.lanes
 
-        def embedding_rows(index, table, *scales):
+        def embedding_rows(index, table, *int8):
             def row(*i):
                 n, k = index[i[:-1]], i[-1]
                 if p.precision == "bf16":
                     return table[n // lanes, k // 2, n % lanes * 2 + k % 2].astype("float32")
-                if p.precision == "int8":
-                    return table[n // lanes, k // 4, n % lanes * 4 + k % 4].astype("float32") * scales[0][n]
+                if p.precision == "int8":    # W = Wq * scale / s, the outlier channels' from their fp32 panels
+                    scale, _, x_smoothing, *outlier_weights = int8
+                    value = table[n // lanes, k // 4, n % lanes * 4 + k % 4].astype("float32") * scale[n] \
+                        * x_smoothing[k]
+                    for j, channel in enumerate(p.plan.outliers if p.plan else ()):
+                        value = tirx.Select(k == channel, outlier_weights[-1][n // lanes, j, n % lanes], value)
+                    return value
                 return table[n // lanes, k, n % lanes]
             return te.compute((*index.shape, p.k), row, name="embedding_rows")
-        return self.builder_.call_te(embedding_rows, ids, *panels[:2])
+        return self.builder_.call_te(embedding_rows, ids, *panels)
 
     def _dense(self, call):
         x, rhs = call.args
@@ -146,11 +160,12 @@ class _DenseRewriter(relax.PyExprMutator):
         if not isinstance(x_shape[-1], tirx.IntImm) or int(x_shape[-1]) != p.k:
             return call
         rows, static_rows = dense_kernels.leading_rows(x_shape)
-        key = (static_rows, p.k, p.padded, p.lanes, p.precision)
+        outliers = len(p.plan.outliers) if p.plan else 0
+        key = (static_rows, p.k, p.padded, p.lanes, p.precision, outliers)
         if key not in self.kernels:
             m = static_rows if static_rows is not None else tirx.Var("m", "int64")
             if p.precision != "f32":
-                kernel = dense_kernels.dense_call(p.precision, m, p.k, p.padded, self.tasks)
+                kernel = dense_kernels.dense_call(p.precision, m, p.k, p.padded, self.tasks, outliers)
                 name = f"dense_{p.precision}_{p.k}x{p.padded}"
             else:
                 kernel, name = packed_dense(m, p.k, p.padded, p.lanes), f"packed_dense_{p.k}x{p.padded}"
@@ -180,17 +195,31 @@ def _bf16_panels(weight, p: _Packing) -> list:
 
 
 def _int8_panels(weight, p: _Packing) -> list:
-    """float32 -> int8 panels [n / 16, k / 4, 64], symmetric per output column, plus the
-    columns' scales (max |w| / 127) and sums of their int8 values."""
+    """float32 -> int8 panels [n / 16, k / 4, 64] of W * s (the plan's smoothing s per input
+    channel, 0 at its outlier channels; s = 1 without a plan), symmetric per output column,
+    plus the columns' scales (max |w| / 127), sums of their int8 values, what the kernel
+    multiplies x by (1 / s) and, with outlier channels, their indices and fp32 weights in
+    panels [n / 16, outliers, 16]."""
     columns = weight if p.transposed else relax.op.permute_dims(weight, [1, 0])       # [N, K]
-    peak = relax.op.max(relax.op.abs(columns), axis=[1], keepdims=True)
+    smoothed = columns
+    if p.plan is not None:
+        smoothed = relax.op.multiply(columns, relax.const(p.plan.smoothing.reshape(1, p.k)))
+    peak = relax.op.max(relax.op.abs(smoothed), axis=[1], keepdims=True)
     scale = relax.op.divide(peak, relax.const(127.0, "float32"))
     divisor = relax.op.maximum(scale, relax.const(1e-30, "float32"))                 # all-zero (padding) columns
-    values = relax.op.clip(relax.op.round(relax.op.divide(columns, divisor)), -127, 127)
+    values = relax.op.clip(relax.op.round(relax.op.divide(smoothed, divisor)), -127, 127)
     quantized = relax.op.astype(values, "int8")
     sums = relax.op.sum(relax.op.astype(quantized, "int32"), axis=[1])
     flat = _Packing(True, p.n, p.k, p.lanes, p.precision)
-    return [_interleaved(quantized, flat, 4), relax.op.reshape(scale, [p.padded]), sums]
+    x_smoothing = p.plan.x_smoothing if p.plan is not None else np.ones(p.k, np.float32)
+    panels = [_interleaved(quantized, flat, 4), relax.op.reshape(scale, [p.padded]), sums, relax.const(x_smoothing)]
+    if p.plan is not None and p.plan.outliers:
+        channels = relax.const(np.array(p.plan.outliers, np.int32))
+        picked = relax.op.take(columns, channels, axis=1)                           # [N, outliers]
+        outlier_weights = relax.op.permute_dims(
+            relax.op.reshape(picked, [p.padded // 16, 16, len(p.plan.outliers)]), [0, 2, 1])
+        panels += [channels, outlier_weights]
+    return panels
 
 
 _KERNEL_PANELS = {"bf16": _bf16_panels, "int8": _int8_panels}
@@ -202,17 +231,21 @@ class PackDenseWeights:
     (precision "bf16" / "int8": graphopt's C kernels on that precision's panels where the shape
     allows); an embedding lookup in a weight packed so reads the panels."""
 
-    def __init__(self, precision: str = "f32", tasks: int = 2):
+    def __init__(self, precision: str = "f32", tasks: int = 2, int8_plans: dict | None = None):
         self.precision = precision
         self.tasks = tasks            # per reduced-precision matmul (dense_kernels.tasks_for)
+        self.int8_plans = int8_plans or {}      # weight parameter name -> Int8Plan
         self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
+        self.smoothed_weights = self.outlier_channels = 0   # int8 weights with a plan, their outliers
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision)
+        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision, self.int8_plans)
         self.reduced_weights = sum(p.precision != "f32" for p in packings.values())
         self.fp32_weights = len(packings) - self.reduced_weights
+        plans = [p.plan for p in packings.values() if p.plan is not None]
+        self.smoothed_weights, self.outlier_channels = len(plans), sum(len(plan.outliers) for plan in plans)
         rewriter = _DenseRewriter(mod, packings, self.tasks)
         gv = mod.get_global_var("main")
         rewriter.builder_.update_func(gv, rewriter.visit_expr(main))
