@@ -26,6 +26,8 @@ pytest.importorskip("tvm")
 KERNELS = [kernel for kernel in F32_KERNELS if set(F32_KERNELS[kernel][1]) <= (cpu_flags() or set())]
 BF16_KERNELS = [name for name, (precision, needs, _, _) in DENSE_KERNELS.items()
                 if precision == "bf16" and set(needs) <= (cpu_flags() or set())]
+INT8_KERNELS = [name for name, (precision, needs, _, _) in DENSE_KERNELS.items()
+                if precision == "int8" and set(needs) <= (cpu_flags() or set())]
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -209,6 +211,23 @@ def test_int4_artifact_tracks_its_torch_graph_in_prompt_and_decode():
         with torch.no_grad():
             sequence.append(int(cm.captured.graph_module(*inputs)[0][0, -1].argmax()))
     assert tokens == sequence[12:]
+
+
+@pytest.mark.skipif(not INT8_KERNELS, reason="int8 on TVM needs AMX-INT8 or AVX512-VNNI")
+def test_int8_generation_learns_its_smoothing_from_the_token_windows():
+    model = causal_lm("llama")
+    windows = [torch.randint(3, 512, (1, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    cm = graphopt.compile(model, task="text-generation", backend="tvm", calibration=windows, progress=False,
+                          backend_options={"precision": "int8"})
+    assert "learnt from 3 batch(es)" in cm.records[-1].notes[0]       # the example inputs and both windows
+    assert cm.records[-1].quality["top1_agreement"] > 0.9
+    generator = generator_for("(mem)", {"task": cm.task, "backend": cm.backend}, cm.executable.runner, cm.extra_files)
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits.numpy()
+    # int8 activations and weights: ~1e-2 of scale (fp32 would be 1e-6)
+    error = np.abs(generator.next_token_logits(ids.numpy()) - eager).max() / np.abs(eager).max()
+    assert 1e-4 < error <= 3e-2
 
 
 def test_refusals_are_one_line_errors():
