@@ -3,7 +3,8 @@ torch.onnx export, graphopt (onnxruntime) with the "none", "default" and "fuse" 
 weights with int8 activations in MatMulNBits (accuracy level 4: "int8 compute") and the "int4"
 preset, and
 graphopt (tvm) with the "default" and "fuse" presets, at bf16 and int8 precision (weight
-matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels) and with the "int4" preset
+matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels; int8's per-channel smoothing
+and outlier channels learnt from 4 128-token windows of calibration.txt) and with the "int4" preset
 (4-bit codes dequantized into the bf16 kernels; "not supported on this CPU" without them);
 OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
