@@ -69,7 +69,7 @@ def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", 
             plan = (plans or {}).get(rhs.name) if precision == "int8" else None
             if plan is not None and plan.smoothing.shape != (k,):
                 raise BackendError(f"tvm backend: the int8 plan of weight '{rhs.name}' has "
-                                                 f"{plan.smoothing.shape[0]} input channels, its matmul {k}")
+                                   f"{plan.smoothing.shape[0]} input channels, its matmul {k}")
             packings[rhs] = _Packing(transposed, n, k, 16, precision, plan)
         else:
             packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
