@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import graphopt
+import graphopt.models.cnn
 from graphopt.errors import BackendError, InputSpecError
 
 from ..conftest import assert_close_to_scale, eager_outputs, small_inputs

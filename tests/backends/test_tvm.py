@@ -125,6 +125,23 @@ def test_output_width_not_a_multiple_of_16_is_padded_and_sliced():
     assert "packed_dense_40x64" in text and "packed_dense_50x64" in text and text.count("R.strided_slice") == 2
 
 
+def test_avx2_targets_get_panels_of_two_registers():
+    """A 6-row tile of 32-lane panels fills 24 AVX2 registers (16 exist): an AVX2 target packs
+    16-lane panels (GPT-2's padded 50 -> 64 columns too), AVX-512 keeps 32; both exact."""
+    from graphopt.backends.tvm import import_relax
+    from graphopt.backends.tvm.pipeline import PackDenseWeights
+    from graphopt.backends.tvm.schedules import panel_lanes
+    assert panel_lanes({"avx2", "fma"}) == 16 and panel_lanes({"avx2", "avx512f"}) == 32 and panel_lanes(None) == 16
+    model = torch.nn.Sequential(torch.nn.Linear(40, 96), torch.nn.GELU(), torch.nn.Linear(96, 50)).eval()
+    x = torch.randn(3, 5, 40)
+    cm = graphopt.compile(model, (x,), backend="tvm", backend_options={"target": "x86-64-v3"}, progress=False)
+    assert_close_to_scale(cm(x), model(x).detach(), 1e-5)
+    mod = import_relax(cm.captured)[0]
+    narrow, wide = (PackDenseWeights(widest=widest)(mod)["main"].script() for widest in (16, 32))
+    assert "(6, 16, 40)" in narrow and "(4, 16, 96)" in narrow         # 96 and 50 (-> 64) columns in 16s
+    assert "(3, 32, 40)" in wide and "(2, 32, 96)" in wide
+
+
 def test_tied_embedding_reads_the_packed_lm_head():
     """GPT-2 ties its token embedding to the LM head: the lookup reads rows from the packed
     panels, so the artifact holds that weight once."""

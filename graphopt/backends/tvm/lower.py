@@ -52,6 +52,7 @@ from .int8_plan import ALPHA, CALIBRATION_BATCHES, int8_plans
 from .intrinsics import register_fast_exp
 from .prepare import positive_slice_dims, prepare_graph
 from .quantized import QuantizedConverters
+from .schedules import panel_lanes
 from .runner import (
     TVM_LIBRARY,
     TVM_PARAMS,
@@ -305,7 +306,8 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks,
-                               {names[name]: plan for name, plan in (int8_plans or {}).items() if name in names})
+                               {names[name]: plan for name, plan in (int8_plans or {}).items() if name in names},
+                               panel_lanes(required_cpu_features(target_dict)))
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)

@@ -43,10 +43,12 @@ class _Packing:
         return -(-self.n // self.lanes) * self.lanes
 
 
-def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", plans: dict | None = None) -> dict:
-    """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T;
-    with precision "bf16" / "int8", that precision's panels wherever its kernels take the shape
-    (int8: with the plan `plans` has under the weight's name, if any)."""
+def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", plans: dict | None = None,
+                    widest: int = 32) -> dict:
+    """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T:
+    fp32 panels of up to `widest` lanes (schedules.panel_lanes); with precision "bf16" / "int8",
+    that precision's panels wherever its kernels take the shape (int8: with the plan `plans` has
+    under the weight's name, if any)."""
     bound = {}
     packings = {}
     for block in main.body.blocks:
@@ -72,7 +74,7 @@ def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", 
                                    f"{plan.smoothing.shape[0]} input channels, its matmul {k}")
             packings[rhs] = _Packing(transposed, n, k, 16, precision, plan)
         else:
-            packings[rhs] = _Packing(transposed, n, k, dense_lanes(n) or 32)
+            packings[rhs] = _Packing(transposed, n, k, dense_lanes(n, widest) or widest)
     return packings
 
 
@@ -231,8 +233,9 @@ class PackDenseWeights:
     (precision "bf16" / "int8": graphopt's C kernels on that precision's panels where the shape
     allows); an embedding lookup in a weight packed so reads the panels."""
 
-    def __init__(self, precision: str = "f32", tasks: int = 2, int8_plans: dict | None = None):
+    def __init__(self, precision: str = "f32", tasks: int = 2, int8_plans: dict | None = None, widest: int = 32):
         self.precision = precision
+        self.widest = widest          # fp32 panel lanes: schedules.panel_lanes of the target
         self.tasks = tasks            # per reduced-precision matmul (dense_kernels.tasks_for)
         self.int8_plans = int8_plans or {}      # weight parameter name -> Int8Plan
         self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
@@ -241,7 +244,8 @@ class PackDenseWeights:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
-        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision, self.int8_plans)
+        packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision, self.int8_plans,
+                                   self.widest)
         self.reduced_weights = sum(p.precision != "f32" for p in packings.values())
         self.fp32_weights = len(packings) - self.reduced_weights
         plans = [p.plan for p in packings.values() if p.plan is not None]

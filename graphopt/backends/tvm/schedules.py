@@ -30,12 +30,20 @@ VECTOR_LANES = 16          # fp32 lanes of an AVX-512 register
 OPAQUE_PATTERN = 8         # relax OpPatternKind.kOpaque
 
 
-def dense_lanes(n: int) -> int | None:
-    """Panel width for an output of `n` columns, or None when `n` is not a multiple of 16."""
+def dense_lanes(n: int, widest: int = 32) -> int | None:
+    """Panel width for an output of `n` columns (at most `widest`: two vector registers of the
+    target, `panel_lanes`), or None when `n` is not a multiple of 16."""
     for lanes in (32, 16):
-        if n % lanes == 0:
+        if lanes <= widest and n % lanes == 0:
             return lanes
     return None
+
+
+def panel_lanes(features) -> int:
+    """The widest fp32 dense panel for CPU `features`: two registers' lanes, 32 with AVX-512 and
+    16 with AVX2 (a 6-row tile of 32 lanes needs 24 AVX2 registers of the 16 there are: measured
+    2.6x slower, docs/measurements/decisions.md)."""
+    return 32 if "avx512f" in set(features or ()) else 16
 
 
 def packed_dense(m, k: int, n: int, lanes: int, rows: int = 6, dtype: str = "float32") -> tirx.PrimFunc:

@@ -6,6 +6,14 @@
 #include "common.h"
 #include "vector.h"
 
+/* Vectors of 16 lanes per row of a score or value tile (4 rows): 16 accumulators in AVX-512's
+ * 32 registers; with AVX2 a vector takes two of its 16 registers, so one (more would spill). */
+#ifdef __AVX512F__
+#define TILE_VECTORS 4
+#else
+#define TILE_VECTORS 1
+#endif
+
 struct attention {
     const float *q, *k, *v;
     const void *mask;
@@ -45,10 +53,10 @@ static inline __attribute__((always_inline)) void score_tile(const int NR, const
 }
 
 #define SCORE_TILE(NR)                                                                                   \
-    for (int64_t j = 0; j < width; j += 4 * LANES) {                                                     \
+    for (int64_t j = 0; j < width; j += TILE_VECTORS * LANES) {                                          \
         const float *qr = q + r * d;                                                                     \
         float *sr = scores + r * s_stride;                                                               \
-        switch ((width - j) / LANES) {                                                                   \
+        switch ((width - j) / LANES < TILE_VECTORS ? (width - j) / LANES : TILE_VECTORS) {               \
             case 1: score_tile(NR, 1, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
             case 2: score_tile(NR, 2, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
             case 3: score_tile(NR, 3, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
@@ -132,10 +140,10 @@ static inline __attribute__((always_inline)) void value_tile(const int NR, const
 }
 
 #define VALUE_TILE(NR)                                                                                       \
-    for (int64_t col = 0; col < dv; col += 4 * LANES) {                                                      \
+    for (int64_t col = 0; col < dv; col += TILE_VECTORS * LANES) {                                           \
         const float *pr = p + r * stride;                                                                    \
         float *o = out + r * dv;                                                                             \
-        switch ((dv - col) / LANES) {                                                                        \
+        switch ((dv - col) / LANES < TILE_VECTORS ? (dv - col) / LANES : TILE_VECTORS) {                     \
             case 1: value_tile(NR, 1, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
             case 2: value_tile(NR, 2, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
             case 3: value_tile(NR, 3, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
