@@ -10,11 +10,17 @@ OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
 with AVX-512 BF16 or AMX), and graphopt's openvino backend at both and with the "int4" preset (a peer that is not
 installed prints "not installed").
-The header names the CPU's vector and matrix features. `--quality` adds each row's
+The header names the CPU's vector and matrix features. `--isa avx2` runs as an AVX2-only CPU
+(Zen 3) would, on any x86 host: graphopt's TVM rows target x86-64-v3 (their kernels chosen for
+AVX2, the bf16 rows "not supported on this CPU"), and OpenVINO and torch are capped to AVX2
+(ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS; the process restarts with
+them) with OpenVINO's default hint taken as f32, what it picks without bf16; ONNX Runtime's MLAS
+has no cap, so its rows keep the host's instructions (said in the header). `--quality` adds each row's
 perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
 change from eager's: what reduced-precision rows cost.
 
-    python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--json out.json]
+    python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--isa avx2]
+                                 [--json out.json]
 
 setup_s is the compile time (export, passes, lowering; for TVM the LLVM build too).
 
@@ -49,7 +55,7 @@ from graphopt.analysis.cost import graph_cost  # noqa: E402
 from graphopt.analysis.quality import token_windows  # noqa: E402
 from graphopt.backends.onnxruntime.runner import OrtRunner  # noqa: E402
 from graphopt.backends.tvm.dense_kernels import kernel_for  # noqa: E402
-from graphopt.backends.tvm.runner import cpu_flags  # noqa: E402
+from graphopt.backends.tvm.runner import cpu_flags, required_cpu_features, tvm_target  # noqa: E402
 from graphopt.corpus import read_text  # noqa: E402
 from graphopt.passes import ConstantFolding, DeadCodeElimination  # noqa: E402
 from graphopt.passes.weight_quantization import WeightQuantization  # noqa: E402
@@ -80,6 +86,8 @@ def peak_gemm_flops(size: int = 2048, calls: int = 10) -> float:
     return 2 * size ** 3 / best
 
 
+# what --isa avx2 sets before torch and OpenVINO start (their oneDNN, ATen and MKL kernels)
+AVX2_ENVIRONMENT = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 OPENVINO_ROWS = ("openvino f32 (graphopt's model.onnx)", "openvino default hint (graphopt's model.onnx)",
                  "graphopt openvino (f32)", "graphopt openvino (default)", "graphopt openvino (int4, default)")
 
@@ -108,8 +116,15 @@ def main() -> None:
     ap.add_argument("--quality", action="store_true",
                     help="perplexity of every row on evaluation.txt (128-token windows) and its change from eager")
     ap.add_argument("--quality-tokens", type=int, default=4096)
+    ap.add_argument("--isa", choices=("host", "avx2"), default="host",
+                    help="avx2: run as an AVX2-only CPU would (see the module docstring)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENVIRONMENT})
+    avx2 = args.isa == "avx2"
+    tvm_options = {"target": "x86-64-v3"} if avx2 else {}
+    features = set(required_cpu_features(tvm_target("x86-64-v3"))) if avx2 else cpu_flags()
     torch.set_num_threads(args.threads)
 
     bundle = graphopt.models.load("smollm2")
@@ -169,8 +184,10 @@ def main() -> None:
         import openvino as ov
         onnx_path = os.path.join(cm_default.save(os.path.join(tmp.name, "graphopt-ort")), "model.onnx")
         core = ov.Core()
+        # OpenVINO capped to AVX2 still sees the host's bf16 and picks it by default, then fails:
+        # on an AVX2 CPU its default is f32
         for name, hint in (("openvino f32 (graphopt's model.onnx)", "f32"),
-                           ("openvino default hint (graphopt's model.onnx)", None)):
+                           ("openvino default hint (graphopt's model.onnx)", "f32" if avx2 else None)):
             start = time.perf_counter()
             config = {"INFERENCE_NUM_THREADS": args.threads}
             if hint:
@@ -180,7 +197,8 @@ def main() -> None:
         for passes, precision in (("default", "f32"), ("default", "default"), ("int4", "default")):
             start = time.perf_counter()
             cm = graphopt.compile(model, (ids,), passes=passes, backend="openvino", progress=False,
-                                  backend_options={"threads": args.threads, "precision": precision})
+                                  backend_options={"threads": args.threads,
+                                                   "precision": "f32" if avx2 else precision})
             label = precision if passes == "default" else f"{passes}, {precision}"
             add(f"graphopt openvino ({label})", lambda cm=cm: cm(ids), start)
     # (label, preset, options, the precision its kernels need); int8 learns its activations'
@@ -190,13 +208,13 @@ def main() -> None:
                 ("bf16", "default", {"precision": "bf16"}, "bf16"), ("int8", "default", {"precision": "int8"}, "int8"),
                 ("int4", "int4", {}, "bf16")]
     for label, preset, options, needs in () if args.skip_tvm else tvm_rows:
-        if needs and kernel_for(needs, cpu_flags()) is None:
+        if needs and kernel_for(needs, features) is None:
             unsupported.append(f"graphopt tvm ({label})")
             continue
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm", progress=False,
                               calibration=calibration if label == "int8" else None,
-                              backend_options={"threads": args.threads, **options})
+                              backend_options={"threads": args.threads, **tvm_options, **options})
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 
     candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())
@@ -221,9 +239,12 @@ def main() -> None:
     rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
               "setup_s": None, "max_abs_diff": None, "note": "not supported on this CPU"} for name in unsupported]
     flags = cpu_flags() or frozenset()
-    features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    host_features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     print(f"\nSmolLM2-135M prefill, {args.seq_len} tokens, {args.threads} threads, "
-          f"median of {args.repeats} interleaved rounds; CPU features: {' '.join(features) or 'unknown'}")
+          f"median of {args.repeats} interleaved rounds; CPU features: {' '.join(host_features) or 'unknown'}")
+    if avx2:
+        print("run as an AVX2-only CPU (--isa avx2): TVM targets x86-64-v3, OpenVINO and torch capped to AVX2 "
+              "(OpenVINO's default hint = f32); ONNX Runtime rows use the host's instructions (MLAS has no cap)")
     columns = ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff"]
     print_table(rows, columns + (["perplexity", "perplexity_change"] if args.quality else []) + ["note"])
     write_json(rows, args.json)

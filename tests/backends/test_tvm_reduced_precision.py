@@ -1,6 +1,6 @@
 """The TVM backend's reduced precisions: weight matmuls in graphopt's C kernels, bf16 operands
 with fp32 sums (AMX-BF16, AVX512-BF16) and int8 weights and dynamic int8 activations with
-int32 sums (AMX-INT8, AVX512-VNNI), each exact against the same roundings done in float64;
+int32 sums (AMX-INT8, AVX512-VNNI, AVX2), each exact against the same roundings done in float64;
 the fp32 fallback and which kernel a CPU gets."""
 import json
 
@@ -94,10 +94,11 @@ def test_kernel_choice_follows_the_cpu_features():
         kernel_for("bf16", {"avx512bw"}, "amx_int8")
     assert kernel_for("int8", {"avx512bw", "avx512_vnni", "amx_tile", "amx_int8"}) == "amx_int8"
     assert kernel_for("int8", {"avx512bw", "avx512_vnni"}) == "avx512_vnni"
-    assert kernel_for("int8", {"avx2", "fma"}) is None
+    assert kernel_for("int8", {"avx2", "fma"}) == "avx2_int8"
+    assert kernel_for("int8", {"sse4_2"}) is None
 
 
-@pytest.mark.skipif(not HOST_KERNELS, reason="this CPU has no AMX, AVX512-BF16 or AVX512-VNNI")
+@pytest.mark.skipif(not HOST_KERNELS, reason="this CPU has no AMX, AVX512-BF16, AVX512-VNNI or AVX2")
 @pytest.mark.parametrize("precision,kernel", HOST_KERNELS)
 def test_reduced_precision_matmuls_equal_the_rounded_float64_plan(precision, kernel, tmp_path, capsys):
     m = TiedTiny().eval()
@@ -124,12 +125,12 @@ def test_reduced_precision_matmuls_equal_the_rounded_float64_plan(precision, ker
     assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (ids,))), cm(ids), 1e-7)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_a_target_without_the_kernels_says_it_computes_in_fp32(precision, tmp_path, capsys):
+@pytest.mark.parametrize("precision,target", [("bf16", "x86-64-v3"), ("int8", "x86-64-v2")])
+def test_a_target_without_the_kernels_says_it_computes_in_fp32(precision, target, tmp_path, capsys):
     m = TiedTiny().eval()
     ids = torch.randint(0, 100, (1, 8))
     cm = graphopt.compile(m, (ids,), backend="tvm", progress=False,
-                          backend_options={"precision": precision, "target": "x86-64-v3"})
+                          backend_options={"precision": precision, "target": target})
     assert f"{precision} is not supported on this target" in capsys.readouterr().err
     assert_close_to_scale(cm(ids), m(ids), 1e-5)
     backend = json.load(open(f"{cm.save(str(tmp_path / 'fallback'))}/manifest.json"))["backend_options"]

@@ -6,8 +6,8 @@ from TVM for every weight matmul whose shape they take.
   bf16 and sums in fp32: AMX-BF16 tiles (tdpbf16ps) or AVX512-BF16 (vdpbf16ps).
 - "int8": weights int8, symmetric per output column, in panels [n / 16, k / 4, 64] with their
   scales and column sums; each activation row quantized to int8 when the matmul runs
-  (dynamic, symmetric per row); exact int32 sums, scaled once: AMX-INT8 (tdpbssd) or
-  AVX512-VNNI (vpdpbusd).
+  (dynamic, symmetric per row); exact int32 sums, scaled once: AMX-INT8 (tdpbssd),
+  AVX512-VNNI (vpdpbusd) or, on AVX2-only CPUs, int16 pair products (vpmaddwd).
 
 `PackDenseWeights` packs the weights (lifted, run once at compile time) and calls `dense_call`:
 a parallel loop over tasks (every row x a share of the 16-column panels, so the weights are
@@ -40,6 +40,7 @@ KERNELS = {
                  ("-mavx512f", "-mavx512bw", "-mamx-tile", "-mamx-int8", "-DGRAPHOPT_AMX"), "dense_int8.c"),
     "avx512_vnni": ("int8", ("avx512_vnni", "avx512bw"), ("-mavx512f", "-mavx512bw", "-mavx512vnni"),
                     "dense_int8.c"),
+    "avx2_int8": ("int8", ("avx2", "fma"), ("-mavx2", "-mfma", "-Wno-psabi", "-DGRAPHOPT_AVX2"), "dense_int8.c"),
 }
 # float32 kernels (float32_kernels.py: attention, attention over a KV cache, RMSNorm): GCC vector
 # code, 16 lanes in one register or two

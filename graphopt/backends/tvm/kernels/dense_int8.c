@@ -9,62 +9,142 @@
  * Products and sums are exact int32; the scales apply once per output. The `outliers` channels C
  * (outlier_channels) are multiplied in fp32 by their weights Wo, panels [n / 16, outliers, 16].
  *
- * Tasks as in dense_bf16.c: every row x a share of the panels. GRAPHOPT_AMX selects AMX-INT8
- * tiles (signed x signed); otherwise vpdpbusd, which multiplies unsigned by signed bytes: X is
+ * Tasks as in dense_bf16.c: every row x a share of the panels. Three instruction sets, one
+ * result: GRAPHOPT_AMX selects AMX-INT8 tiles (signed x signed); GRAPHOPT_AVX2 widens both
+ * operands to int16 and multiplies pairs with vpmaddwd (no VNNI: AVX2's byte product vpmaddubsw
+ * saturates at 8 bits each); otherwise vpdpbusd, which multiplies unsigned by signed bytes: X is
  * shifted by +128 and 128 * w_sums subtracted from the sums. */
 #include "common.h"
+#include "vector.h"
 
-#ifdef GRAPHOPT_AMX
+#ifdef GRAPHOPT_AVX2
+typedef int16_t quantized_t;
+#else
+typedef uint8_t quantized_t;
+#endif
+typedef quantized_t vquantized __attribute__((vector_size(LANES * sizeof(quantized_t))));
+
+#if defined(GRAPHOPT_AMX) || defined(GRAPHOPT_AVX2)
 #define ACTIVATION_OFFSET 0
 #else
 #define ACTIVATION_OFFSET 128
 #endif
 
-/* The activations as the panels meet them: each row's quantized bytes, its scale, and its values
- * at the outlier channels. */
+/* The activations as the panels meet them: each row's quantized values, its scale, and its
+ * values at the outlier channels. */
 struct quantized_rows {
-    const uint8_t *q;           /* [m, k], + ACTIVATION_OFFSET */
+    const quantized_t *q;       /* [m, k], + ACTIVATION_OFFSET */
     const float *scale;         /* [m] */
     const float *outliers;      /* [m, count] */
     const float *outlier_weights;   /* [n / 16, count, 16] */
     int64_t count;
 };
 
-/* m rows of k floats (x k) times x_smoothing -> this thread's buffer: m * k quantized bytes, m
+/* x rounded to the nearest integer, ties to even (|x| < 2^22) */
+static inline vfloat round_even(vfloat x) { return (x + 12582912.0f) - 12582912.0f; }
+
+/* m rows of k floats (x k) times x_smoothing -> this thread's buffer: m * k quantized values, m
  * float scales, then the rows' m * outliers values at outlier_channels. */
 static struct quantized_rows quantize_rows(const float *x, const float *x_smoothing, const int32_t *outlier_channels,
                                            int64_t outliers, int64_t m, int64_t k) {
-    const size_t bytes = ((size_t)(m * k) + 63) / 64 * 64;
-    uint8_t *q = thread_scratch(0, bytes + (size_t)(m + m * outliers) * sizeof(float));
-    float *scales = (float *)(q + bytes), *kept = scales + m;
+    const size_t bytes = ((size_t)(m * k) * sizeof(quantized_t) + 63) / 64 * 64;
+    quantized_t *q = thread_scratch(0, bytes + (size_t)(m + m * outliers) * sizeof(float));
+    float *scales = (float *)((char *)q + bytes), *kept = scales + m;
     for (int64_t r = 0; r < m; r++) {
         const float *row = x + r * k;
-        __m512 peak = _mm512_setzero_ps();
+        vfloat peak = splat(0.0f);
         int64_t i = 0;
-        for (; i + 16 <= k; i += 16)
-            peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_mul_ps(_mm512_loadu_ps(row + i),
-                                                                   _mm512_loadu_ps(x_smoothing + i))));
-        float amax = _mm512_reduce_max_ps(peak);
+        for (; i + LANES <= k; i += LANES) {
+            vfloat magnitude = (vfloat)((vint)(load(row + i) * load(x_smoothing + i)) & 0x7fffffff);
+            peak = vselect(magnitude > peak, magnitude, peak);
+        }
+        float amax = hmax(peak);
         for (; i < k; i++)
             amax = fabsf(row[i] * x_smoothing[i]) > amax ? fabsf(row[i] * x_smoothing[i]) : amax;
         const float inverse = amax > 0 ? 127.0f / amax : 0.0f;
         scales[r] = amax / 127.0f;
-        const __m512 scale = _mm512_set1_ps(inverse);
-        const __m128i offset = _mm_set1_epi8((char)ACTIVATION_OFFSET);
-        uint8_t *out = q + r * k;
-        for (i = 0; i + 16 <= k; i += 16) {
-            __m512 smoothed = _mm512_mul_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(x_smoothing + i));
-            __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(smoothed, scale));
-            _mm_storeu_si128((__m128i *)(out + i), _mm_add_epi8(_mm512_cvtsepi32_epi8(rounded), offset));
+        quantized_t *out = q + r * k;
+        for (i = 0; i + LANES <= k; i += LANES) {
+            vint rounded = __builtin_convertvector(round_even(load(row + i) * load(x_smoothing + i) * inverse), vint);
+            vquantized values = __builtin_convertvector(rounded + ACTIVATION_OFFSET, vquantized);
+            memcpy(out + i, &values, sizeof values);
         }
         for (; i < k; i++)
-            out[i] = (uint8_t)((int8_t)lrintf(row[i] * x_smoothing[i] * inverse) + ACTIVATION_OFFSET);
+            out[i] = (quantized_t)((int8_t)lrintf(row[i] * x_smoothing[i] * inverse) + ACTIVATION_OFFSET);
         for (int64_t j = 0; j < outliers; j++)
             kept[r * outliers + j] = row[outlier_channels[j]];
     }
     return (struct quantized_rows){q, scales, kept, NULL, outliers};
 }
 
+#ifdef GRAPHOPT_AVX2
+/* y[0, 8) = sums * x_scale * w_scale + the outlier channels' products, over columns [8 half,
+ * 8 half + 8) of panel `panel` for row `row` */
+static inline void scale_out(__m256i sums, const struct quantized_rows *x, int64_t row, int64_t panel, int half,
+                             const float *w_scale, float *y) {
+    __m256 scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x->scale[row]));
+    scaled = _mm256_mul_ps(scaled, _mm256_loadu_ps(w_scale));
+    const float *kept = x->outliers + row * x->count, *wo = x->outlier_weights + panel * x->count * 16 + half * 8;
+    for (int64_t j = 0; j < x->count; j++)
+        scaled = _mm256_fmadd_ps(_mm256_set1_ps(kept[j]), _mm256_loadu_ps(wo + j * 16), scaled);
+    _mm256_storeu_ps(y, scaled);
+}
+
+/* NR rows (1-4) from row r x 8 columns (half `half` of panel p, whose weights start at w) of
+ * int32 accumulators over the whole k. A panel row's 16 bytes (4 columns x 4 k) widen to int16;
+ * vpmaddwd meets them with the row's 4 values and leaves two sums per column, added at the end.
+ * Named accumulators, not an array: GCC keeps those in registers. */
+#define ACCUMULATE(i)                                                                         \
+    if (NR > i) {                                                                             \
+        int64_t four;                                                                         \
+        memcpy(&four, xr + i * k + 4 * kq, sizeof four);                                      \
+        const __m256i xv = _mm256_set1_epi64x(four);                                          \
+        low##i = _mm256_add_epi32(low##i, _mm256_madd_epi16(xv, w0));                         \
+        high##i = _mm256_add_epi32(high##i, _mm256_madd_epi16(xv, w1));                       \
+    }
+#define STORE(i)                                                                              \
+    if (NR > i)                                                                               \
+        scale_out(_mm256_permute4x64_epi64(_mm256_hadd_epi32(low##i, high##i), 0xD8), x, r + i, p, half, \
+                  w_scale + half * 8, y + (r + i) * n + half * 8);
+
+static inline __attribute__((always_inline)) void dot_block(const int NR, const struct quantized_rows *x,
+        int64_t r, int64_t p, int half, const int8_t *w, const float *w_scale, float *y, int64_t k, int64_t n) {
+    const int64_t quads = k / 4;
+    const int16_t *xr = x->q + r * k;
+    const int8_t *wh = w + half * 32;
+    __m256i low0 = _mm256_setzero_si256(), low1 = low0, low2 = low0, low3 = low0;
+    __m256i high0 = low0, high1 = low0, high2 = low0, high3 = low0;
+#pragma GCC unroll 2
+    for (int64_t kq = 0; kq < quads; kq++) {
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wh + kq * 64)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wh + kq * 64 + 16)));
+        ACCUMULATE(0) ACCUMULATE(1) ACCUMULATE(2) ACCUMULATE(3)
+    }
+    /* [c0 c0' c1 c1' ...]: each column's two sums added; 64-bit lanes back in column order */
+    STORE(0) STORE(1) STORE(2) STORE(3)
+}
+
+static void dense_panels(const struct quantized_rows *x, const int8_t *w, const float *w_scale,
+                         const int32_t *w_sums, float *y, int64_t m, int64_t k, int64_t n,
+                         int64_t panel0, int64_t panels) {
+    const int64_t quads = k / 4;
+    (void)w_sums;
+    for (int64_t p = panel0; p < panel0 + panels; p++) {
+        const int8_t *wp = w + p * quads * 64;
+        const float *sw = w_scale + p * 16;
+        float *yp = y + p * 16;
+        for (int half = 0; half < 2; half++)
+            for (int64_t r = 0; r < m; r += 4) {
+                switch (m - r < 4 ? (int)(m - r) : 4) {
+                    case 4: dot_block(4, x, r, p, half, wp, sw, yp, k, n); break;
+                    case 3: dot_block(3, x, r, p, half, wp, sw, yp, k, n); break;
+                    case 2: dot_block(2, x, r, p, half, wp, sw, yp, k, n); break;
+                    default: dot_block(1, x, r, p, half, wp, sw, yp, k, n); break;
+                }
+            }
+    }
+}
+#else
 /* y[0, 16) = (sums - offset * w_sums) * x_scale * w_scale + the outlier channels' products, over
  * one panel's 16 columns (`panel`) for row `row` */
 static inline void scale_out(__m512i sums, const struct quantized_rows *x, int64_t row, int64_t panel,
@@ -200,6 +280,7 @@ static void dense_panels(const struct quantized_rows *x, const int8_t *w, const 
 }
 #endif
 
+#endif
 /* x_smoothing [k]; outlier_channels [outliers] and outlier_weights [n / 16, outliers, 16] are
  * read only when outliers > 0. */
 int32_t graphopt_dense_int8(const float *x, const int8_t *w, const float *w_scale, const int32_t *w_sums,
