@@ -6,12 +6,12 @@
 #include "common.h"
 #include "vector.h"
 
-/* Vectors of 16 lanes per row of a score or value tile (4 rows): 16 accumulators in AVX-512's
- * 32 registers; with AVX2 a vector takes two of its 16 registers, so one (more would spill). */
+/* Registers per row of a 4-row score or value tile: 16 accumulators of AVX-512's 32 registers,
+ * 8 of AVX2's 16 (more spill). */
 #ifdef __AVX512F__
 #define TILE_VECTORS 4
 #else
-#define TILE_VECTORS 1
+#define TILE_VECTORS 2
 #endif
 
 struct attention {
@@ -34,29 +34,30 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
         out[c] = x[c] * cos[c] + x[c - half] * sin[c];
 }
 
-/* scores[0, NR)[j, j + NK * 16) = q rows . kt columns: NR x NK vectors accumulated over d */
+/* scores[0, NR)[j, j + NK * NATIVE_LANES) = q rows . kt columns: NR x NK registers accumulated over d */
 static inline __attribute__((always_inline)) void score_tile(const int NR, const int NK, const float *q,
         const float *kt, float *scores, int64_t j, int64_t kt_stride, int64_t s_stride, int64_t d) {
-    vfloat acc[4][4];
+    vnative acc[4][4];
     for (int i = 0; i < NR; i++)
-        for (int c = 0; c < NK; c++) acc[i][c] = splat(0);
+        for (int c = 0; c < NK; c++) acc[i][c] = native_splat(0);
     for (int64_t c = 0; c < d; c++) {
-        vfloat keys[4];
-        for (int n = 0; n < NK; n++) keys[n] = load(kt + c * kt_stride + j + n * LANES);
+        vnative keys[4];
+        for (int n = 0; n < NK; n++) keys[n] = native_load(kt + c * kt_stride + j + n * NATIVE_LANES);
         for (int i = 0; i < NR; i++) {
-            const vfloat qv = splat(q[i * d + c]);
+            const vnative qv = native_splat(q[i * d + c]);
             for (int n = 0; n < NK; n++) acc[i][n] += qv * keys[n];
         }
     }
     for (int i = 0; i < NR; i++)
-        for (int n = 0; n < NK; n++) store(scores + i * s_stride + j + n * LANES, acc[i][n]);
+        for (int n = 0; n < NK; n++) native_store(scores + i * s_stride + j + n * NATIVE_LANES, acc[i][n]);
 }
 
 #define SCORE_TILE(NR)                                                                                   \
-    for (int64_t j = 0; j < width; j += TILE_VECTORS * LANES) {                                          \
+    for (int64_t j = 0; j < width; j += TILE_VECTORS * NATIVE_LANES) {                                   \
         const float *qr = q + r * d;                                                                     \
         float *sr = scores + r * s_stride;                                                               \
-        switch ((width - j) / LANES < TILE_VECTORS ? (width - j) / LANES : TILE_VECTORS) {               \
+        const int64_t left = (width - j) / NATIVE_LANES;                                                 \
+        switch (left < TILE_VECTORS ? left : TILE_VECTORS) {                                             \
             case 1: score_tile(NR, 1, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
             case 2: score_tile(NR, 2, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
             case 3: score_tile(NR, 3, qr, kt, sr, j, kt_stride, s_stride, d); break;                     \
@@ -121,29 +122,30 @@ static float row_softmax(const struct attention *a, float *s, const char *mask_r
     return hsum(total);
 }
 
-/* out[0, NR)[col, col + NV * 16) = p rows @ v columns, times the rows' inverse sums */
+/* out[0, NR)[col, col + NV * NATIVE_LANES) = p rows @ v columns, times the rows' inverse sums */
 static inline __attribute__((always_inline)) void value_tile(const int NR, const int NV, const float *p,
         const float *v, float *out, const float *inverse, int64_t keys, int64_t stride, int64_t dv, int64_t col) {
-    vfloat acc[4][4];
+    vnative acc[4][4];
     for (int i = 0; i < NR; i++)
-        for (int c = 0; c < NV; c++) acc[i][c] = splat(0);
+        for (int c = 0; c < NV; c++) acc[i][c] = native_splat(0);
     for (int64_t j = 0; j < keys; j++) {
-        vfloat values[4];
-        for (int c = 0; c < NV; c++) values[c] = load(v + j * dv + col + c * LANES);
+        vnative values[4];
+        for (int c = 0; c < NV; c++) values[c] = native_load(v + j * dv + col + c * NATIVE_LANES);
         for (int i = 0; i < NR; i++) {
-            const vfloat pv = splat(p[i * stride + j]);
+            const vnative pv = native_splat(p[i * stride + j]);
             for (int c = 0; c < NV; c++) acc[i][c] += pv * values[c];
         }
     }
     for (int i = 0; i < NR; i++)
-        for (int c = 0; c < NV; c++) store(out + i * dv + col + c * LANES, acc[i][c] * inverse[i]);
+        for (int c = 0; c < NV; c++) native_store(out + i * dv + col + c * NATIVE_LANES, acc[i][c] * inverse[i]);
 }
 
 #define VALUE_TILE(NR)                                                                                       \
-    for (int64_t col = 0; col < dv; col += TILE_VECTORS * LANES) {                                           \
+    for (int64_t col = 0; col < dv; col += TILE_VECTORS * NATIVE_LANES) {                                    \
         const float *pr = p + r * stride;                                                                    \
         float *o = out + r * dv;                                                                             \
-        switch ((dv - col) / LANES < TILE_VECTORS ? (dv - col) / LANES : TILE_VECTORS) {                     \
+        const int64_t left = (dv - col) / NATIVE_LANES;                                                      \
+        switch (left < TILE_VECTORS ? left : TILE_VECTORS) {                                                 \
             case 1: value_tile(NR, 1, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
             case 2: value_tile(NR, 2, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \
             case 3: value_tile(NR, 3, pr, v, o, inverse + r, keys, stride, dv, col); break;                  \

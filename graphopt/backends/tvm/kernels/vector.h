@@ -12,6 +12,25 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
 static inline vfloat splat(float value) { return (vfloat){0} + value; }
 
+/* One register's float32 lanes, for loops that keep many accumulators: GCC moves a vfloat
+ * wider than the registers through memory when it lives in an array. */
+#ifdef __AVX512F__
+#define NATIVE_LANES 16
+#else
+#define NATIVE_LANES 8
+#endif
+typedef float vnative __attribute__((vector_size(NATIVE_LANES * 4)));
+
+static inline vnative native_splat(float value) { return (vnative){0} + value; }
+
+static inline vnative native_load(const float *p) {
+    vnative v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void native_store(float *p, vnative v) { memcpy(p, &v, sizeof v); }
+
 static inline vfloat load(const float *p) {
     vfloat v;
     memcpy(&v, p, sizeof v);
