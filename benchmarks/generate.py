@@ -44,6 +44,11 @@ ARTIFACTS = {
     "graphopt int4, float16 cache": ["--passes", "int4", "--cache-dtype", "float16"],
     "graphopt int4 tvm": ["--passes", "int4", "--backend", "tvm"],
     "graphopt int4 tvm + skip 2 sublayers": ["--passes", "int4", "--skip-sublayers", "2", "--backend", "tvm"],
+    # int8 compute in graphopt's kernels (AMX, AVX512-VNNI or AVX2), and as an AVX2-only CPU runs it
+    "graphopt int8-compute tvm": ["--passes", "default", "--backend", "tvm", "--precision", "int8"],
+    "graphopt fp32 tvm, x86-64-v3": ["--passes", "default", "--backend", "tvm", "--tvm-target", "x86-64-v3"],
+    "graphopt int8-compute tvm, x86-64-v3": ["--passes", "default", "--backend", "tvm", "--precision", "int8",
+                                             "--tvm-target", "x86-64-v3"],
 }
 NEW_TOKENS = 32
 
@@ -306,7 +311,7 @@ def main(argv=None) -> int:
     wanted = (lambda name: not args.rows or name in args.rows)
     measures = []            # (name, measure) of every row to run, in table order
     for name in ARTIFACTS:
-        if wanted(name) and "tvm" in ARTIFACTS[name] and not _tvm_int4_supported():
+        if wanted(name) and "tvm" in ARTIFACTS[name] and "int4" in ARTIFACTS[name] and not _tvm_int4_supported():
             measures.append((name, lambda: {"note": "not supported on this CPU (TVM int4 needs AVX512-BF16 or AMX)"}))
         elif wanted(name):
             path = ensure_artifact(name, args.artifacts, args.threads)

@@ -112,6 +112,19 @@ def test_compile_for_text_generation_and_generate(tmp_path, capsys):
     assert "needs a causal language model" in capsys.readouterr().err
 
 
+def test_text_generation_takes_the_backend_options(tmp_path, capsys):
+    """--precision and --tvm-target reach a generation artifact's backend (they were dropped)."""
+    pytest.importorskip("tvm")
+    out = tmp_path / "gen-int8"
+    assert main(["compile", "--model", "llama", "--task", "text-generation", "--seq-len", "16", "--backend", "tvm",
+                 "--precision", "int8", "--tvm-target", "x86-64-v3", "--calibration-tokens", "32",
+                 "--out", str(out)]) == 0
+    backend = json.loads((out / "manifest.json").read_text())["backend_options"]
+    assert backend["precision"] == "int8" and backend["kernel"] == "avx2_int8"
+    assert backend["target"]["mcpu"] == "x86-64-v3" and backend["int8_plan_batches"] == 3
+    assert "int8" in capsys.readouterr().out
+
+
 def test_artifact_commands_parse_without_importing_torch():
     import subprocess
     import sys

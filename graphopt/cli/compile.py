@@ -115,15 +115,16 @@ def _compile_task(args) -> None:
     bundle = graphopt.models.load(args.model)
     if not bundle.is_sequence_model:
         raise GraphoptError(f"--task {args.task} needs a causal language model; {args.model} is not one")
+    options = backend_options(args)
+    reduced = (options or {}).get("precision", "f32") != "f32"   # TVM's int8 learns its smoothing from them
     lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
-                and not args.prune_experts)
+                and not args.prune_experts and not reduced)
     calibration = None if lossless else calibration_batches(bundle, args)
     cm = graphopt.compile(bundle.model, passes=pass_list(args), backend=args.backend, task=args.task,
                           tokenizer=bundle.tokenizer, cache_dtype=args.cache_dtype, calibration=calibration,
                           verify=not args.no_verify,
                           instruments=[PrintOnChangeInstrument()],
-                          backend_options={"threads": args.threads} if args.threads else None,
-                          executor=executor(args))
+                          backend_options=options, executor=executor(args))
     ids = example_inputs(bundle, args.seq_len)[0]
     with torch.no_grad():
         eager = bundle.model(input_ids=ids).logits
