@@ -52,7 +52,6 @@ from .int8_plan import ALPHA, CALIBRATION_BATCHES, int8_plans
 from .intrinsics import register_fast_exp
 from .prepare import positive_slice_dims, prepare_graph
 from .quantized import QuantizedConverters
-from .schedules import panel_lanes
 from .runner import (
     TVM_LIBRARY,
     TVM_PARAMS,
@@ -64,6 +63,7 @@ from .runner import (
     tvm_target,
     use_all_cores_for_tvm,
 )
+from .schedules import panel_lanes
 
 use_all_cores_for_tvm()   # before any TVM kernel runs (the weight packing at compile time does)
 register_fast_exp()       # vectorizable float32 exp for LLVM (process-wide; see intrinsics.py)

@@ -93,28 +93,29 @@ static inline void scale_out(__m256i sums, const struct quantized_rows *x, int64
 /* NR rows (1-4) from row r x 8 columns (half `half` of panel p, whose weights start at w) of
  * int32 accumulators over the whole k. A panel row's 16 bytes (4 columns x 4 k) widen to int16;
  * vpmaddwd meets them with the row's 4 values and leaves two sums per column, added at the end.
- * Named accumulators, not an array: GCC keeps those in registers. */
+ * Named accumulators of a GCC vector type, not an array of __m256i: GCC keeps those in registers
+ * and adds in place (measured: docs/measurements/decisions.md). */
+typedef int32_t v8si __attribute__((vector_size(32)));
 #define ACCUMULATE(i)                                                                         \
     if (NR > i) {                                                                             \
         int64_t four;                                                                         \
         memcpy(&four, xr + i * k + 4 * kq, sizeof four);                                      \
         const __m256i xv = _mm256_set1_epi64x(four);                                          \
-        low##i = _mm256_add_epi32(low##i, _mm256_madd_epi16(xv, w0));                         \
-        high##i = _mm256_add_epi32(high##i, _mm256_madd_epi16(xv, w1));                       \
+        low##i += (v8si)_mm256_madd_epi16(xv, w0);                                            \
+        high##i += (v8si)_mm256_madd_epi16(xv, w1);                                           \
     }
 #define STORE(i)                                                                              \
     if (NR > i)                                                                               \
-        scale_out(_mm256_permute4x64_epi64(_mm256_hadd_epi32(low##i, high##i), 0xD8), x, r + i, p, half, \
-                  w_scale + half * 8, y + (r + i) * n + half * 8);
+        scale_out(_mm256_permute4x64_epi64(_mm256_hadd_epi32((__m256i)low##i, (__m256i)high##i), 0xD8), \
+                  x, r + i, p, half, w_scale + half * 8, y + (r + i) * n + half * 8);
 
 static inline __attribute__((always_inline)) void dot_block(const int NR, const struct quantized_rows *x,
         int64_t r, int64_t p, int half, const int8_t *w, const float *w_scale, float *y, int64_t k, int64_t n) {
     const int64_t quads = k / 4;
     const int16_t *xr = x->q + r * k;
     const int8_t *wh = w + half * 32;
-    __m256i low0 = _mm256_setzero_si256(), low1 = low0, low2 = low0, low3 = low0;
-    __m256i high0 = low0, high1 = low0, high2 = low0, high3 = low0;
-#pragma GCC unroll 2
+    v8si low0 = {0}, low1 = low0, low2 = low0, low3 = low0;
+    v8si high0 = low0, high1 = low0, high2 = low0, high3 = low0;
     for (int64_t kq = 0; kq < quads; kq++) {
         const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wh + kq * 64)));
         const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wh + kq * 64 + 16)));
