@@ -213,7 +213,7 @@ def test_int4_artifact_tracks_its_torch_graph_in_prompt_and_decode():
     assert tokens == sequence[12:]
 
 
-@pytest.mark.skipif(not INT8_KERNELS, reason="int8 on TVM needs AMX-INT8 or AVX512-VNNI")
+@pytest.mark.skipif(not INT8_KERNELS, reason="int8 on TVM needs AMX-INT8, AVX512-VNNI or AVX2")
 def test_int8_generation_learns_its_smoothing_from_the_token_windows():
     model = causal_lm("llama")
     windows = [torch.randint(3, 512, (1, 32), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]

@@ -299,7 +299,8 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     from .pipeline import PackDenseWeights, cpu_pipeline
 
     quantized = QuantizedConverters(nbits_kernel, tasks)
-    float32 = Float32Converters(float32_kernel(required_cpu_features(target_dict)) if schedules else None, tasks)
+    features = required_cpu_features(target_dict)
+    float32 = Float32Converters(float32_kernel(features) if schedules else None, tasks)
     mod, params, names = _import_relax(captured, quantized, float32)
     # torch.export's upper bounds of dynamic dims (4096 each) would size every intermediate
     # for all of them at once (batch x tokens x ...): without them memory is planned per call
@@ -307,7 +308,7 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     target = tvm.target.Target(target_dict)
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks,
                                {names[name]: plan for name, plan in (int8_plans or {}).items() if name in names},
-                               panel_lanes(required_cpu_features(target_dict)))
+                               panel_lanes(features))
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
