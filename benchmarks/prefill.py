@@ -20,7 +20,9 @@ perplexity on evaluation.txt (128-token windows, the first --quality-tokens toke
 change from eager's: what reduced-precision rows cost.
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--isa avx2]
-                                 [--json out.json]
+                                 [--rows NAME ...] [--json out.json]
+
+`--rows` times only the named rows (and the two the ratios need): a longer interleaved check of a few.
 
 setup_s is the compile time (export, passes, lowering; for TVM the LLVM build too).
 
@@ -118,6 +120,9 @@ def main() -> None:
     ap.add_argument("--quality-tokens", type=int, default=4096)
     ap.add_argument("--isa", choices=("host", "avx2"), default="host",
                     help="avx2: run as an AVX2-only CPU would (see the module docstring)")
+    ap.add_argument("--rows", nargs="*", metavar="NAME",
+                    help="only these rows (names as printed; torch eager and onnxruntime (plain export), the "
+                         "ratios' bases, always run)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENVIRONMENT.items()):
@@ -136,6 +141,9 @@ def main() -> None:
     not_installed: list[str] = []
     unsupported: list[str] = []
 
+    def wanted(name):
+        return not args.rows or name in args.rows or name in ("torch eager", "onnxruntime (plain export)")
+
     def add(name, fn, started=None):
         with torch.no_grad():
             out = fn()
@@ -149,7 +157,7 @@ def main() -> None:
         with torch.no_grad():
             return model(input_ids=ids)
     add("torch eager", eager)
-    if not args.skip_torch_compile:
+    if not args.skip_torch_compile and wanted("torch.compile"):
         compiled = torch.compile(model)
 
         def run_compiled():
@@ -169,10 +177,13 @@ def main() -> None:
                     DeadCodeElimination()]
     for label, preset in (("none", "none"), ("default", "default"), ("fuse", "fuse"),
                           ("int8 compute", int8_compute), ("int4", "int4")):
+        if not (wanted(f"graphopt onnxruntime ({label})") or preset == "default"):
+            continue
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="onnxruntime",
                               backend_options={"threads": args.threads}, progress=False)
-        add(f"graphopt onnxruntime ({label})", lambda cm=cm: cm(ids), start)
+        if wanted(f"graphopt onnxruntime ({label})"):
+            add(f"graphopt onnxruntime ({label})", lambda cm=cm: cm(ids), start)
         if preset == "default":
             macs = graph_cost(cm.graph_module).macs     # the exact presets leave the MACs as they are
             cm_default = cm
@@ -188,6 +199,8 @@ def main() -> None:
         # on an AVX2 CPU its default is f32
         for name, hint in (("openvino f32 (graphopt's model.onnx)", "f32"),
                            ("openvino default hint (graphopt's model.onnx)", "f32" if avx2 else None)):
+            if not wanted(name):
+                continue
             start = time.perf_counter()
             config = {"INFERENCE_NUM_THREADS": args.threads}
             if hint:
@@ -195,11 +208,13 @@ def main() -> None:
             peer = core.compile_model(onnx_path, "CPU", config)
             add(name, lambda peer=peer: torch.from_numpy(peer(ids.numpy())[0]), start)
         for passes, precision in (("default", "f32"), ("default", "default"), ("int4", "default")):
+            label = precision if passes == "default" else f"{passes}, {precision}"
+            if not wanted(f"graphopt openvino ({label})"):
+                continue
             start = time.perf_counter()
             cm = graphopt.compile(model, (ids,), passes=passes, backend="openvino", progress=False,
                                   backend_options={"threads": args.threads,
                                                    "precision": "f32" if avx2 else precision})
-            label = precision if passes == "default" else f"{passes}, {precision}"
             add(f"graphopt openvino ({label})", lambda cm=cm: cm(ids), start)
     # (label, preset, options, the precision its kernels need); int8 learns its activations'
     # smoothing and outlier channels from 4 windows of calibration.txt (and the example inputs)
@@ -208,6 +223,8 @@ def main() -> None:
                 ("bf16", "default", {"precision": "bf16"}, "bf16"), ("int8", "default", {"precision": "int8"}, "int8"),
                 ("int4", "int4", {}, "bf16")]
     for label, preset, options, needs in () if args.skip_tvm else tvm_rows:
+        if not wanted(f"graphopt tvm ({label})"):
+            continue
         if needs and kernel_for(needs, features) is None:
             unsupported.append(f"graphopt tvm ({label})")
             continue
@@ -217,9 +234,11 @@ def main() -> None:
                               backend_options={"threads": args.threads, **tvm_options, **options})
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 
-    candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())
+    if wanted("fp32 linear layers alone (torch)"):
+        candidates["fp32 linear layers alone (torch)"] = linear_layers_alone(model, ids.numel())
     medians = interleaved_medians(candidates, args.repeats)
-    medians["fp32 floor (MACs at peak GEMM rate)"] = 2 * macs / peak_gemm_flops()
+    if wanted("fp32 floor (MACs at peak GEMM rate)"):
+        medians["fp32 floor (MACs at peak GEMM rate)"] = 2 * macs / peak_gemm_flops()
     eager_ms = medians["torch eager"] * 1e3
     plain_ms = medians["onnxruntime (plain export)"] * 1e3
     rows = [{"name": name, "median_ms": s * 1e3, "speedup_vs_eager": eager_ms / (s * 1e3),

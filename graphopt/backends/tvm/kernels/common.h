@@ -22,11 +22,13 @@ static void *thread_scratch(int slot, size_t bytes) {
     return buffers[slot];
 }
 
-/* Task `task` of `tasks` gets panels [*first, *end) of n / 16, in whole groups of 4. */
+/* Task `task` of `tasks` gets panels [*first, *end) of n / 16, in whole pairs (AMX's two
+ * panels a block): pairs, not the register kernels' blocks of 4, so that two tasks of a matmul
+ * 576 or 192 wide get equal shares (measured: docs/measurements/decisions.md). */
 static int task_panels(int64_t n, int64_t task, int64_t tasks, int64_t *first, int64_t *end) {
-    const int64_t groups = (n / 16 + 3) / 4;
-    const int64_t group_end = groups * (task + 1) / tasks * 4;
-    *first = groups * task / tasks * 4;
+    const int64_t groups = (n / 16 + 1) / 2;
+    const int64_t group_end = groups * (task + 1) / tasks * 2;
+    *first = groups * task / tasks * 2;
     *end = group_end < n / 16 ? group_end : n / 16;
     return *end > *first;
 }

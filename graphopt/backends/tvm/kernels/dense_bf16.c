@@ -166,8 +166,7 @@ static void dense_panels(const uint16_t *x, const uint16_t *w, float *y, int64_t
 }
 #endif
 
-/* Task `task` of `tasks`: all m rows x the task's share of the n / 16 panels (in pairs of 4,
- * whole groups of the kernels' widest block). */
+/* Task `task` of `tasks`: all m rows x the task's share of the n / 16 panels (task_panels). */
 int32_t graphopt_dense_bf16(const float *x, const uint16_t *w, float *y, int64_t m, int64_t k, int64_t n,
                             int64_t task, int64_t tasks) {
     int64_t panel0, panel_end;
