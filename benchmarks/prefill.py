@@ -4,7 +4,8 @@ weights with int8 activations in MatMulNBits (accuracy level 4: "int8 compute") 
 preset, and
 graphopt (tvm) with the "default" and "fuse" presets, at bf16 and int8 precision (weight
 matmuls in graphopt's AMX / AVX512-BF16 / AVX512-VNNI kernels; int8's per-channel smoothing
-and outlier channels learnt from 4 128-token windows of calibration.txt) and with the "int4" preset
+and outlier channels learnt from 4 128-token windows of calibration.txt), mixed (bf16 with the
+LM head in int8) and with the "int4" preset
 (4-bit codes dequantized into the bf16 kernels; "not supported on this CPU" without them);
 OpenVINO
 as a peer on graphopt's own model.onnx (f32 precision hint, and its default hint: bf16 on CPUs
@@ -16,8 +17,10 @@ AVX2, the bf16 rows "not supported on this CPU"), and OpenVINO and torch are cap
 (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS; the process restarts with
 them) with OpenVINO's default hint taken as f32, what it picks without bf16; ONNX Runtime's MLAS
 has no cap, so its rows keep the host's instructions (said in the header). `--quality` adds each row's
-perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens) and its
-change from eager's: what reduced-precision rows cost.
+perplexity on evaluation.txt (128-token windows, the first --quality-tokens tokens), its
+change from eager's, and how far its next-token distributions are from eager's at every
+position: the mean KL divergence (nats) and the share of positions with the same top token.
+What reduced-precision rows cost; the perplexity change alone can have either sign.
 
     python benchmarks/prefill.py [--seq-len 128] [--repeats 10] [--threads 2] [--skip-tvm] [--isa avx2]
                                  [--rows NAME ...] [--json out.json]
@@ -94,18 +97,30 @@ OPENVINO_ROWS = ("openvino f32 (graphopt's model.onnx)", "openvino default hint 
                  "graphopt openvino (f32)", "graphopt openvino (default)", "graphopt openvino (int4, default)")
 
 
-def windows_perplexity(run, windows, ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of a candidate over [1, seq_len] windows. A candidate is a
+def windows_quality(run, windows, ids: torch.Tensor, reference: list | None = None) -> dict:
+    """Perplexity (exp of the mean next-token NLL) of a candidate over [1, seq_len] windows and,
+    given `reference` (eager's log-probabilities, one [seq_len, vocab] tensor per window), the
+    mean KL(eager || candidate) per position and how often both pick the same top token; with
+    reference=None, `log_probs` holds the candidate's, to be the reference. A candidate is a
     closure over the benchmark's `ids`, so each window is copied into that tensor first."""
-    total, count = 0.0, 0
-    for window in windows:
+    total, count, kl, agree, log_probs = 0.0, 0, 0.0, 0, []
+    for i, window in enumerate(windows):
         ids.copy_(window)
         with torch.no_grad():
             out = run()
-        logits = torch.as_tensor(out.logits if hasattr(out, "logits") else out)[0, :-1].double()
-        total += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
-        count += logits.shape[0]
-    return math.exp(total / count)
+        logits = torch.as_tensor(out.logits if hasattr(out, "logits") else out)[0].double()
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], window[0, 1:], reduction="sum"))
+        count += logits.shape[0] - 1
+        logq = torch.log_softmax(logits, -1)
+        if reference is None:
+            log_probs.append(logq.float())
+            continue
+        logp = reference[i].double()
+        kl += float((logp.exp() * (logp - logq)).sum())
+        agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+    positions = sum(w.shape[1] for w in windows)
+    return {"perplexity": math.exp(total / count), "kl": kl / positions if reference else 0.0,
+            "top1_agreement": agree / positions if reference else 1.0, "log_probs": log_probs}
 
 
 def main() -> None:
@@ -221,6 +236,8 @@ def main() -> None:
     calibration = token_windows(bundle.tokenizer, read_text("calibration.txt"), args.seq_len, 4 * args.seq_len)
     tvm_rows = [("default", "default", {}, None), ("fuse", "fuse", {}, None),
                 ("bf16", "default", {"precision": "bf16"}, "bf16"), ("int8", "default", {"precision": "int8"}, "int8"),
+                ("bf16, int8 lm_head", "default", {"precision": "bf16", "precision_overrides": {"lm_head": "int8"}},
+                 "bf16"),
                 ("int4", "int4", {}, "bf16")]
     for label, preset, options, needs in () if args.skip_tvm else tvm_rows:
         if not wanted(f"graphopt tvm ({label})"):
@@ -230,7 +247,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         cm = graphopt.compile(model, (ids,), passes=preset, backend="tvm", progress=False,
-                              calibration=calibration if label == "int8" else None,
+                              calibration=calibration if "int8" in label else None,
                               backend_options={"threads": args.threads, **tvm_options, **options})
         add(f"graphopt tvm ({label})", lambda cm=cm: cm(ids), start)
 
@@ -247,12 +264,15 @@ def main() -> None:
             for name, s in medians.items()]
     if args.quality:
         windows = token_windows(bundle.tokenizer, read_text("evaluation.txt"), args.seq_len, args.quality_tokens)
-        perplexities = {name: windows_perplexity(fn, windows, ids) for name, fn in candidates.items()
-                        if name != "fp32 linear layers alone (torch)"}
+        quality = {"torch eager": windows_quality(candidates["torch eager"], windows, ids)}
+        reference = quality["torch eager"].pop("log_probs")
+        quality.update({name: windows_quality(fn, windows, ids, reference) for name, fn in candidates.items()
+                        if name not in quality and name != "fp32 linear layers alone (torch)"})
         for row in rows:
-            if row["name"] in perplexities:
-                row["perplexity"] = perplexities[row["name"]]
-                row["perplexity_change"] = perplexities[row["name"]] / perplexities["torch eager"] - 1
+            if row["name"] in quality:
+                found = quality[row["name"]]
+                row.update(perplexity=found["perplexity"], kl=found["kl"], top1_agreement=found["top1_agreement"],
+                           perplexity_change=found["perplexity"] / quality["torch eager"]["perplexity"] - 1)
     rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
               "setup_s": None, "max_abs_diff": None, "note": "not installed"} for name in not_installed]
     rows += [{"name": name, "median_ms": None, "speedup_vs_eager": None, "speedup_vs_ort_plain": None,
@@ -265,7 +285,8 @@ def main() -> None:
         print("run as an AVX2-only CPU (--isa avx2): TVM targets x86-64-v3, OpenVINO and torch capped to AVX2 "
               "(OpenVINO's default hint = f32); ONNX Runtime rows use the host's instructions (MLAS has no cap)")
     columns = ["name", "median_ms", "speedup_vs_eager", "speedup_vs_ort_plain", "setup_s", "max_abs_diff"]
-    print_table(rows, columns + (["perplexity", "perplexity_change"] if args.quality else []) + ["note"])
+    quality_columns = ["perplexity", "perplexity_change", "kl", "top1_agreement"] if args.quality else []
+    print_table(rows, columns + quality_columns + ["note"])
     write_json(rows, args.json)
     tmp.cleanup()
 

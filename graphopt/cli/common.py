@@ -20,10 +20,20 @@ def dim_size(text: str) -> tuple[str, int]:
     return name, int(size)
 
 
+def precision_override(text: str) -> tuple[str, str]:
+    pattern, _, precision = text.rpartition("=")
+    if not pattern or not precision:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=PRECISION, got {text!r}")
+    return pattern, precision
+
+
 def backend_options(args) -> dict | None:
     precision = getattr(args, "precision", None)
+    overrides = getattr(args, "precision_override", None)
     if precision is not None and args.backend not in ("tvm", "openvino"):
         raise GraphoptError("--precision is for --backend tvm or openvino")
+    if overrides and args.backend != "tvm":
+        raise GraphoptError("--precision-override is for --backend tvm")
     if args.tvm_target != "host" and args.backend != "tvm":
         raise GraphoptError("--tvm-target is for --backend tvm")
     if args.backend not in ("onnxruntime", "tvm", "openvino"):
@@ -33,7 +43,17 @@ def backend_options(args) -> dict | None:
         options["target"] = args.tvm_target
     if precision is not None:
         options["precision"] = precision
+    if overrides:
+        options["precision_overrides"] = dict(overrides)
     return options
+
+
+def reduced_precision(options: dict | None) -> bool:
+    """Whether backend options ask for arithmetic below fp32 (TVM's int8 learns its activations'
+    smoothing from the calibration batches, so they are made for it)."""
+    options = options or {}
+    return options.get("precision", "f32") != "f32" or \
+        any(p != "f32" for p in options.get("precision_overrides", {}).values())
 
 
 def example_inputs(bundle, seq_len: int):

@@ -15,6 +15,8 @@ from .common import (
     executor,
     median_ms,
     option_flag,
+    precision_override,
+    reduced_precision,
 )
 
 
@@ -67,13 +69,14 @@ def cmd_compile(args) -> None:
     if args.dump_dir:
         instruments.append(DumpInstrument(args.dump_dir))
     passes = pass_list(args)
+    options = backend_options(args)
     lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_channels
-                and not args.prune_heads and not args.prune_experts)
+                and not args.prune_heads and not args.prune_experts and not reduced_precision(options))
     calibration = None if lossless or onnx_file else calibration_batches(bundle, args)
     cm = graphopt.compile(model, inputs, passes=passes, backend=args.backend, calibration=calibration,
                           dynamic_dims=sequence_dims(inputs) if args.dynamic_seq else None,
                           verify=not args.no_verify, instruments=instruments,
-                          backend_options=backend_options(args), executor=executor(args))
+                          backend_options=options, executor=executor(args))
     out = cm(*inputs)
     out = out[0] if isinstance(out, tuple) else out
     compiled_ms = median_ms(lambda: cm(*inputs), args.repeats)
@@ -116,7 +119,7 @@ def _compile_task(args) -> None:
     if not bundle.is_sequence_model:
         raise GraphoptError(f"--task {args.task} needs a causal language model; {args.model} is not one")
     options = backend_options(args)
-    reduced = (options or {}).get("precision", "f32") != "f32"   # TVM's int8 learns its smoothing from them
+    reduced = reduced_precision(options)
     lossless = (args.passes in ("none", "default", "fuse") and not args.skip_sublayers and not args.prune_heads
                 and not args.prune_experts and not reduced)
     calibration = None if lossless else calibration_batches(bundle, args)
@@ -233,6 +236,9 @@ def add_parsers(sub, with_pass_flags: bool = True) -> None:
     c.add_argument("--precision", default=None,
                    help="arithmetic of the backend: tvm f32 (default) | bf16 | int8 (graphopt's AMX / AVX-512 "
                         "kernels); openvino f32 (default) | bf16 | f16 | default (the plugin's choice)")
+    c.add_argument("--precision-override", action="append", type=precision_override, metavar="PATTERN=PRECISION",
+                   help="tvm mixed precision: weights whose name matches PATTERN (a regular expression, e.g. "
+                        "lm_head) computed in PRECISION (f32 | bf16 | int8); repeatable, first match wins")
     add_executor_flags(c)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--no-verify", action="store_true", help="skip output verification after each pass")

@@ -43,13 +43,33 @@ class TiedTiny(torch.nn.Module):
 def bf16_reference(m: TiedTiny, ids: torch.Tensor, plans=None) -> torch.Tensor:
     """The bf16 plan in float64: operands of k % 32 == 0 matmuls (and the tied embedding
     rows, read from the bf16 panels) rounded to bf16 (nearest even), everything else exact."""
-    def r(t):
-        return t.detach().to(torch.bfloat16).double()
-    h = r(m.embed.weight)[ids]
-    u = torch.relu(r(h) @ r(m.up.weight).T + m.up.bias.double())
-    d = r(u) @ r(m.down.weight).T
+    h = _bf16(m.embed.weight)[ids]
+    u = torch.relu(_bf16(h) @ _bf16(m.up.weight).T + m.up.bias.double())
+    d = _bf16(u) @ _bf16(m.down.weight).T
     h = h + d @ m.back.weight.double().T + m.back.bias.double()
-    return (r(h) @ r(m.embed.weight).T).float()
+    return (_bf16(h) @ _bf16(m.embed.weight).T).float()
+
+
+def _int8_weights(w, plan):
+    """w's rows times the plan's smoothing s, rounded symmetric per output row, in float64."""
+    s = torch.from_numpy(plan.smoothing).double()
+    smoothed = w.detach().double() * s
+    scale = smoothed.abs().amax(1, keepdim=True) / 127
+    return torch.round(smoothed / scale) * scale
+
+
+def _int8_matmul(x, w, plan):
+    """x @ w^T as the int8 kernels compute it, in float64: x / s rounded per token, times the
+    rounded smoothed weights, plus the outlier channels' products in full precision."""
+    s, outliers = torch.from_numpy(plan.smoothing).double(), list(plan.outliers)
+    smoothed = torch.where(s > 0, x / s, torch.zeros_like(x))
+    scale = smoothed.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(smoothed / scale) * scale) @ _int8_weights(w, plan).T \
+        + x[..., outliers] @ w.detach().double()[:, outliers].T
+
+
+def _bf16(t):
+    return t.detach().to(torch.bfloat16).double()
 
 
 def int8_reference(m: TiedTiny, ids: torch.Tensor, plans: dict) -> torch.Tensor:
@@ -57,26 +77,21 @@ def int8_reference(m: TiedTiny, ids: torch.Tensor, plans: dict) -> torch.Tensor:
     rows read from its panels) with the weights' rows times their plan's smoothing s (0 at the
     outlier channels) symmetric per output row and the activations over s per token, rounded to
     nearest even, plus the outlier channels' products in full precision; everything else exact."""
-    def weights(w, plan):
-        s = torch.from_numpy(plan.smoothing).double()
-        smoothed = w.detach().double() * s
-        scale = smoothed.abs().amax(1, keepdim=True) / 127
-        return torch.round(smoothed / scale) * scale
-
-    def matmul(x, w, plan):
-        s, outliers = torch.from_numpy(plan.smoothing).double(), list(plan.outliers)
-        smoothed = torch.where(s > 0, x / s, torch.zeros_like(x))
-        scale = smoothed.abs().amax(-1, keepdim=True) / 127
-        return (torch.round(smoothed / scale) * scale) @ weights(w, plan).T \
-            + x[..., outliers] @ w.detach().double()[:, outliers].T
-
     up, head = plans["model.up.weight"], plans["model.head.weight"]
     s = torch.from_numpy(head.smoothing).double()
-    table = torch.where(s > 0, weights(m.embed.weight, head) / s, m.embed.weight.detach().double())
+    table = torch.where(s > 0, _int8_weights(m.embed.weight, head) / s, m.embed.weight.detach().double())
     h = table[ids]
-    u = torch.relu(matmul(h, m.up.weight, up) + m.up.bias.double())
+    u = torch.relu(_int8_matmul(h, m.up.weight, up) + m.up.bias.double())
     h = h + u @ m.down.weight.double().T @ m.back.weight.double().T + m.back.bias.double()
-    return matmul(h, m.embed.weight, head).float()
+    return _int8_matmul(h, m.embed.weight, head).float()
+
+
+def mixed_reference(m: TiedTiny, ids: torch.Tensor, plans: dict) -> torch.Tensor:
+    """bf16 with `up` overridden to int8: the bf16 plan, but up's product as int8_reference's."""
+    h = _bf16(m.embed.weight)[ids]
+    u = torch.relu(_int8_matmul(h, m.up.weight, plans["model.up.weight"]) + m.up.bias.double())
+    h = h + (_bf16(u) @ _bf16(m.down.weight).T) @ m.back.weight.double().T + m.back.bias.double()
+    return (_bf16(h) @ _bf16(m.embed.weight).T).float()
 
 
 REFERENCES = {"bf16": (bf16_reference, "1 of 4 weight matmuls stay fp32", (3, 1)),
@@ -157,3 +172,40 @@ def test_the_bf16_cost_is_a_pass_log_entry_with_its_quality(tmp_path):
     assert 0 < record.quality["js"] < 1e-3 and record.quality["top1_agreement"] > 0.9
     passes = json.load(open(f"{cm.save(str(tmp_path / 'q'))}/manifest.json"))["passes"]
     assert passes[-1]["name"] == "lower:tvm" and passes[-1]["quality"] == record.quality
+
+
+@pytest.mark.skipif({"bf16", "int8"} - {p for p, _ in HOST_KERNELS}, reason="this CPU lacks a bf16 or int8 kernel")
+def test_precision_overrides_mix_kernels_in_one_library(tmp_path, capsys):
+    m = TiedTiny().eval()
+    ids = torch.randint(0, 100, (1, 37))
+    cm = graphopt.compile(m, (ids,), backend="tvm", dynamic_dims={0: {1: "seq"}}, progress=False,
+                          backend_options={"precision": "bf16", "precision_overrides": {r"\bup\b": "int8"}})
+    assert "1 of 4 weight matmuls stay fp32" in capsys.readouterr().err       # back: k = 40
+    plans = int8_plans(cm.captured.graph_module, [(ids,)])
+    for length in (1, 16, 37, 70):
+        other = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        assert_close_to_scale(cm(other), mixed_reference(m, other, plans), 2e-6)
+    note = cm.records[-1].notes[0]
+    assert f"weights matching '\\bup\\b' in int8, {kernel_for('int8', cpu_flags())} kernel" in note
+    assert "weight matmuls: 2 bf16, 1 f32, 1 int8" in note
+    path = cm.save(str(tmp_path / "mixed"))
+    backend = json.load(open(f"{path}/manifest.json"))["backend_options"]
+    assert backend["precision_overrides"] == {r"\bup\b": "int8"}
+    assert backend["weights_by_precision"] == {"bf16": 2, "f32": 1, "int8": 1}
+    assert backend["override_kernels"] == {"int8": kernel_for("int8", cpu_flags())}
+    assert backend["kernel"] == kernel_for("bf16", cpu_flags())
+    assert_close_to_scale(torch.from_numpy(run_artifact_without_torch(path, (ids,))), cm(ids), 1e-7)
+
+
+def test_precision_overrides_are_checked_and_fall_back_with_a_notice(capsys):
+    with pytest.raises(BackendError, match=r"precision_overrides\['lm_head'\] = 'int4'; use one of f32, bf16, int8"):
+        graphopt.backends.get_backend("tvm", precision_overrides={"lm_head": "int4"})
+    with pytest.raises(BackendError, match="pattern '\\(' is not a regular expression"):
+        graphopt.backends.get_backend("tvm", precision_overrides={"(": "int8"})
+    m = TiedTiny().eval()
+    ids = torch.randint(0, 100, (1, 8))
+    cm = graphopt.compile(m, (ids,), backend="tvm", progress=False,
+                          backend_options={"target": "x86-64-v2", "precision_overrides": {"up": "int8"}})
+    assert "int8 is not supported on this target" in capsys.readouterr().err
+    assert_close_to_scale(cm(ids), m(ids), 1e-5)
+    assert "weights matching 'up' in fp32 (no int8 kernel on this target)" in cm.records[-1].notes[0]

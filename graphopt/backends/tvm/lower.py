@@ -32,6 +32,7 @@ format, not pickle); graphopt.backends.tvm.runner.TvmRunner runs it with only nu
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -124,8 +125,17 @@ class TvmExecutable(WorkdirExecutable):
     @property
     def reduced_precision(self):
         parts = [f"{_COMPUTES[self.precision]}, {self.kernel} kernel"] if self.kernel else []
-        if "int8_smoothed_weights" in self.packed_weights:
-            weights = self.packed_weights
+        weights = self.packed_weights
+        for pattern, precision in weights.get("precision_overrides", {}).items():
+            kernel = weights["override_kernels"].get(precision)
+            computed = f"in {precision}, {kernel} kernel" if kernel else "in fp32" if precision == "f32" else \
+                f"in fp32 (no {precision} kernel on this target)"
+            parts.append(f"weights matching '{pattern}' {computed}")
+        if weights.get("weights_by_precision"):
+            counts = ", ".join(f"{count} {precision}"
+                               for precision, count in sorted(weights["weights_by_precision"].items()))
+            parts.append(f"weight matmuls: {counts}")
+        if "int8_smoothed_weights" in weights:
             parts.append(f"activations smoothed per channel (SmoothQuant, alpha {ALPHA}) in "
                          f"{weights['int8_smoothed_weights']} weights, {weights['int8_outlier_channels']} outlier "
                          f"channels in fp32, learnt from {weights['int8_plan_batches']} batch(es)")
@@ -153,13 +163,16 @@ class TvmBackend(Backend):
     dynamic int8 activations where it has AMX-INT8 or AVX512-VNNI; else fp32 with a one-line
     notice), `kernel` (e.g. 'avx512_bf16' on an AMX CPU: one of that precision the target has;
     at f32, the bf16 kernel for the int4/int8 presets' quantized weights, which always run in
-    one). The CPU features the library needs go in the manifest; loading refuses a CPU that
-    lacks one."""
+    one), `precision_overrides` (mixed precision: {pattern: precision}, a weight whose graph
+    attribute name a pattern matches (re.search, first match wins; e.g. 'lm_head') runs its
+    matmuls in that precision instead, with that precision's best kernel on the target, or
+    fp32 with a notice). The CPU features the library needs go in the manifest; loading
+    refuses a CPU that lacks one."""
 
     name = "tvm"
 
     def __init__(self, threads: int | None = None, target: dict | str | None = None, schedules: bool = True,
-                 precision: str = "f32", kernel: str | None = None):
+                 precision: str = "f32", kernel: str | None = None, precision_overrides: dict | None = None):
         if precision not in PRECISIONS:
             raise BackendError(f"unknown TVM precision '{precision}'; use one of {', '.join(PRECISIONS)}")
         self.threads = threads
@@ -168,43 +181,77 @@ class TvmBackend(Backend):
         check_cpu_features(features, f"a TVM library for CPU '{self.target.get('mcpu')}'")
         self.schedules = schedules
         self.precision = precision
-        self.kernel = None
+        self.overrides = _checked_overrides(precision_overrides)
         # quantized weights (int4/int8 presets) run in a bf16 kernel: the precision's if it is bf16,
         # else the best the target has, or `kernel` when it names a bf16 one at precision f32
         self.nbits_kernel = kernel_for("bf16", features, kernel if precision == "f32" else None)
-        if precision != "f32":
-            if not schedules:
-                raise BackendError(f"tvm backend: precision '{precision}' needs schedules=True (its kernels "
-                                   "replace the scheduled matmuls)")
-            self.kernel = kernel_for(precision, features, kernel)
-            if self.kernel is None:
-                names = " nor ".join(name for name, spec in KERNELS.items() if spec[0] == precision)
-                print(f"tvm backend: {precision} is not supported on this target (CPU '{self.target.get('mcpu')}' "
+        self.kernels: dict[str, str] = {}      # reduced precision in use -> its kernel (one per precision)
+        if (precision != "f32" or set(self.overrides.values()) - {"f32"}) and not schedules:
+            raise BackendError("tvm backend: reduced precisions need schedules=True (their kernels replace the "
+                               "scheduled matmuls)")
+        for wanted in sorted({precision, *self.overrides.values()} - {"f32"}):
+            found = kernel_for(wanted, features, kernel if wanted == precision else None)
+            if wanted == "bf16" and precision != "bf16":
+                found = self.nbits_kernel      # one bf16 kernel per library (it defines graphopt_dense_bf16)
+            if found is None:
+                names = " nor ".join(name for name, spec in KERNELS.items() if spec[0] == wanted)
+                print(f"tvm backend: {wanted} is not supported on this target (CPU '{self.target.get('mcpu')}' "
                       f"has no {names}): computing in fp32", file=sys.stderr)
-            if precision == "bf16":
-                self.nbits_kernel = self.kernel
+            else:
+                self.kernels[wanted] = found
+        self.kernel = self.kernels.get(precision)
+        if precision == "bf16":
+            self.nbits_kernel = self.kernel
 
     def compile(self, captured, progress=False, calibration=None):
         started = time.perf_counter()
         plans = None
-        if self.kernel and KERNELS[self.kernel][0] == "int8":
+        if "int8" in self.kernels:
             batches = [captured.example_inputs, *list(calibration or [])[:CALIBRATION_BATCHES]]
             plans = int8_plans(captured.graph_module, batches)
         workdir = tempfile.mkdtemp(prefix="graphopt-tvm-")
         try:
             weights = build_library(captured, workdir, self.target, self.schedules, self.kernel, self.nbits_kernel,
-                                    tasks_for(self.threads or default_threads()), plans)
+                                    tasks_for(self.threads or default_threads()), plans, self.overrides,
+                                    self.kernels)
             if plans is not None:
                 weights["int8_plan_batches"] = len(batches)
-            if self.kernel and weights["fp32_weights"]:
+            if weights["fp32_by_shape"]:
                 total = weights["reduced_weights"] + weights["fp32_weights"]
-                print(f"tvm backend: {weights['fp32_weights']} of {total} weight matmuls stay fp32 "
-                      f"({self.precision} kernels need k a multiple of {K_MULTIPLE[self.precision]})", file=sys.stderr)
+                needs = ", ".join(f"{p} kernels need k a multiple of {K_MULTIPLE[p]}" for p in sorted(self.kernels))
+                print(f"tvm backend: {weights['fp32_by_shape']} of {total} weight matmuls stay fp32 ({needs})",
+                      file=sys.stderr)
             return TvmExecutable(workdir, captured, self.threads, self.target, time.perf_counter() - started,
                                  self.precision, self.kernel, weights)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
+
+
+def _checked_overrides(overrides: dict | None) -> dict:
+    """precision_overrides, each pattern compiled once to check it and each precision known."""
+    for pattern, precision in (overrides or {}).items():
+        if precision not in PRECISIONS:
+            raise BackendError(f"tvm backend: precision_overrides['{pattern}'] = '{precision}'; "
+                               f"use one of {', '.join(PRECISIONS)}")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise BackendError(f"tvm backend: precision_overrides pattern '{pattern}' is not a regular "
+                               f"expression: {exc}") from None
+    return dict(overrides or {})
+
+
+def weight_precisions(names, overrides: dict | None) -> dict:
+    """Graph attribute name -> precision, for each of `names` a pattern of `overrides` matches
+    (re.search; the first matching pattern in order)."""
+    out = {}
+    for name in names:
+        for pattern, precision in (overrides or {}).items():
+            if re.search(pattern, name):
+                out[name] = precision
+                break
+    return out
 
 
 def _source_line(node: fx.Node) -> str:
@@ -287,12 +334,15 @@ def _check_output_types(mod, captured: CapturedModel) -> None:
 
 def build_library(captured: CapturedModel, workdir: str, target_dict: dict, schedules: bool = True,
                   kernel: str | None = None, nbits_kernel: str | None = None, tasks: int = 2,
-                  int8_plans: dict | None = None) -> dict:
+                  int8_plans: dict | None = None, overrides: dict | None = None,
+                  kernels: dict | None = None) -> dict:
     """Build model.so and params.bin in `workdir` (weight matmuls in `kernel`'s precision where
     it takes them, quantized weights in the bf16 `nbits_kernel`); returns how many packed
     weights are in that precision and in fp32, and the kernel quantized weights used. `tasks`:
     parallel calls per C-kernel matmul (dense_kernels.tasks_for the threads it will run with);
-    `int8_plans`: graph attribute name -> int8_plan.Int8Plan of the int8 kernels."""
+    `int8_plans`: graph attribute name -> int8_plan.Int8Plan of the int8 kernels; `overrides`:
+    {pattern: precision} for the weights whose graph attribute name a pattern matches, computed
+    in `kernels`' kernel of that precision (fp32 if it has none)."""
     import tvm
     from tvm import relax
 
@@ -306,9 +356,14 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
     # for all of them at once (batch x tokens x ...): without them memory is planned per call
     mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     target = tvm.target.Target(target_dict)
+    kernels = dict(kernels or {})
+    if kernel:
+        kernels[KERNELS[kernel][0]] = kernel
+    chosen = {names[name]: precision if precision == "f32" or precision in kernels else "f32"
+              for name, precision in weight_precisions(names, overrides).items()}
     packing = PackDenseWeights(KERNELS[kernel][0] if kernel else "f32", tasks,
                                {names[name]: plan for name, plan in (int8_plans or {}).items() if name in names},
-                               panel_lanes(features))
+                               panel_lanes(features), chosen)
     if schedules:
         mod = packing(mod)
     mod = relax.transform.LiftTransformParams()(mod)
@@ -323,20 +378,25 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
                                "for TVM") from exc
         raise BackendError(f"tvm backend: compilation failed: {last}") from exc
     library = os.path.join(workdir, TVM_LIBRARY)
-    kernels = sorted({name for name in (kernel, quantized.kernel if quantized.used else None,
-                                        float32.kernel if float32.used else None) if name})
+    used = {kernels[p] for p in packing.weights_by_precision if p in kernels}
+    linked = sorted(used | {name for name in (quantized.kernel if quantized.used else None,
+                                              float32.kernel if float32.used else None) if name})
     with tempfile.TemporaryDirectory(prefix="graphopt-tvm-kernels-") as objects:
-        addons = [path for name in kernels for path in build_kernel_objects(name, objects)]
+        addons = [path for name in linked for path in build_kernel_objects(name, objects)]
         executable.export_library(library, addons=addons or None)
     transformed = _transform_params(tvm.runtime.load_module(library), mod, params)
     tvm.runtime.save_param_dict_to_file({f"p{i}": t for i, t in enumerate(transformed)},
                                         os.path.join(workdir, TVM_PARAMS))
     return {"reduced_weights": packing.reduced_weights, "fp32_weights": packing.fp32_weights,
+            "fp32_by_shape": packing.fp32_by_shape,
+            **({"precision_overrides": dict(overrides), "weights_by_precision": packing.weights_by_precision,
+                "override_kernels": {p: kernels[p] for p in set(overrides.values()) if p in kernels}}
+               if overrides else {}),
             "nbits_kernel": quantized.kernel if quantized.used else None,
             "float32_kernel": float32.kernel if float32.used else None,
             "kernel_tasks": tasks if kernel or quantized.used else None,
             **({"int8_smoothed_weights": packing.smoothed_weights,
-                "int8_outlier_channels": packing.outlier_channels} if kernel and KERNELS[kernel][0] == "int8" else {})}
+                "int8_outlier_channels": packing.outlier_channels} if "int8" in kernels else {})}
 
 
 def _transform_params(executable, mod, params: list[Any]) -> list[Any]:

@@ -44,11 +44,11 @@ class _Packing:
 
 
 def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", plans: dict | None = None,
-                    widest: int = 32) -> dict:
+                    widest: int = 32, overrides: dict | None = None) -> dict:
     """Weight var -> its packing, for every float32 2-D weight some matmul reads as W or W^T:
-    fp32 panels of up to `widest` lanes (schedules.panel_lanes); with precision "bf16" / "int8",
-    that precision's panels wherever its kernels take the shape (int8: with the plan `plans` has
-    under the weight's name, if any)."""
+    fp32 panels of up to `widest` lanes (schedules.panel_lanes); with precision "bf16" / "int8"
+    (or the one `overrides` has under the weight's name), that precision's panels wherever its
+    kernels take the shape (int8: with the plan `plans` has under the weight's name, if any)."""
     bound = {}
     packings = {}
     for block in main.body.blocks:
@@ -67,12 +67,13 @@ def _weight_matmuls(main: relax.Function, weights: set, precision: str = "f32", 
         if transposed and list(source.attrs.axes or [1, 0]) != [1, 0]:
             continue
         n, k = (int(shape[0]), int(shape[1])) if transposed else (int(shape[1]), int(shape[0]))
-        if precision != "f32" and dense_kernels.supports(precision, k):
-            plan = (plans or {}).get(rhs.name) if precision == "int8" else None
+        weight_precision = (overrides or {}).get(rhs.name, precision)
+        if weight_precision != "f32" and dense_kernels.supports(weight_precision, k):
+            plan = (plans or {}).get(rhs.name) if weight_precision == "int8" else None
             if plan is not None and plan.smoothing.shape != (k,):
                 raise BackendError(f"tvm backend: the int8 plan of weight '{rhs.name}' has "
                                    f"{plan.smoothing.shape[0]} input channels, its matmul {k}")
-            packings[rhs] = _Packing(transposed, n, k, 16, precision, plan)
+            packings[rhs] = _Packing(transposed, n, k, 16, weight_precision, plan)
         else:
             packings[rhs] = _Packing(transposed, n, k, dense_lanes(n, widest) or widest)
     return packings
@@ -231,22 +232,32 @@ _KERNEL_PANELS = {"bf16": _bf16_panels, "int8": _int8_panels}
 class PackDenseWeights:
     """matmul(x, W) and matmul(x, W^T) with W a weight parameter -> packed_dense(x, panels(W))
     (precision "bf16" / "int8": graphopt's C kernels on that precision's panels where the shape
-    allows); an embedding lookup in a weight packed so reads the panels."""
+    allows; `overrides`: weight parameter name -> its own precision); an embedding lookup in a
+    weight packed so reads the panels."""
 
-    def __init__(self, precision: str = "f32", tasks: int = 2, int8_plans: dict | None = None, widest: int = 32):
+    def __init__(self, precision: str = "f32", tasks: int = 2, int8_plans: dict | None = None, widest: int = 32,
+                 overrides: dict | None = None):
         self.precision = precision
+        self.overrides = overrides or {}
         self.widest = widest          # fp32 panel lanes: schedules.panel_lanes of the target
         self.tasks = tasks            # per reduced-precision matmul (dense_kernels.tasks_for)
         self.int8_plans = int8_plans or {}      # weight parameter name -> Int8Plan
         self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
+        self.weights_by_precision: dict = {}     # precision -> packed weights in it, after a run
+        self.fp32_by_shape = 0        # of those in fp32, how many were to be in another (k its kernels cannot take)
         self.smoothed_weights = self.outlier_channels = 0   # int8 weights with a plan, their outliers
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         num_inputs = int(main.attrs["num_input"]) if main.attrs and "num_input" in main.attrs else len(main.params)
         packings = _weight_matmuls(main, set(main.params[num_inputs:]), self.precision, self.int8_plans,
-                                   self.widest)
+                                   self.widest, self.overrides)
         self.reduced_weights = sum(p.precision != "f32" for p in packings.values())
+        self.weights_by_precision = {}
+        for p in packings.values():
+            self.weights_by_precision[p.precision] = self.weights_by_precision.get(p.precision, 0) + 1
+        self.fp32_by_shape = sum(p.precision == "f32" and self.overrides.get(w.name, self.precision) != "f32"
+                                 for w, p in packings.items())
         self.fp32_weights = len(packings) - self.reduced_weights
         plans = [p.plan for p in packings.values() if p.plan is not None]
         self.smoothed_weights, self.outlier_channels = len(plans), sum(len(plan.outliers) for plan in plans)
