@@ -156,6 +156,21 @@ def test_compile_at_a_reduced_precision(tmp_path, capsys):
     assert "--precision is for --backend tvm or openvino" in capsys.readouterr().err
 
 
+def test_compile_with_a_precision_override(tmp_path, capsys):
+    """--precision-override mixes precisions; an int8 override gets the calibration batches."""
+    out = tmp_path / "llama-mixed"
+    assert main(["compile", "--model", "llama", "--seq-len", "16", "--repeats", "1", "--backend", "tvm",
+                 "--precision-override", "mlp=int8", "--calibration-tokens", "32", "--out", str(out)]) == 0
+    backend = json.load(open(out / "manifest.json"))["backend_options"]
+    assert backend["precision"] == "f32" and backend["precision_overrides"] == {"mlp": "int8"}
+    assert backend["weights_by_precision"]["int8"] > 0 and backend["int8_plan_batches"] > 1
+    assert main(["compile", "--model", "llama", "--precision-override", "mlp=int8"]) == 1
+    assert "--precision-override is for --backend tvm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compile", "--model", "llama", "--backend", "tvm", "--precision-override", "int8"])
+    assert "expected PATTERN=PRECISION, got 'int8'" in capsys.readouterr().err
+
+
 def test_compile_a_checkpoint_folder_streams_its_weights(tmp_path, capsys):
     import transformers
 
