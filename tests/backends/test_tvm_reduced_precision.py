@@ -204,6 +204,10 @@ def test_precision_overrides_are_checked_and_fall_back_with_a_notice(capsys):
         graphopt.backends.get_backend("tvm", precision_overrides={"(": "int8"})
     m = TiedTiny().eval()
     ids = torch.randint(0, 100, (1, 8))
+    with pytest.raises(BackendError, match="pattern 'lm_head' matches no weight matmul .their weights: "
+                                           "model.back.weight, model.down.weight, model.head.weight, ...."):
+        graphopt.compile(m, (ids,), backend="tvm", progress=False,
+                         backend_options={"precision_overrides": {"lm_head": "f32"}})
     cm = graphopt.compile(m, (ids,), backend="tvm", progress=False,
                           backend_options={"target": "x86-64-v2", "precision_overrides": {"up": "int8"}})
     assert "int8 is not supported on this target" in capsys.readouterr().err

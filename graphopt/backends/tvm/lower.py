@@ -254,6 +254,16 @@ def weight_precisions(names, overrides: dict | None) -> dict:
     return out
 
 
+def _check_overrides_matched(overrides: dict | None, names: dict, packed: set) -> None:
+    """A precision_overrides pattern that matches no weight matmul is a mistake: refuse it."""
+    matmul_weights = sorted(name for name, param in names.items() if param in packed)
+    for pattern in overrides or {}:
+        if not any(re.search(pattern, name) for name in matmul_weights):
+            shown = ", ".join(matmul_weights[:3]) + (", ..." if len(matmul_weights) > 3 else "")
+            raise BackendError(f"tvm backend: precision_overrides pattern '{pattern}' matches no weight matmul "
+                               f"(their weights: {shown or 'none'})")
+
+
 def _source_line(node: fx.Node) -> str:
     trace = (node.meta.get("stack_trace") or "").strip().splitlines()
     for line in reversed(trace):
@@ -366,6 +376,7 @@ def build_library(captured: CapturedModel, workdir: str, target_dict: dict, sche
                                panel_lanes(features), chosen)
     if schedules:
         mod = packing(mod)
+        _check_overrides_matched(overrides, names, packing.packed_names)
     mod = relax.transform.LiftTransformParams()(mod)
     try:
         executable = relax.build(mod, target=target, relax_pipeline=cpu_pipeline(target, schedules))

@@ -244,6 +244,7 @@ class PackDenseWeights:
         self.int8_plans = int8_plans or {}      # weight parameter name -> Int8Plan
         self.reduced_weights = self.fp32_weights = 0     # packed weights of each kind, after a run
         self.weights_by_precision: dict = {}     # precision -> packed weights in it, after a run
+        self.packed_names: set = set()      # parameter names of the packed weights, after a run
         self.fp32_by_shape = 0        # of those in fp32, how many were to be in another (k its kernels cannot take)
         self.smoothed_weights = self.outlier_channels = 0   # int8 weights with a plan, their outliers
 
@@ -256,6 +257,7 @@ class PackDenseWeights:
         self.weights_by_precision = {}
         for p in packings.values():
             self.weights_by_precision[p.precision] = self.weights_by_precision.get(p.precision, 0) + 1
+        self.packed_names = {w.name for w in packings}
         self.fp32_by_shape = sum(p.precision == "f32" and self.overrides.get(w.name, self.precision) != "f32"
                                  for w, p in packings.items())
         self.fp32_weights = len(packings) - self.reduced_weights
