@@ -139,9 +139,9 @@ class TvmExecutable(WorkdirExecutable):
             parts.append(f"activations smoothed per channel (SmoothQuant, alpha {ALPHA}) in "
                          f"{weights['int8_smoothed_weights']} weights, {weights['int8_outlier_channels']} outlier "
                          f"channels in fp32, learnt from {weights['int8_plan_batches']} batch(es)")
-        if self.packed_weights.get("nbits_kernel"):
+        if weights.get("nbits_kernel"):
             parts.append(f"block-quantized weights dequantized to bf16 (bf16 products, fp32 sums), "
-                         f"{self.packed_weights['nbits_kernel']} kernel")
+                         f"{weights['nbits_kernel']} kernel")
         return "; ".join(parts) or None
 
     def save_files(self, directory):
@@ -190,9 +190,10 @@ class TvmBackend(Backend):
             raise BackendError("tvm backend: reduced precisions need schedules=True (their kernels replace the "
                                "scheduled matmuls)")
         for wanted in sorted({precision, *self.overrides.values()} - {"f32"}):
-            found = kernel_for(wanted, features, kernel if wanted == precision else None)
             if wanted == "bf16" and precision != "bf16":
                 found = self.nbits_kernel      # one bf16 kernel per library (it defines graphopt_dense_bf16)
+            else:
+                found = kernel_for(wanted, features, kernel if wanted == precision else None)
             if found is None:
                 names = " nor ".join(name for name, spec in KERNELS.items() if spec[0] == wanted)
                 print(f"tvm backend: {wanted} is not supported on this target (CPU '{self.target.get('mcpu')}' "
